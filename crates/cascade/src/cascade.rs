@@ -1,0 +1,509 @@
+//! The online cascade: students in order, each behind a gate, with the LLM last.
+//!
+//! `route` decides who answers an item without ever waiting for the LLM: it
+//! returns an answer from a student, or a `Deferred` item for the caller to
+//! send to the LLM. When the LLM's label arrives (now or much later), the caller
+//! hands it to `learn`, which trains the gates and fills the students' caches.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use thiserror::Error;
+
+use crate::config::{CascadeConfig, ConfigError, LevelConfig, StudentKind};
+use crate::gate::{argmax, train_gates, Gate, GateExample};
+use crate::student::{Demonstration, LogReg, Student, StudentError};
+
+#[derive(Debug, Error)]
+pub enum CascadeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Student(#[from] StudentError),
+    #[error("label {label} is out of range for a task with {labels} labels")]
+    InvalidLabel { label: usize, labels: usize },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// How levels decide to answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Routing {
+    /// The paper's learned gates with decaying exploration.
+    Gated,
+    /// The online-ensemble baseline: level j answers with a fixed probability
+    /// (one per level), gates are neither used nor trained.
+    Fixed(Vec<f64>),
+}
+
+/// The result of routing one item.
+#[derive(Debug)]
+pub struct Routed {
+    pub outcome: Outcome,
+    /// Class probabilities of each level that was evaluated (lazy: unreached levels are `None`).
+    pub level_probs: Vec<Option<Vec<f32>>>,
+    /// Gate output of each level that was evaluated.
+    pub gate_outputs: Vec<Option<f32>>,
+}
+
+#[derive(Debug)]
+pub enum Outcome {
+    Answered {
+        level: usize,
+        label: usize,
+    },
+    /// The LLM must answer; give its label to [`Cascade::learn`].
+    Deferred(Deferred),
+}
+
+/// An item waiting for the LLM's label. It keeps what routing computed, so the
+/// gates learn from the probabilities they acted on even if the label comes late.
+#[derive(Debug, Clone)]
+pub struct Deferred {
+    text: String,
+    /// Every level's probabilities, when the gates should learn from this item.
+    gate_inputs: Option<Vec<Vec<f32>>>,
+    warmup: bool,
+}
+
+struct Level {
+    name: String,
+    student: Box<dyn Student>,
+    cache: Vec<(String, usize)>,
+    cache_size: usize,
+    epochs: usize,
+    batch: usize,
+    updates: u64,
+    decaying_factor: f64,
+    calibration: f32,
+}
+
+pub struct Cascade {
+    levels: Vec<Level>,
+    gates: Vec<Gate>,
+    labels: usize,
+    mu: f64,
+    warmup_updates: u64,
+    routing: Routing,
+    rng: ChaCha8Rng,
+}
+
+/// Gates train during warm-up once every level has trained more than this often.
+const GATE_WARMUP_UPDATES: u64 = 2;
+
+impl Cascade {
+    /// Builds the students the config names.
+    pub fn new(
+        config: &CascadeConfig,
+        labels: usize,
+        routing: Routing,
+    ) -> Result<Self, CascadeError> {
+        let students = config
+            .levels
+            .iter()
+            .map(|level| build_student(level, labels))
+            .collect();
+        Self::with_students(config, students, labels, routing)
+    }
+
+    /// Uses the given students, one per configured level, in order.
+    pub fn with_students(
+        config: &CascadeConfig,
+        students: Vec<Box<dyn Student>>,
+        labels: usize,
+        routing: Routing,
+    ) -> Result<Self, CascadeError> {
+        config.validate()?;
+        if students.len() != config.levels.len() {
+            return Err(CascadeError::Invalid(format!(
+                "{} students for {} configured levels",
+                students.len(),
+                config.levels.len()
+            )));
+        }
+        if labels < 2 {
+            return Err(CascadeError::Invalid(format!(
+                "a task needs at least 2 labels, got {labels}"
+            )));
+        }
+        if let Routing::Fixed(p) = &routing {
+            if p.len() != students.len() || p.iter().any(|x| !(0.0..=1.0).contains(x)) {
+                return Err(CascadeError::Invalid(format!(
+                    "fixed routing needs one probability in [0, 1] per level, got {p:?}"
+                )));
+            }
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+        let gates = config
+            .levels
+            .iter()
+            .map(|level| Gate::new(labels, &level.gate, &mut rng))
+            .collect();
+        let levels = config
+            .levels
+            .iter()
+            .zip(students)
+            .map(|(level, student)| Level {
+                name: level.name(),
+                student,
+                cache: Vec::with_capacity(level.cache_size),
+                cache_size: level.cache_size,
+                epochs: level.epochs,
+                batch: level.batch(),
+                updates: 0,
+                decaying_factor: level.gate.decaying_factor,
+                calibration: level.gate.calibration,
+            })
+            .collect();
+        Ok(Self {
+            levels,
+            gates,
+            labels,
+            mu: config.mu,
+            warmup_updates: config.warmup_updates,
+            routing,
+            rng,
+        })
+    }
+
+    pub fn level_names(&self) -> Vec<&str> {
+        self.levels.iter().map(|l| l.name.as_str()).collect()
+    }
+
+    pub fn num_levels(&self) -> usize {
+        self.levels.len()
+    }
+
+    /// How many times each level's student has trained on a full cache.
+    pub fn updates(&self) -> Vec<u64> {
+        self.levels.iter().map(|l| l.updates).collect()
+    }
+
+    pub fn in_warmup(&self) -> bool {
+        self.min_updates() < self.warmup_updates
+    }
+
+    /// The chance that level j's coin lets it answer: `1 − decaying_factor^updates`.
+    pub fn exploration_probability(&self, level: usize) -> f64 {
+        let l = &self.levels[level];
+        1.0 - l.decaying_factor.powf(l.updates as f64)
+    }
+
+    pub fn mu(&self) -> f64 {
+        self.mu
+    }
+
+    /// Changes the cost weight, e.g. for a budget controller.
+    pub fn set_mu(&mut self, mu: f64) {
+        self.mu = mu;
+    }
+
+    /// Fits corpus statistics of students configured to look ahead (`idf = "prefit"`).
+    pub fn prefit(&mut self, corpus: &[&str]) {
+        for level in &mut self.levels {
+            level.student.prefit(corpus);
+        }
+    }
+
+    /// Decides who answers `text`. Only the levels the item reaches are evaluated.
+    pub fn route(&mut self, text: &str) -> Result<Routed, CascadeError> {
+        for level in &mut self.levels {
+            level.student.observe(text);
+        }
+        let n = self.levels.len();
+        let mut routed = Routed {
+            outcome: Outcome::Answered { level: 0, label: 0 },
+            level_probs: vec![None; n],
+            gate_outputs: vec![None; n],
+        };
+        if self.in_warmup() {
+            let gates_learn =
+                self.routing == Routing::Gated && self.min_updates() > GATE_WARMUP_UPDATES;
+            let gate_inputs = if gates_learn {
+                for j in 0..n {
+                    self.evaluate(j, text, &mut routed)?;
+                }
+                Some(routed.level_probs.iter().flatten().cloned().collect())
+            } else {
+                None
+            };
+            routed.outcome = self.defer(text, gate_inputs, true);
+            return Ok(routed);
+        }
+        match self.routing.clone() {
+            Routing::Gated => {
+                for j in 0..n {
+                    let (label, gate) = self.evaluate(j, text, &mut routed)?;
+                    if gate <= 0.5 && self.coin(self.exploration_probability(j)) {
+                        routed.outcome = Outcome::Answered { level: j, label };
+                        return Ok(routed);
+                    }
+                }
+                let gate_inputs = routed.level_probs.iter().flatten().cloned().collect();
+                routed.outcome = self.defer(text, Some(gate_inputs), false);
+            }
+            Routing::Fixed(answer_probability) => {
+                for (j, &p) in answer_probability.iter().enumerate() {
+                    if self.coin(p) {
+                        let probs = self.predict(j, text)?;
+                        routed.outcome = Outcome::Answered {
+                            level: j,
+                            label: argmax(&probs),
+                        };
+                        routed.level_probs[j] = Some(probs);
+                        return Ok(routed);
+                    }
+                }
+                routed.outcome = self.defer(text, None, false);
+            }
+        }
+        Ok(routed)
+    }
+
+    /// Learns from the LLM's label for a deferred item. `None` (the LLM gave no
+    /// parsable label) teaches nothing.
+    pub fn learn(&mut self, item: Deferred, label: Option<usize>) -> Result<(), CascadeError> {
+        let Some(label) = label else {
+            return Ok(());
+        };
+        if label >= self.labels {
+            return Err(CascadeError::InvalidLabel {
+                label,
+                labels: self.labels,
+            });
+        }
+        if let Some(inputs) = &item.gate_inputs {
+            let examples: Vec<GateExample> = inputs
+                .iter()
+                .zip(&self.levels)
+                .map(|(probs, level)| GateExample {
+                    probs,
+                    label,
+                    calibration: if item.warmup { 0.0 } else { level.calibration },
+                    cost: level.student.cost(),
+                })
+                .collect();
+            train_gates(&mut self.gates, &examples, self.mu);
+        }
+        for level in &mut self.levels {
+            level.cache.push((item.text.clone(), label));
+            if level.cache.len() >= level.cache_size {
+                level.train_on_cache()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn min_updates(&self) -> u64 {
+        self.levels.iter().map(|l| l.updates).min().unwrap_or(0)
+    }
+
+    fn predict(&mut self, level: usize, text: &str) -> Result<Vec<f32>, CascadeError> {
+        let mut rows = self.levels[level].student.predict_proba(&[text])?;
+        match rows.pop() {
+            Some(row) if row.len() == self.labels && rows.is_empty() => Ok(row),
+            _ => Err(CascadeError::Invalid(format!(
+                "student `{}` returned malformed probabilities",
+                self.levels[level].name
+            ))),
+        }
+    }
+
+    /// Runs level j's student and gate, records both, and returns (label, gate output).
+    fn evaluate(
+        &mut self,
+        j: usize,
+        text: &str,
+        routed: &mut Routed,
+    ) -> Result<(usize, f32), CascadeError> {
+        let probs = self.predict(j, text)?;
+        let gate = self.gates[j].forward(&probs).output;
+        let label = argmax(&probs);
+        routed.level_probs[j] = Some(probs);
+        routed.gate_outputs[j] = Some(gate);
+        Ok((label, gate))
+    }
+
+    fn defer(&self, text: &str, gate_inputs: Option<Vec<Vec<f32>>>, warmup: bool) -> Outcome {
+        Outcome::Deferred(Deferred {
+            text: text.to_owned(),
+            gate_inputs,
+            warmup,
+        })
+    }
+
+    fn coin(&mut self, probability: f64) -> bool {
+        self.rng.random::<f64>() < probability
+    }
+}
+
+impl Level {
+    fn train_on_cache(&mut self) -> Result<(), StudentError> {
+        let demos: Vec<Demonstration> = self
+            .cache
+            .iter()
+            .map(|(text, label)| Demonstration {
+                text,
+                label: *label,
+            })
+            .collect();
+        for _ in 0..self.epochs {
+            for batch in demos.chunks(self.batch) {
+                self.student.learn(batch)?;
+            }
+        }
+        self.cache.clear();
+        self.updates += 1;
+        Ok(())
+    }
+}
+
+fn build_student(level: &LevelConfig, labels: usize) -> Box<dyn Student> {
+    match level.kind {
+        StudentKind::Logreg => {
+            Box::new(LogReg::new(level.name(), level.cost, labels, &level.logreg))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A student that always predicts the same distribution and counts its updates.
+    struct Fixed {
+        probs: Vec<f32>,
+        seen: usize,
+    }
+
+    impl Student for Fixed {
+        fn name(&self) -> &str {
+            "fixed"
+        }
+        fn cost(&self) -> f64 {
+            1.0
+        }
+        fn predict_proba(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>, StudentError> {
+            Ok(texts.iter().map(|_| self.probs.clone()).collect())
+        }
+        fn learn(&mut self, batch: &[Demonstration<'_>]) -> Result<(), StudentError> {
+            self.seen += batch.len();
+            Ok(())
+        }
+    }
+
+    fn config(levels: usize) -> CascadeConfig {
+        let level = r#"
+            [[levels]]
+            kind = "logreg"
+            cost = 1
+            cache_size = 4
+            [levels.gate]
+            decaying_factor = 0.5
+            calibration = 0.3
+            [levels.logreg]
+            buckets = 1024
+        "#;
+        CascadeConfig::from_toml(&format!(
+            "mu = 0.1\nwarmup_updates = 3\n{}",
+            level.repeat(levels)
+        ))
+        .unwrap()
+    }
+
+    fn fixed_students(n: usize) -> Vec<Box<dyn Student>> {
+        (0..n)
+            .map(|_| {
+                Box::new(Fixed {
+                    probs: vec![0.9, 0.1],
+                    seen: 0,
+                }) as Box<dyn Student>
+            })
+            .collect()
+    }
+
+    #[test]
+    fn llm_answers_during_warmup_and_students_fill_caches() {
+        let mut c =
+            Cascade::with_students(&config(2), fixed_students(2), 2, Routing::Gated).unwrap();
+        for i in 0..12 {
+            assert!(c.in_warmup(), "item {i}");
+            let routed = c.route("text").unwrap();
+            let Outcome::Deferred(item) = routed.outcome else {
+                panic!("warm-up items go to the LLM");
+            };
+            c.learn(item, Some(0)).unwrap();
+        }
+        assert_eq!(c.updates(), vec![3, 3]);
+        assert!(!c.in_warmup());
+    }
+
+    #[test]
+    fn null_labels_teach_nothing() {
+        let mut c =
+            Cascade::with_students(&config(1), fixed_students(1), 2, Routing::Gated).unwrap();
+        for _ in 0..8 {
+            let Outcome::Deferred(item) = c.route("x").unwrap().outcome else {
+                panic!()
+            };
+            c.learn(item, None).unwrap();
+        }
+        assert_eq!(c.updates(), vec![0]);
+        assert!(c.in_warmup());
+    }
+
+    #[test]
+    fn invalid_labels_are_errors() {
+        let mut c =
+            Cascade::with_students(&config(1), fixed_students(1), 2, Routing::Gated).unwrap();
+        let Outcome::Deferred(item) = c.route("x").unwrap().outcome else {
+            panic!()
+        };
+        assert!(matches!(
+            c.learn(item, Some(2)),
+            Err(CascadeError::InvalidLabel { label: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn levels_are_evaluated_lazily() {
+        // Fixed routing: level 0 always answers, so level 1 is never evaluated.
+        let routing = Routing::Fixed(vec![1.0, 1.0]);
+        let mut c = Cascade::with_students(&config(2), fixed_students(2), 2, routing).unwrap();
+        for _ in 0..12 {
+            let Outcome::Deferred(item) = c.route("x").unwrap().outcome else {
+                panic!()
+            };
+            c.learn(item, Some(0)).unwrap();
+        }
+        let routed = c.route("x").unwrap();
+        assert!(matches!(
+            routed.outcome,
+            Outcome::Answered { level: 0, label: 0 }
+        ));
+        assert!(routed.level_probs[0].is_some());
+        assert!(routed.level_probs[1].is_none());
+    }
+
+    #[test]
+    fn fixed_routing_is_validated() {
+        let err =
+            Cascade::with_students(&config(2), fixed_students(2), 2, Routing::Fixed(vec![0.5]))
+                .err()
+                .unwrap();
+        assert!(err.to_string().contains("one probability"));
+    }
+
+    #[test]
+    fn exploration_grows_with_updates() {
+        let mut c =
+            Cascade::with_students(&config(1), fixed_students(1), 2, Routing::Gated).unwrap();
+        assert_eq!(c.exploration_probability(0), 0.0);
+        for _ in 0..8 {
+            let Outcome::Deferred(item) = c.route("x").unwrap().outcome else {
+                panic!()
+            };
+            c.learn(item, Some(0)).unwrap();
+        }
+        assert!((c.exploration_probability(0) - 0.75).abs() < 1e-12);
+    }
+}

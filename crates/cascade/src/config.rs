@@ -1,0 +1,326 @@
+//! The cascade's configuration, read from TOML and checked before use.
+//!
+//! The shape mirrors the authors' YAML: a global `mu`, `seed` and warm-up, and
+//! one `[[levels]]` table per student with its cache, cost, training schedule
+//! and gate (the authors' "wrapper") settings.
+
+use serde::Deserialize;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot parse config: {0}")]
+    Parse(String),
+    #[error("config field `{field}`: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CascadeConfig {
+    /// Weight of the deferral cost against the students' errors; larger means fewer LLM calls.
+    pub mu: f64,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// The LLM answers until every level has trained this many times.
+    #[serde(default = "default_warmup_updates")]
+    pub warmup_updates: u64,
+    pub levels: Vec<LevelConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LevelConfig {
+    /// Shown in logs; defaults to the kind.
+    pub name: Option<String>,
+    pub kind: StudentKind,
+    /// The cost of deferring past this level (the authors' model cost).
+    pub cost: f64,
+    /// Demonstrations gathered before the student trains on them.
+    pub cache_size: usize,
+    #[serde(default = "default_epochs")]
+    pub epochs: usize,
+    /// Defaults to the cache size.
+    pub batch: Option<usize>,
+    pub gate: GateConfig,
+    #[serde(default)]
+    pub logreg: LogRegConfig,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StudentKind {
+    Logreg,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GateConfig {
+    #[serde(default = "default_gate_lr")]
+    pub lr: f32,
+    /// L2 penalty on the gate's parameters (sum of squares).
+    #[serde(default = "default_gate_regularization")]
+    pub regularization: f32,
+    /// Exploration: the level may answer with probability `1 - decaying_factor^updates`.
+    pub decaying_factor: f64,
+    /// Added to the gate's 0/1 error target: a correct level is pushed towards this.
+    pub calibration: f32,
+    #[serde(default = "default_gate_hidden")]
+    pub hidden: usize,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Optimizer {
+    Adagrad,
+    Adam,
+    Ftrl,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum IdfMode {
+    /// Document frequencies of the texts seen so far (no look-ahead).
+    Streaming,
+    /// Fitted on the whole stream before it starts, as the authors did. A leak:
+    /// only for fidelity comparisons.
+    Prefit,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogRegConfig {
+    /// Hash buckets for word n-grams; a power of two.
+    pub buckets: usize,
+    /// 1: unigrams; 2: unigrams and bigrams.
+    pub ngrams: usize,
+    pub optimizer: Optimizer,
+    pub lr: f32,
+    pub l2: f32,
+    pub idf: IdfMode,
+}
+
+impl Default for LogRegConfig {
+    fn default() -> Self {
+        Self {
+            buckets: 1 << 20,
+            ngrams: 2,
+            optimizer: Optimizer::Adagrad,
+            lr: 0.5,
+            l2: 1e-6,
+            idf: IdfMode::Streaming,
+        }
+    }
+}
+
+fn default_seed() -> u64 {
+    42
+}
+fn default_warmup_updates() -> u64 {
+    10
+}
+fn default_epochs() -> usize {
+    1
+}
+fn default_gate_lr() -> f32 {
+    7e-4
+}
+fn default_gate_regularization() -> f32 {
+    1e-4
+}
+fn default_gate_hidden() -> usize {
+    128
+}
+
+impl CascadeConfig {
+    /// Parses and validates a TOML config.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check("mu", self.mu.is_finite() && self.mu >= 0.0, || {
+            format!("must be a finite number >= 0, got {}", self.mu)
+        })?;
+        check("levels", !self.levels.is_empty(), || {
+            "needs at least one [[levels]] table".into()
+        })?;
+        for (i, level) in self.levels.iter().enumerate() {
+            level.validate(&format!("levels[{i}]"))?;
+        }
+        Ok(())
+    }
+}
+
+impl LevelConfig {
+    pub fn name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| match self.kind {
+            StudentKind::Logreg => "lr".into(),
+        })
+    }
+
+    pub fn batch(&self) -> usize {
+        self.batch.unwrap_or(self.cache_size)
+    }
+
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        let field = |name: &str| format!("{at}.{name}");
+        check(
+            &field("cost"),
+            self.cost.is_finite() && self.cost >= 0.0,
+            || format!("must be a finite number >= 0, got {}", self.cost),
+        )?;
+        check(&field("cache_size"), self.cache_size >= 1, || {
+            "must be at least 1".into()
+        })?;
+        check(&field("epochs"), self.epochs >= 1, || {
+            "must be at least 1".into()
+        })?;
+        check(&field("batch"), self.batch() >= 1, || {
+            "must be at least 1".into()
+        })?;
+        let gate = &self.gate;
+        check(
+            &field("gate.lr"),
+            gate.lr.is_finite() && gate.lr > 0.0,
+            || format!("must be > 0, got {}", gate.lr),
+        )?;
+        check(
+            &field("gate.regularization"),
+            gate.regularization.is_finite() && gate.regularization >= 0.0,
+            || format!("must be >= 0, got {}", gate.regularization),
+        )?;
+        check(
+            &field("gate.decaying_factor"),
+            (0.0..1.0).contains(&gate.decaying_factor),
+            || format!("must be in [0, 1), got {}", gate.decaying_factor),
+        )?;
+        check(
+            &field("gate.calibration"),
+            (0.0..=1.0).contains(&gate.calibration),
+            || format!("must be in [0, 1], got {}", gate.calibration),
+        )?;
+        check(&field("gate.hidden"), gate.hidden >= 1, || {
+            "must be at least 1".into()
+        })?;
+        let lr = &self.logreg;
+        check(
+            &field("logreg.buckets"),
+            lr.buckets.is_power_of_two() && (1 << 4..=1 << 26).contains(&lr.buckets),
+            || {
+                format!(
+                    "must be a power of two between 16 and 67108864, got {}",
+                    lr.buckets
+                )
+            },
+        )?;
+        check(
+            &field("logreg.ngrams"),
+            (1..=2).contains(&lr.ngrams),
+            || format!("must be 1 or 2, got {}", lr.ngrams),
+        )?;
+        check(
+            &field("logreg.lr"),
+            lr.lr.is_finite() && lr.lr > 0.0,
+            || format!("must be > 0, got {}", lr.lr),
+        )?;
+        check(
+            &field("logreg.l2"),
+            lr.l2.is_finite() && lr.l2 >= 0.0,
+            || format!("must be >= 0, got {}", lr.l2),
+        )?;
+        Ok(())
+    }
+}
+
+fn check(field: &str, ok: bool, reason: impl FnOnce() -> String) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            field: field.into(),
+            reason: reason(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        mu = 5e-4
+        [[levels]]
+        kind = "logreg"
+        cost = 1182
+        cache_size = 8
+        [levels.gate]
+        decaying_factor = 0.97
+        calibration = 0.4
+        [levels.logreg]
+        buckets = 65536
+    "#;
+
+    #[test]
+    fn a_good_config_parses_with_defaults() {
+        let c = CascadeConfig::from_toml(GOOD).unwrap();
+        assert_eq!(c.seed, 42);
+        assert_eq!(c.warmup_updates, 10);
+        let level = &c.levels[0];
+        assert_eq!(level.name(), "lr");
+        assert_eq!(level.batch(), 8);
+        assert_eq!(level.epochs, 1);
+        assert_eq!(level.gate.lr, 7e-4);
+        assert_eq!(level.gate.hidden, 128);
+        assert_eq!(level.logreg.buckets, 65536);
+        assert_eq!(level.logreg.idf, IdfMode::Streaming);
+    }
+
+    fn error_for(from: &str, to: &str) -> String {
+        let text = GOOD.replace(from, to);
+        assert_ne!(text, GOOD, "replacement `{from}` did not apply");
+        CascadeConfig::from_toml(&text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_bad_field() {
+        let cases = [
+            ("mu = 5e-4", "mu = -1.0", "`mu`"),
+            ("cache_size = 8", "cache_size = 0", "`levels[0].cache_size`"),
+            ("cost = 1182", "cost = -3", "`levels[0].cost`"),
+            (
+                "decaying_factor = 0.97",
+                "decaying_factor = 1.5",
+                "`levels[0].gate.decaying_factor`",
+            ),
+            (
+                "calibration = 0.4",
+                "calibration = 2.0",
+                "`levels[0].gate.calibration`",
+            ),
+            (
+                "buckets = 65536",
+                "buckets = 1000",
+                "`levels[0].logreg.buckets`",
+            ),
+        ];
+        for (from, to, field) in cases {
+            let err = error_for(from, to);
+            assert!(err.contains(field), "{err} should name {field}");
+        }
+    }
+
+    #[test]
+    fn parse_errors_name_unknown_and_missing_fields() {
+        let err = error_for("cache_size = 8", "cache_sise = 8");
+        assert!(err.contains("cache_sise"), "{err}");
+        let err = error_for("calibration = 0.4", "");
+        assert!(err.contains("calibration"), "{err}");
+        let err = error_for("kind = \"logreg\"", "kind = \"svm\"");
+        assert!(err.contains("svm"), "{err}");
+        let err = CascadeConfig::from_toml("mu = 1e-3\nlevels = []").unwrap_err();
+        assert!(err.to_string().contains("`levels`"), "{err}");
+    }
+}

@@ -1,0 +1,17 @@
+//! Online cascade learning over text streams (Nie et al., ICML 2024).
+//!
+//! The library holds the algorithm only: no I/O, no network, no clock. The
+//! same config, seed and stream give the same decisions, bit for bit.
+
+pub mod cascade;
+pub mod config;
+pub mod gate;
+pub mod metrics;
+pub mod student;
+pub mod task;
+
+pub use cascade::{Cascade, CascadeError, Deferred, Outcome, Routed, Routing};
+pub use config::{CascadeConfig, ConfigError};
+pub use metrics::{AnsweredBy, Metrics, Summary};
+pub use student::{Demonstration, Student, StudentError};
+pub use task::{ParseRule, Task, TaskError};

@@ -1,0 +1,43 @@
+//! Students: the cheap models of the cascade, trained online on the LLM's labels.
+
+pub mod features;
+pub mod logreg;
+
+use thiserror::Error;
+
+pub use logreg::LogReg;
+
+/// A labelled example handed to a student: the text and the LLM's label.
+#[derive(Debug, Clone, Copy)]
+pub struct Demonstration<'a> {
+    pub text: &'a str,
+    pub label: usize,
+}
+
+#[derive(Debug, Error)]
+pub enum StudentError {
+    #[error("student `{student}`: {reason}")]
+    Failed { student: String, reason: String },
+}
+
+/// A model that gives class probabilities and learns from demonstrations.
+pub trait Student: Send {
+    fn name(&self) -> &str;
+
+    /// The cost of deferring past this student (the paper's c_j).
+    fn cost(&self) -> f64;
+
+    /// Class probabilities for each text: one row per text, one column per label.
+    fn predict_proba(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>, StudentError>;
+
+    /// One optimisation pass over a batch of demonstrations.
+    fn learn(&mut self, batch: &[Demonstration<'_>]) -> Result<(), StudentError>;
+
+    /// Sees every text of the stream once, labelled or not, before it is routed.
+    /// Streaming statistics (document frequencies) live here; most students ignore it.
+    fn observe(&mut self, _text: &str) {}
+
+    /// Fits corpus statistics on the whole stream before it starts. This looks
+    /// ahead, so only students configured for it (the authors' `prefit` IDF) use it.
+    fn prefit(&mut self, _corpus: &[&str]) {}
+}
