@@ -2,6 +2,8 @@
 
 mod bench;
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 
 /// Online cascade learning: cheap students learn from an LLM's answers and take
@@ -19,8 +21,16 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
         Command::Bench(args) => bench::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line with the whole chain of causes; no backtrace for user errors.
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
     }
 }

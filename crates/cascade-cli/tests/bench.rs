@@ -1,0 +1,226 @@
+//! `cascade bench` end to end, on the shared benchmark data and on tiny folders.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The shared benchmark folder, beside the repository.
+fn shared_data(name: &str) -> PathBuf {
+    let dir = repo_root().join("../shared/data").join(name);
+    assert!(
+        dir.join("stream.jsonl.zst").exists(),
+        "benchmark data missing at {}",
+        dir.display()
+    );
+    dir
+}
+
+fn cascade(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cascade"))
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .expect("run cascade")
+}
+
+/// Runs `cascade bench` with the given flags and returns its summary JSON.
+fn bench(data: &Path, flags: &[&str]) -> Value {
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let mut args = vec![
+        "bench",
+        "--data",
+        data.to_str().unwrap(),
+        "--summary",
+        out.path().to_str().unwrap(),
+    ];
+    args.extend_from_slice(flags);
+    let output = cascade(&args);
+    assert!(
+        output.status.success(),
+        "cascade bench failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&std::fs::read(out.path()).unwrap()).unwrap()
+}
+
+fn number(summary: &Value, key: &str) -> f64 {
+    summary[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("summary has no number `{key}`: {summary}"))
+}
+
+#[test]
+fn llm_only_reproduces_the_recorded_gpt35_accuracy_exactly() {
+    for (name, items, accuracy) in [
+        ("isear", 3833, 0.70545),
+        ("imdb", 12500, 0.94016),
+        ("hatespeech", 5352, 0.83371),
+    ] {
+        let s = bench(&shared_data(name), &["--baseline", "llm-only"]);
+        assert_eq!(s["items"], items, "{name}");
+        assert_eq!(s["llm_calls"], items, "{name}");
+        assert_eq!(
+            format!("{:.5}", number(&s, "accuracy")),
+            format!("{accuracy:.5}"),
+            "{name}"
+        );
+        if name == "hatespeech" {
+            assert_eq!(format!("{:.4}", number(&s, "recall")), "0.8419");
+        }
+    }
+}
+
+#[test]
+fn shipped_imdb_config_meets_its_target() {
+    let s = bench(&shared_data("imdb"), &["--config", "configs/imdb-lr.toml"]);
+    let (accuracy, fraction) = (number(&s, "accuracy"), number(&s, "llm_fraction"));
+    assert!(accuracy >= 0.920, "accuracy {accuracy}");
+    assert!(fraction <= 0.45, "LLM fraction {fraction}");
+    assert_eq!(s["per_level"][0]["name"], "lr");
+    assert_eq!(s["per_level"][1]["name"], "llm");
+    for key in ["precision", "recall", "f1", "llm_accuracy", "wall_seconds"] {
+        number(&s, key);
+    }
+}
+
+#[test]
+fn same_seed_gives_identical_item_logs() {
+    let data = shared_data("isear");
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, seed: &str| {
+        let log = dir.path().join(name);
+        bench(
+            &data,
+            &[
+                "--config",
+                "configs/isear-lr.toml",
+                "--seed",
+                seed,
+                "--log",
+                log.to_str().unwrap(),
+            ],
+        );
+        std::fs::read_to_string(log).unwrap()
+    };
+    let first = run("a.csv", "3");
+    assert_eq!(first.lines().count(), 3834, "header plus one row per item");
+    assert!(first.starts_with("position,id,answered_by,prediction,llm_label,gold,gate_lr\n"));
+    assert_eq!(first, run("b.csv", "3"));
+    assert_ne!(first, run("c.csv", "4"));
+}
+
+#[test]
+fn online_ensemble_baseline_runs_on_the_same_stream() {
+    let s = bench(
+        &shared_data("isear"),
+        &[
+            "--config",
+            "configs/isear-lr.toml",
+            "--baseline",
+            "online-ensemble",
+            "--route-prob",
+            "0.5",
+        ],
+    );
+    let fraction = number(&s, "llm_fraction");
+    assert!((0.45..0.6).contains(&fraction), "LLM fraction {fraction}");
+}
+
+/// A tiny dataset folder with the given config text.
+fn tiny_folder(config: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("labels.txt"), "neg\npos\n").unwrap();
+    let lines: Vec<String> = (0..40)
+        .map(|i| {
+            let (word, label) = if i % 2 == 0 { ("awful", "neg") } else { ("great", "pos") };
+            format!(r#"{{"id": {i}, "text": "a {word} film number {i}", "label": "{label}", "llm": "{label}"}}"#)
+        })
+        .collect();
+    std::fs::write(dir.path().join("stream.jsonl"), lines.join("\n")).unwrap();
+    std::fs::write(dir.path().join("config.toml"), config).unwrap();
+    dir
+}
+
+const TINY_CONFIG: &str = r#"
+mu = 1e-3
+warmup_updates = 2
+[[levels]]
+kind = "logreg"
+cost = 100
+cache_size = 4
+[levels.gate]
+decaying_factor = 0.5
+calibration = 0.3
+[levels.logreg]
+buckets = 4096
+"#;
+
+#[test]
+fn any_folder_of_the_same_format_replays() {
+    let dir = tiny_folder(TINY_CONFIG);
+    let config = dir.path().join("config.toml");
+    let s = bench(
+        dir.path(),
+        &[
+            "--stream",
+            "all",
+            "--expert-field",
+            "llm",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(s["items"], 40);
+    assert_eq!(number(&s, "llm_accuracy"), 1.0);
+}
+
+#[test]
+fn bad_input_gets_clear_errors() {
+    let dir = tiny_folder(&TINY_CONFIG.replace("cache_size = 4", "cache_size = 0"));
+    let data = dir.path().to_str().unwrap();
+    let config = dir.path().join("config.toml");
+    let config = config.to_str().unwrap();
+    let stderr = |args: &[&str]| {
+        let output = cascade(args);
+        assert!(!output.status.success(), "{args:?} should fail");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let base = [
+        "bench",
+        "--data",
+        data,
+        "--stream",
+        "all",
+        "--expert-field",
+        "llm",
+    ];
+    let err = stderr(&[&base[..], &["--config", config]].concat());
+    assert!(err.contains("levels[0].cache_size"), "{err}");
+    let err = stderr(&base);
+    assert!(err.contains("--config is required"), "{err}");
+    let err = stderr(&[
+        "bench",
+        "--data",
+        data,
+        "--baseline",
+        "llm-only",
+        "--expert-field",
+        "gpt4",
+    ]);
+    assert!(err.contains("no field `gpt4`"), "{err}");
+    let err = stderr(&[
+        "bench",
+        "--data",
+        data,
+        "--baseline",
+        "llm-only",
+        "--expert-field",
+        "llm",
+    ]);
+    assert!(err.contains("split_test_ids.txt"), "{err}");
+}
