@@ -2,6 +2,7 @@
 
 pub mod features;
 pub mod logreg;
+pub mod transformer;
 
 use thiserror::Error;
 

@@ -1,0 +1,549 @@
+//! A BERT-family encoder that trains: every weight can be a `Var`, and the
+//! norms, softmax and GELU are the fused differentiable ops of `ops.rs`.
+//!
+//! Loads any Hugging Face BERT folder (`config.json`, `model.safetensors`,
+//! memory-mapped); checkpoints with or without the `bert.` prefix.
+
+use std::path::Path;
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use serde::Deserialize;
+
+use super::ops;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab_size")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_layer_norm_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_hidden_act")]
+    pub hidden_act: String,
+}
+
+fn default_type_vocab_size() -> usize {
+    2
+}
+fn default_layer_norm_eps() -> f64 {
+    1e-12
+}
+fn default_hidden_act() -> String {
+    "gelu".into()
+}
+
+impl BertConfig {
+    pub fn from_file(path: &Path) -> std::result::Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let config: Self = serde_json::from_str(&text)
+            .map_err(|e| format!("{}: not a BERT config: {e}", path.display()))?;
+        if config.hidden_size % config.num_attention_heads != 0 {
+            return Err(format!(
+                "{}: hidden_size {} is not a multiple of num_attention_heads {}",
+                path.display(),
+                config.hidden_size,
+                config.num_attention_heads
+            ));
+        }
+        if config.hidden_act != "gelu" {
+            return Err(format!(
+                "{}: hidden_act `{}` is not supported (only `gelu`)",
+                path.display(),
+                config.hidden_act
+            ));
+        }
+        Ok(config)
+    }
+}
+
+/// Which weights train; the rest are plain tensors with no gradient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trainable {
+    pub enabled: bool,
+    pub embeddings: bool,
+    /// The lowest this many layers are frozen.
+    pub frozen_layers: usize,
+}
+
+impl Trainable {
+    pub const NONE: Self = Self {
+        enabled: false,
+        embeddings: false,
+        frozen_layers: 0,
+    };
+    pub const ALL: Self = Self {
+        enabled: true,
+        embeddings: true,
+        frozen_layers: 0,
+    };
+}
+
+/// Where weights come from: a checkpoint, or a seeded random init (tests).
+pub enum WeightSource<'a> {
+    Safetensors(&'a MmapedSafetensors, &'a str),
+    Random(&'a mut dyn FnMut(&[usize]) -> Vec<f32>),
+}
+
+struct Loader<'a> {
+    source: WeightSource<'a>,
+    device: Device,
+    vars: Vec<(String, Var)>,
+}
+
+impl Loader<'_> {
+    fn get(&mut self, name: &str, shape: &[usize], trainable: bool) -> Result<Tensor> {
+        let tensor = match &mut self.source {
+            WeightSource::Safetensors(st, prefix) => {
+                let full = format!("{prefix}{name}");
+                // Older checkpoints call LayerNorm weights gamma/beta.
+                let t = st.load(&full, &self.device).or_else(|_| {
+                    let legacy = full.replace(".weight", ".gamma").replace(".bias", ".beta");
+                    st.load(&legacy, &self.device)
+                })?;
+                if t.dims() != shape {
+                    candle_core::bail!("{full}: expected shape {shape:?}, found {:?}", t.dims());
+                }
+                t.to_dtype(DType::F32)?
+            }
+            WeightSource::Random(init) => Tensor::from_vec(init(shape), shape, &self.device)?,
+        };
+        if trainable {
+            let var = Var::from_tensor(&tensor)?;
+            let t = var.as_tensor().clone();
+            self.vars.push((name.to_string(), var));
+            Ok(t)
+        } else {
+            Ok(tensor)
+        }
+    }
+}
+
+struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    fn load(
+        l: &mut Loader,
+        name: &str,
+        out_dim: usize,
+        in_dim: usize,
+        train: bool,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: l.get(&format!("{name}.weight"), &[out_dim, in_dim], train)?,
+            bias: l.get(&format!("{name}.bias"), &[out_dim], train)?,
+        })
+    }
+
+    /// `x (rows, in) → (rows, out)`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+    }
+}
+
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn load(l: &mut Loader, name: &str, dim: usize, eps: f64, train: bool) -> Result<Self> {
+        Ok(Self {
+            weight: l.get(&format!("{name}.weight"), &[dim], train)?,
+            bias: l.get(&format!("{name}.bias"), &[dim], train)?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attention_out: Linear,
+    attention_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+}
+
+pub struct BertEncoder {
+    config: BertConfig,
+    word_embeddings: Tensor,
+    position_embeddings: Tensor,
+    token_type_embeddings: Tensor,
+    embedding_norm: LayerNorm,
+    layers: Vec<Layer>,
+    vars: Vec<(String, Var)>,
+}
+
+/// Added to attention scores of padding keys.
+const MASKED: f32 = -1e9;
+
+impl BertEncoder {
+    /// Loads `model.safetensors` from a model folder, memory-mapped.
+    pub fn load(
+        dir: &Path,
+        config: BertConfig,
+        trainable: Trainable,
+        device: &Device,
+    ) -> Result<Self> {
+        let path = dir.join("model.safetensors");
+        // Safety: the file is not modified while mapped (model folders are read-only inputs).
+        let st = unsafe { MmapedSafetensors::new(&path)? };
+        let prefix = if st.get("bert.embeddings.word_embeddings.weight").is_ok() {
+            "bert."
+        } else {
+            ""
+        };
+        Self::build(
+            config,
+            trainable,
+            WeightSource::Safetensors(&st, prefix),
+            device,
+        )
+    }
+
+    pub fn build(
+        config: BertConfig,
+        trainable: Trainable,
+        source: WeightSource<'_>,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut l = Loader {
+            source,
+            device: device.clone(),
+            vars: Vec::new(),
+        };
+        let (h, c) = (config.hidden_size, &config);
+        let emb = trainable.enabled && trainable.embeddings;
+        let word_embeddings =
+            l.get("embeddings.word_embeddings.weight", &[c.vocab_size, h], emb)?;
+        let position_embeddings = l.get(
+            "embeddings.position_embeddings.weight",
+            &[c.max_position_embeddings, h],
+            emb,
+        )?;
+        let token_type_embeddings = l.get(
+            "embeddings.token_type_embeddings.weight",
+            &[c.type_vocab_size, h],
+            emb,
+        )?;
+        let embedding_norm =
+            LayerNorm::load(&mut l, "embeddings.LayerNorm", h, c.layer_norm_eps, emb)?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let train = trainable.enabled && i >= trainable.frozen_layers;
+            let p = format!("encoder.layer.{i}");
+            let eps = c.layer_norm_eps;
+            layers.push(Layer {
+                query: Linear::load(&mut l, &format!("{p}.attention.self.query"), h, h, train)?,
+                key: Linear::load(&mut l, &format!("{p}.attention.self.key"), h, h, train)?,
+                value: Linear::load(&mut l, &format!("{p}.attention.self.value"), h, h, train)?,
+                attention_out: Linear::load(
+                    &mut l,
+                    &format!("{p}.attention.output.dense"),
+                    h,
+                    h,
+                    train,
+                )?,
+                attention_norm: LayerNorm::load(
+                    &mut l,
+                    &format!("{p}.attention.output.LayerNorm"),
+                    h,
+                    eps,
+                    train,
+                )?,
+                intermediate: Linear::load(
+                    &mut l,
+                    &format!("{p}.intermediate.dense"),
+                    c.intermediate_size,
+                    h,
+                    train,
+                )?,
+                output: Linear::load(
+                    &mut l,
+                    &format!("{p}.output.dense"),
+                    h,
+                    c.intermediate_size,
+                    train,
+                )?,
+                output_norm: LayerNorm::load(
+                    &mut l,
+                    &format!("{p}.output.LayerNorm"),
+                    h,
+                    eps,
+                    train,
+                )?,
+            });
+        }
+        Ok(Self {
+            config,
+            word_embeddings,
+            position_embeddings,
+            token_type_embeddings,
+            embedding_norm,
+            layers,
+            vars: l.vars,
+        })
+    }
+
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    /// The trainable weights, by checkpoint name.
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// `ids (batch, seq)` u32 and `mask (batch, seq)` f32 (1 for tokens, 0 for
+    /// padding) → hidden states `(batch, seq, hidden)`.
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (batch, seq) = ids.dims2()?;
+        let h = self.config.hidden_size;
+        let heads = self.config.num_attention_heads;
+        let head_dim = h / heads;
+        if seq > self.config.max_position_embeddings {
+            candle_core::bail!(
+                "sequence of {seq} tokens exceeds max_position_embeddings {}",
+                self.config.max_position_embeddings
+            );
+        }
+        let words = self.word_embeddings.embedding(&ids.flatten_all()?)?;
+        let positions = self
+            .position_embeddings
+            .narrow(0, 0, seq)?
+            .repeat((batch, 1))?;
+        // Single-segment input: every token has type 0.
+        let types = self.token_type_embeddings.narrow(0, 0, 1)?;
+        let mut x = self
+            .embedding_norm
+            .forward(&(words + positions)?.broadcast_add(&types)?)?;
+        // x is (batch·seq, hidden) from here on.
+        let mask_bias = ((1.0 - mask)? * MASKED as f64)?.to_dtype(DType::F32)?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        for layer in &self.layers {
+            let split_heads = |t: Tensor| -> Result<Tensor> {
+                t.reshape((batch, seq, heads, head_dim))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let q = split_heads((layer.query.forward(&x)? * scale)?)?;
+            let k = split_heads(layer.key.forward(&x)?)?;
+            let v = split_heads(layer.value.forward(&x)?)?;
+            let scores = q.matmul(&k.t()?)?;
+            let probs = ops::masked_softmax(&scores, &mask_bias)?;
+            let context = probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((batch * seq, h))?;
+            let attended = layer
+                .attention_norm
+                .forward(&(layer.attention_out.forward(&context)? + &x)?)?;
+            let inner = ops::gelu(&layer.intermediate.forward(&attended)?)?;
+            x = layer
+                .output_norm
+                .forward(&(layer.output.forward(&inner)? + attended)?)?;
+        }
+        x.reshape((batch, seq, h))
+    }
+}
+
+/// Mean of the hidden states over real tokens: `(batch, seq, hidden) → (batch, hidden)`.
+pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let mask = mask.unsqueeze(D::Minus1)?;
+    let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
+    let counts = mask.sum(1)?.clamp(1.0, f64::MAX)?;
+    summed.broadcast_div(&counts)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    pub fn tiny_config() -> BertConfig {
+        BertConfig {
+            vocab_size: 50,
+            hidden_size: 16,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            intermediate_size: 32,
+            max_position_embeddings: 32,
+            type_vocab_size: 2,
+            layer_norm_eps: 1e-12,
+            hidden_act: "gelu".into(),
+        }
+    }
+
+    pub fn tiny_encoder(trainable: Trainable, seed: u64) -> BertEncoder {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut init = |shape: &[usize]| -> Vec<f32> {
+            let n: usize = shape.iter().product();
+            if shape.len() == 1 {
+                // Norm weights near 1 and biases near 0 keep activations sane.
+                (0..n).map(|_| 1.0 + rng.random_range(-0.1..0.1)).collect()
+            } else {
+                (0..n).map(|_| rng.random_range(-0.2..0.2)).collect()
+            }
+        };
+        BertEncoder::build(
+            tiny_config(),
+            trainable,
+            WeightSource::Random(&mut init),
+            &Device::Cpu,
+        )
+        .unwrap()
+    }
+
+    fn batch() -> (Tensor, Tensor) {
+        let ids = Tensor::new(&[[1u32, 5, 9, 2, 0], [1, 7, 3, 8, 2]], &Device::Cpu).unwrap();
+        let mask = Tensor::new(
+            &[[1f32, 1., 1., 1., 0.], [1., 1., 1., 1., 1.]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        (ids, mask)
+    }
+
+    fn loss(encoder: &BertEncoder) -> Tensor {
+        let (ids, mask) = batch();
+        let hidden = encoder.forward(&ids, &mask).unwrap();
+        let pooled = mean_pool(&hidden, &mask).unwrap();
+        // A fixed, non-symmetric readout so every weight matters.
+        let w: Vec<f32> = (0..16).map(|i| ((i * 7 % 5) as f32 - 2.0) * 0.3).collect();
+        let w = Tensor::from_vec(w, (16, 1), &Device::Cpu).unwrap();
+        pooled.matmul(&w).unwrap().sqr().unwrap().sum_all().unwrap()
+    }
+
+    #[test]
+    fn every_trainable_tensor_gets_a_nonzero_gradient() {
+        let encoder = tiny_encoder(Trainable::ALL, 1);
+        // 5 embedding tensors + 16 per layer.
+        assert_eq!(encoder.vars().len(), 5 + 16 * 2);
+        let grads = loss(&encoder).backward().unwrap();
+        for (name, var) in encoder.vars() {
+            let g = grads
+                .get(var)
+                .unwrap_or_else(|| panic!("{name} got no gradient"));
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            if name.contains("token_type") {
+                // Only row 0 is used; it must still receive gradient.
+                assert!(norm > 0.0, "{name}");
+                continue;
+            }
+            assert!(norm > 0.0, "{name} got a zero gradient");
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        let encoder = tiny_encoder(Trainable::ALL, 2);
+        let grads = loss(&encoder).backward().unwrap();
+        let mut checked = 0;
+        for (name, var) in encoder.vars() {
+            if !(name.contains("query.weight")
+                || name.contains("output.dense.weight")
+                || name.ends_with("LayerNorm.weight")
+                || name.contains("word_embeddings"))
+            {
+                continue;
+            }
+            let analytic: Vec<f32> = grads
+                .get(var)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let original: Vec<f32> = var.flatten_all().unwrap().to_vec1().unwrap();
+            // The largest-gradient coordinates are well above f32 noise.
+            let mut order: Vec<usize> = (0..analytic.len()).collect();
+            order.sort_by(|&a, &b| analytic[b].abs().total_cmp(&analytic[a].abs()));
+            for &i in order.iter().take(3) {
+                let h = 1e-2f32;
+                let eval = |delta: f32| {
+                    let mut v = original.clone();
+                    v[i] += delta;
+                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    loss(&encoder).to_scalar::<f32>().unwrap()
+                };
+                let numeric = (eval(h) - eval(-h)) / (2.0 * h);
+                var.set(&Tensor::from_vec(original.clone(), var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                let rel = (numeric - analytic[i]).abs() / analytic[i].abs().max(1e-3);
+                assert!(
+                    rel < 0.05,
+                    "{name}[{i}]: analytic {} numeric {numeric}",
+                    analytic[i]
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 12, "checked {checked} coordinates");
+    }
+
+    #[test]
+    fn padding_does_not_change_real_tokens() {
+        let encoder = tiny_encoder(Trainable::NONE, 3);
+        let short = Tensor::new(&[[1u32, 5, 9, 2]], &Device::Cpu).unwrap();
+        let short_mask = Tensor::new(&[[1f32, 1., 1., 1.]], &Device::Cpu).unwrap();
+        let padded = Tensor::new(&[[1u32, 5, 9, 2, 0, 0]], &Device::Cpu).unwrap();
+        let padded_mask = Tensor::new(&[[1f32, 1., 1., 1., 0., 0.]], &Device::Cpu).unwrap();
+        let a = mean_pool(&encoder.forward(&short, &short_mask).unwrap(), &short_mask).unwrap();
+        let b = mean_pool(
+            &encoder.forward(&padded, &padded_mask).unwrap(),
+            &padded_mask,
+        )
+        .unwrap();
+        let diff: f32 = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
+    }
+
+    #[test]
+    fn freezing_limits_the_trainable_set() {
+        let frozen = Trainable {
+            enabled: true,
+            embeddings: false,
+            frozen_layers: 1,
+        };
+        let encoder = tiny_encoder(frozen, 4);
+        assert_eq!(encoder.vars().len(), 16);
+        assert!(encoder
+            .vars()
+            .iter()
+            .all(|(n, _)| n.starts_with("encoder.layer.1.")));
+        assert!(tiny_encoder(Trainable::NONE, 4).vars().is_empty());
+    }
+}

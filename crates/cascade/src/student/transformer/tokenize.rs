@@ -1,0 +1,114 @@
+//! WordPiece/BPE tokenisation with our own limits: the tokenizer file's
+//! truncation and padding are switched off, texts are cut to `max_len` tokens
+//! (special tokens included) and each batch is padded to its longest member.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use tokenizers::Tokenizer;
+
+pub struct TextEncoder {
+    tokenizer: Tokenizer,
+    max_len: usize,
+    cls: u32,
+    sep: u32,
+    pad: u32,
+}
+
+/// A padded batch: token ids `(batch, seq)` u32 and mask `(batch, seq)` f32.
+pub struct TokenBatch {
+    pub ids: Tensor,
+    pub mask: Tensor,
+    pub lengths: Vec<usize>,
+}
+
+impl TextEncoder {
+    pub fn load(path: &Path, max_len: usize) -> Result<Self, String> {
+        let mut tokenizer = Tokenizer::from_file(path)
+            .map_err(|e| format!("cannot load tokenizer {}: {e}", path.display()))?;
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        tokenizer.with_padding(None);
+        let id = |token: &str| {
+            tokenizer
+                .token_to_id(token)
+                .ok_or_else(|| format!("{}: no `{token}` token", path.display()))
+        };
+        if max_len < 3 {
+            return Err(format!("max length must be at least 3, got {max_len}"));
+        }
+        Ok(Self {
+            cls: id("[CLS]")?,
+            sep: id("[SEP]")?,
+            pad: id("[PAD]")?,
+            tokenizer,
+            max_len,
+        })
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// `[CLS] tokens… [SEP]`, cut to `max_len`.
+    pub fn token_ids(&self, text: &str) -> Result<Vec<u32>, String> {
+        let encoding = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| format!("tokenizer: {e}"))?;
+        let body = encoding.get_ids();
+        let keep = body.len().min(self.max_len - 2);
+        let mut ids = Vec::with_capacity(keep + 2);
+        ids.push(self.cls);
+        ids.extend_from_slice(&body[..keep]);
+        ids.push(self.sep);
+        Ok(ids)
+    }
+
+    /// Tokenises and pads a batch to its longest member.
+    pub fn batch(&self, texts: &[&str], device: &Device) -> Result<TokenBatch, String> {
+        let rows: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|t| self.token_ids(t))
+            .collect::<Result<_, _>>()?;
+        Ok(pad_batch(&rows, self.pad, device)?)
+    }
+}
+
+/// Pads token rows to the longest one.
+pub fn pad_batch(rows: &[Vec<u32>], pad: u32, device: &Device) -> Result<TokenBatch, String> {
+    let seq = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(rows.len() * seq);
+    let mut mask = Vec::with_capacity(rows.len() * seq);
+    for row in rows {
+        ids.extend_from_slice(row);
+        ids.extend(std::iter::repeat_n(pad, seq - row.len()));
+        mask.extend(std::iter::repeat_n(1f32, row.len()));
+        mask.extend(std::iter::repeat_n(0f32, seq - row.len()));
+    }
+    let shape = (rows.len(), seq);
+    let err = |e: candle_core::Error| e.to_string();
+    Ok(TokenBatch {
+        ids: Tensor::from_vec(ids, shape, device).map_err(err)?,
+        mask: Tensor::from_vec(mask, shape, device).map_err(err)?,
+        lengths: rows.iter().map(Vec::len).collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_are_padded_to_the_longest_row() {
+        let b = pad_batch(&[vec![1, 2, 3], vec![1, 2]], 0, &Device::Cpu).unwrap();
+        assert_eq!(b.ids.dims(), &[2, 3]);
+        assert_eq!(
+            b.ids.to_vec2::<u32>().unwrap(),
+            vec![vec![1, 2, 3], vec![1, 2, 0]]
+        );
+        assert_eq!(b.mask.to_vec2::<f32>().unwrap()[1], vec![1.0, 1.0, 0.0]);
+        assert_eq!(b.lengths, vec![3, 2]);
+    }
+}
