@@ -1,6 +1,7 @@
 //! The `cascade` command line.
 
 mod bench;
+mod bench_encoder;
 
 use std::process::ExitCode;
 
@@ -19,11 +20,14 @@ struct Cli {
 enum Command {
     /// Replay a recorded stream through a cascade and report accuracy and LLM calls.
     Bench(bench::BenchArgs),
+    /// Time the encoder's forward pass and training step (compare with pytorch_minilm.py).
+    BenchEncoder(bench_encoder::BenchEncoderArgs),
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Bench(args) => bench::run(&args),
+        Command::BenchEncoder(args) => bench_encoder::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,6 +10,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use serde::Deserialize;
 
+use super::attention::attention;
 use super::ops;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -44,7 +45,7 @@ impl BertConfig {
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let config: Self = serde_json::from_str(&text)
             .map_err(|e| format!("{}: not a BERT config: {e}", path.display()))?;
-        if config.hidden_size % config.num_attention_heads != 0 {
+        if !config.hidden_size.is_multiple_of(config.num_attention_heads) {
             return Err(format!(
                 "{}: hidden_size {} is not a multiple of num_attention_heads {}",
                 path.display(),
@@ -99,6 +100,11 @@ struct Loader<'a> {
 
 impl Loader<'_> {
     fn get(&mut self, name: &str, shape: &[usize], trainable: bool) -> Result<Tensor> {
+        self.get_as(name, shape, trainable, false)
+    }
+
+    /// Like `get`; `transpose` stores a 2-d weight as its contiguous transpose.
+    fn get_as(&mut self, name: &str, shape: &[usize], trainable: bool, transpose: bool) -> Result<Tensor> {
         let tensor = match &mut self.source {
             WeightSource::Safetensors(st, prefix) => {
                 let full = format!("{prefix}{name}");
@@ -114,6 +120,7 @@ impl Loader<'_> {
             }
             WeightSource::Random(init) => Tensor::from_vec(init(shape), shape, &self.device)?,
         };
+        let tensor = if transpose { tensor.t()?.contiguous()? } else { tensor };
         if trainable {
             let var = Var::from_tensor(&tensor)?;
             let t = var.as_tensor().clone();
@@ -343,13 +350,11 @@ impl BertEncoder {
                     .transpose(1, 2)?
                     .contiguous()
             };
+            // Scaling q before the product is cheaper than scaling the scores.
             let q = split_heads((layer.query.forward(&x)? * scale)?)?;
             let k = split_heads(layer.key.forward(&x)?)?;
             let v = split_heads(layer.value.forward(&x)?)?;
-            let scores = q.matmul(&k.t()?)?;
-            let probs = ops::masked_softmax(&scores, &mask_bias)?;
-            let context = probs
-                .matmul(&v)?
+            let context = attention(&q, &k, &v, &mask_bias, 1.0)?
                 .transpose(1, 2)?
                 .contiguous()?
                 .reshape((batch * seq, h))?;

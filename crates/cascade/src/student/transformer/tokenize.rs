@@ -51,19 +51,32 @@ impl TextEncoder {
         self.max_len
     }
 
-    /// `[CLS] tokens… [SEP]`, cut to `max_len`.
-    pub fn token_ids(&self, text: &str) -> Result<Vec<u32>, String> {
+    /// The text's token ids without special tokens or truncation.
+    pub fn body_ids(&self, text: &str) -> Result<Vec<u32>, String> {
         let encoding = self
             .tokenizer
             .encode(text, false)
             .map_err(|e| format!("tokenizer: {e}"))?;
-        let body = encoding.get_ids();
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// `[CLS] body [SEP]` with the body cut so the whole fits in `max_len`.
+    pub fn wrap(&self, body: &[u32]) -> Vec<u32> {
         let keep = body.len().min(self.max_len - 2);
         let mut ids = Vec::with_capacity(keep + 2);
         ids.push(self.cls);
         ids.extend_from_slice(&body[..keep]);
         ids.push(self.sep);
-        Ok(ids)
+        ids
+    }
+
+    /// `[CLS] tokens… [SEP]`, cut to `max_len`.
+    pub fn token_ids(&self, text: &str) -> Result<Vec<u32>, String> {
+        Ok(self.wrap(&self.body_ids(text)?))
+    }
+
+    pub fn pad_id(&self) -> u32 {
+        self.pad
     }
 
     /// Tokenises and pads a batch to its longest member.
@@ -72,7 +85,7 @@ impl TextEncoder {
             .iter()
             .map(|t| self.token_ids(t))
             .collect::<Result<_, _>>()?;
-        Ok(pad_batch(&rows, self.pad, device)?)
+        pad_batch(&rows, self.pad, device)
     }
 }
 
