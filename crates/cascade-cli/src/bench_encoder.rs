@@ -49,12 +49,27 @@ pub fn run(args: &BenchEncoderArgs) -> Result<()> {
 /// Each configuration runs in its own process so its peak RSS is its own.
 fn run_table(args: &BenchEncoderArgs) -> Result<()> {
     let exe = std::env::current_exe()?;
-    println!("model {} · {} threads · {} timed iterations", args.model.display(), candle_core::utils::get_num_threads(), args.iters);
-    println!("{:<7} {:>5} {:>4} {:>10} {:>9} {:>9} {:>8}  check", "mode", "batch", "seq", "median_ms", "min_ms", "max_ms", "rss_mb");
+    println!(
+        "model {} · {} threads · {} timed iterations",
+        args.model.display(),
+        candle_core::utils::get_num_threads(),
+        args.iters
+    );
+    println!(
+        "{:<7} {:>5} {:>4} {:>10} {:>9} {:>9} {:>8}  check",
+        "mode", "batch", "seq", "median_ms", "min_ms", "max_ms", "rss_mb"
+    );
     for spec in TABLE {
         let mut cmd = Command::new(&exe);
-        cmd.args(["bench-encoder", "--only", spec, "--iters", &args.iters.to_string(), "--model"])
-            .arg(&args.model);
+        cmd.args([
+            "bench-encoder",
+            "--only",
+            spec,
+            "--iters",
+            &args.iters.to_string(),
+            "--model",
+        ])
+        .arg(&args.model);
         if args.freeze_embeddings {
             cmd.arg("--freeze-embeddings");
         }
@@ -74,7 +89,8 @@ fn run_one(args: &BenchEncoderArgs, spec: &str) -> Result<String> {
         _ => bail!("--only takes MODE:BATCH:SEQ, e.g. train:8:256; got `{spec}`"),
     };
     let device = Device::Cpu;
-    let config = BertConfig::from_file(&args.model.join("config.json")).map_err(anyhow::Error::msg)?;
+    let config =
+        BertConfig::from_file(&args.model.join("config.json")).map_err(anyhow::Error::msg)?;
     let hidden = config.hidden_size;
     let (ids, mask) = token_batch(&args.model, batch, seq, &device)?;
     let mut times = Vec::new();
@@ -103,15 +119,25 @@ fn run_one(args: &BenchEncoderArgs, spec: &str) -> Result<String> {
             let w: Vec<f32> = (0..2 * hidden).map(|i| (i as f32).sin() * 0.02).collect();
             let head_w = Var::from_tensor(&Tensor::from_vec(w, (2, hidden), &device)?)?;
             let head_b = Var::from_tensor(&Tensor::zeros(2, candle_core::DType::F32, &device)?)?;
-            let labels = Tensor::from_vec((0..batch as u32).map(|i| i % 2).collect(), batch, &device)?;
+            let labels =
+                Tensor::from_vec((0..batch as u32).map(|i| i % 2).collect(), batch, &device)?;
             let mut vars: Vec<Var> = encoder.vars().iter().map(|(_, v)| v.clone()).collect();
             vars.extend([head_w.clone(), head_b.clone()]);
-            let mut opt = AdamW::new(vars, AdamWConfig { lr: 2e-5, ..AdamWConfig::default() });
+            let mut opt = AdamW::new(
+                vars,
+                AdamWConfig {
+                    lr: 2e-5,
+                    ..AdamWConfig::default()
+                },
+            );
             let mut losses = Vec::new();
             for i in 0..args.iters + 1 {
                 let t = Instant::now();
                 let h = encoder.forward(&ids, &mask)?;
-                let logits = h.mean(1)?.matmul(&head_w.as_tensor().t()?)?.broadcast_add(head_b.as_tensor())?;
+                let logits = h
+                    .mean(1)?
+                    .matmul(&head_w.as_tensor().t()?)?
+                    .broadcast_add(head_b.as_tensor())?;
                 let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
                 let grads = loss.backward()?;
                 opt.step(&grads)?;
@@ -136,12 +162,22 @@ fn run_one(args: &BenchEncoderArgs, spec: &str) -> Result<String> {
 }
 
 /// Rows `[CLS] ids[r·7 .. r·7+seq−2] [SEP]`, as the PyTorch script builds them.
-fn token_batch(model: &Path, batch: usize, seq: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-    let encoder = TextEncoder::load(&model.join("tokenizer.json"), seq).map_err(anyhow::Error::msg)?;
-    let body = encoder.body_ids(&TEXT.repeat(40)).map_err(anyhow::Error::msg)?;
+fn token_batch(
+    model: &Path,
+    batch: usize,
+    seq: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let encoder =
+        TextEncoder::load(&model.join("tokenizer.json"), seq).map_err(anyhow::Error::msg)?;
+    let body = encoder
+        .body_ids(&TEXT.repeat(40))
+        .map_err(anyhow::Error::msg)?;
     let mut ids = Vec::with_capacity(batch * seq);
     for r in 0..batch {
-        let slice = body.get(r * 7..r * 7 + seq - 2).context("text too short for this batch")?;
+        let slice = body
+            .get(r * 7..r * 7 + seq - 2)
+            .context("text too short for this batch")?;
         ids.extend(encoder.wrap(slice));
     }
     let ids = Tensor::from_vec(ids, (batch, seq), device)?;

@@ -17,7 +17,13 @@ use super::ops::{dot, f32_slice, softmax_in_place};
 
 /// `q, k, v`: `(batch, heads, seq, head_dim)`; `mask_bias`: `(batch, seq)`,
 /// added to every query's scores (0 for tokens, very negative for padding).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask_bias: &Tensor, scale: f64) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask_bias: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
     let (batch, _heads, seq, _dim) = q.dims4()?;
     if mask_bias.dims() != [batch, seq] || k.dims() != q.dims() || v.dims() != q.dims() {
         bail!("attention: q, k, v must share (batch, heads, seq, dim) and mask be (batch, seq)");
@@ -129,18 +135,32 @@ impl CustomOp3 for Attention {
         let d = Dims::from(l1)?;
         let (s, h, block) = (d.seq, d.dim, d.block());
         let mut out = vec![0f32; q.len()];
-        out.par_chunks_mut(block)
-            .enumerate()
-            .for_each_init(
-                || vec![0f32; s * s],
-                |p, (i, o)| {
-                    let mask = &self.mask[(i / d.heads) * s..][..s];
-                    let at = i * block;
-                    probabilities(&q[at..at + block], &k[at..at + block], mask, self.scale, d, p);
-                    // O = P · V
-                    matmul((s, h, s), p, (s, 1), &v[at..at + block], (h, 1), o, false, 1.0);
-                },
-            );
+        out.par_chunks_mut(block).enumerate().for_each_init(
+            || vec![0f32; s * s],
+            |p, (i, o)| {
+                let mask = &self.mask[(i / d.heads) * s..][..s];
+                let at = i * block;
+                probabilities(
+                    &q[at..at + block],
+                    &k[at..at + block],
+                    mask,
+                    self.scale,
+                    d,
+                    p,
+                );
+                // O = P · V
+                matmul(
+                    (s, h, s),
+                    p,
+                    (s, 1),
+                    &v[at..at + block],
+                    (h, 1),
+                    o,
+                    false,
+                    1.0,
+                );
+            },
+        );
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -197,7 +217,11 @@ impl CustomOp3 for AttentionBackward {
         let (dk_all, dv_all) = rest.split_at_mut(q.len());
         dq_all
             .par_chunks_mut(block)
-            .zip(dk_all.par_chunks_mut(block).zip(dv_all.par_chunks_mut(block)))
+            .zip(
+                dk_all
+                    .par_chunks_mut(block)
+                    .zip(dv_all.par_chunks_mut(block)),
+            )
             .enumerate()
             .for_each_init(
                 || (vec![0f32; s * s], vec![0f32; s * s]),
@@ -228,7 +252,10 @@ impl CustomOp3 for AttentionBackward {
                 },
             );
         let dims = l1.dims();
-        Ok((CpuStorage::F32(out), Shape::from((3, dims[0], dims[1], dims[2], dims[3]))))
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((3, dims[0], dims[1], dims[2], dims[3])),
+        ))
     }
 }
 
@@ -240,7 +267,9 @@ mod tests {
     fn values(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n)
-            .map(|i| ((((i as u64 + 3) * 2654435761 + seed * 97) % 1009) as f32 / 1009.0 - 0.5) * 2.0)
+            .map(|i| {
+                ((((i as u64 + 3) * 2654435761 + seed * 97) % 1009) as f32 / 1009.0 - 0.5) * 2.0
+            })
             .collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
@@ -260,23 +289,45 @@ mod tests {
             Var::from_tensor(&values(&shape, 2)).unwrap(),
             Var::from_tensor(&values(&shape, 3)).unwrap(),
         );
-        let mask = Tensor::new(&[[0f32, 0., 0., -1e9, -1e9], [0., 0., 0., 0., 0.]], &Device::Cpu).unwrap();
+        let mask = Tensor::new(
+            &[[0f32, 0., 0., -1e9, -1e9], [0., 0., 0., 0., 0.]],
+            &Device::Cpu,
+        )
+        .unwrap();
         let w = values(&shape, 4);
         let fused = attention(&q, &k, &v, &mask, 0.5).unwrap();
         let expected = reference(&q, &k, &v, &mask, 0.5);
         let diff = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
         };
         assert!(diff(&fused, &expected) < 1e-5);
         let gf = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let ge = (expected * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let ge = (expected * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         for x in [&q, &k, &v] {
             let d = diff(gf.get(x).unwrap(), ge.get(x).unwrap());
             assert!(d < 1e-5, "gradient differs by {d}");
         }
         // Padded keys (positions 3, 4 of batch 0) get no gradient through k and v.
         let dk = gf.get(&k).unwrap().get(0).unwrap();
-        let padded = dk.narrow(1, 3, 2).unwrap().abs().unwrap().max_all().unwrap();
+        let padded = dk
+            .narrow(1, 3, 2)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
         assert!(padded.to_scalar::<f32>().unwrap() < 1e-6);
     }
 }

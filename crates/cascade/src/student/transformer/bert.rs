@@ -45,7 +45,10 @@ impl BertConfig {
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let config: Self = serde_json::from_str(&text)
             .map_err(|e| format!("{}: not a BERT config: {e}", path.display()))?;
-        if !config.hidden_size.is_multiple_of(config.num_attention_heads) {
+        if !config
+            .hidden_size
+            .is_multiple_of(config.num_attention_heads)
+        {
             return Err(format!(
                 "{}: hidden_size {} is not a multiple of num_attention_heads {}",
                 path.display(),
@@ -104,7 +107,13 @@ impl Loader<'_> {
     }
 
     /// Like `get`; `transpose` stores a 2-d weight as its contiguous transpose.
-    fn get_as(&mut self, name: &str, shape: &[usize], trainable: bool, transpose: bool) -> Result<Tensor> {
+    fn get_as(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        trainable: bool,
+        transpose: bool,
+    ) -> Result<Tensor> {
         let tensor = match &mut self.source {
             WeightSource::Safetensors(st, prefix) => {
                 let full = format!("{prefix}{name}");
@@ -120,7 +129,11 @@ impl Loader<'_> {
             }
             WeightSource::Random(init) => Tensor::from_vec(init(shape), shape, &self.device)?,
         };
-        let tensor = if transpose { tensor.t()?.contiguous()? } else { tensor };
+        let tensor = if transpose {
+            tensor.t()?.contiguous()?
+        } else {
+            tensor
+        };
         if trainable {
             let var = Var::from_tensor(&tensor)?;
             let t = var.as_tensor().clone();

@@ -187,7 +187,7 @@ fn gelu_derivative(x: f32) -> f32 {
 /// loops over it vectorise (libm's `expf` costs ~3 ns an element here).
 #[inline(always)]
 pub fn fast_exp(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
+    let x = x.max(-87.0).min(88.0);
     let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
     // Cody–Waite: ln 2 split in two so r = x − n·ln 2 keeps its precision.
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
@@ -196,8 +196,12 @@ pub fn fast_exp(x: f32) -> f32 {
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    // Safety: x is clamped, so n is an integer in [-126, 127]. The unchecked
+    // conversion (no saturation logic) is what lets this loop vectorise.
+    let n: i32 = unsafe { n.to_int_unchecked() };
+    p * f32::from_bits(((n + 127) << 23) as u32)
 }
 
 /// Lane-wise reductions: sixteen independent accumulators let the compiler
@@ -219,7 +223,12 @@ pub fn sum(x: &[f32]) -> f32 {
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in ca.zip(cb) {
         for i in 0..LANES {
             acc[i] += x[i] * y[i];
@@ -231,7 +240,11 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub fn max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = x.chunks_exact(LANES);
-    let tail = chunks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
     for c in chunks {
         for i in 0..LANES {
             acc[i] = acc[i].max(c[i]);

@@ -4,7 +4,7 @@
 
 use std::sync::Mutex;
 
-use candle_core::{bail, backprop::GradStore, CpuStorage, InplaceOp2, Layout, Result, Var};
+use candle_core::{backprop::GradStore, bail, CpuStorage, InplaceOp2, Layout, Result, Var};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {
@@ -103,7 +103,13 @@ impl InplaceOp2 for Step<'_> {
         "fused-adamw"
     }
 
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
         let (CpuStorage::F32(param), CpuStorage::F32(grad)) = (s1, s2) else {
             bail!("AdamW supports f32 only");
         };
@@ -112,7 +118,10 @@ impl InplaceOp2 for Step<'_> {
             bail!("AdamW needs contiguous tensors");
         };
         let (param, grad) = (&mut param[p0..p1], &grad[g0..g1]);
-        let mut moments = self.moments.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+        let mut moments = self
+            .moments
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
         let Moments { m, v } = &mut *moments;
         if param.len() != grad.len() || m.len() != param.len() {
             bail!("AdamW: parameter and gradient sizes differ");
@@ -157,7 +166,14 @@ mod tests {
         };
         let mut theirs = candle_nn::AdamW::new(vec![theirs_var.clone()], params).unwrap();
         for _ in 0..20 {
-            let loss = |v: &Var| (v.as_tensor() - &target).unwrap().sqr().unwrap().sum_all().unwrap();
+            let loss = |v: &Var| {
+                (v.as_tensor() - &target)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+            };
             ours.step(&loss(&ours_var).backward().unwrap()).unwrap();
             theirs.backward_step(&loss(&theirs_var)).unwrap();
         }
