@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use cascade::config::StudentKind;
 use cascade::{AnsweredBy, Cascade, CascadeConfig, Metrics, Outcome, Routing, Summary, Task};
 use cascade_expert::{read_labels, Dataset, Item, StreamOrder};
 use clap::{Args, ValueEnum};
@@ -47,6 +48,9 @@ pub struct BenchArgs {
     /// Write one CSV row per item here: who answered, prediction, LLM label, gold, gate outputs.
     #[arg(long)]
     log: Option<PathBuf>,
+    /// Folder of the models named in configs (`scripts/setup.sh` fills it).
+    #[arg(long, env = "CASCADE_MODELS", default_value = "models")]
+    models: PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, Serialize, PartialEq)]
@@ -179,6 +183,9 @@ fn build_cascade(args: &BenchArgs, task: &Task, stream: &[&Item]) -> Result<Casc
     if let Some(seed) = args.seed {
         config.seed = seed;
     }
+    for level in &mut config.levels {
+        level.resolve_model(&args.models);
+    }
     let routing = match args.baseline {
         Some(Baseline::OnlineEnsemble) => {
             let levels = config.levels.len();
@@ -194,6 +201,20 @@ fn build_cascade(args: &BenchArgs, task: &Task, stream: &[&Item]) -> Result<Casc
         .with_context(|| format!("in {}", path.display()))?;
     let corpus: Vec<&str> = stream.iter().map(|item| item.text.as_str()).collect();
     cascade.prefit(&corpus);
+    if config
+        .levels
+        .iter()
+        .any(|level| level.kind == StudentKind::EmbeddingHead)
+    {
+        // Encode the stream once up front, in batches; this changes no decision.
+        let progress = progress_bar(corpus.len() as u64);
+        progress.set_message("encoding embeddings");
+        for chunk in corpus.chunks(512) {
+            cascade.precompute(chunk)?;
+            progress.inc(chunk.len() as u64);
+        }
+        progress.finish_and_clear();
+    }
     Ok(cascade)
 }
 

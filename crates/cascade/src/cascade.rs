@@ -11,6 +11,7 @@ use thiserror::Error;
 
 use crate::config::{CascadeConfig, ConfigError, LevelConfig, StudentKind};
 use crate::gate::{argmax, train_gates, Gate, GateExample};
+use crate::student::transformer::{EmbeddingHead, FineTuned};
 use crate::student::{Demonstration, LogReg, Student, StudentError};
 
 #[derive(Debug, Error)]
@@ -100,8 +101,9 @@ impl Cascade {
         let students = config
             .levels
             .iter()
-            .map(|level| build_student(level, labels))
-            .collect();
+            .enumerate()
+            .map(|(j, level)| build_student(level, labels, config.seed.wrapping_add(j as u64)))
+            .collect::<Result<_, _>>()?;
         Self::with_students(config, students, labels, routing)
     }
 
@@ -195,6 +197,14 @@ impl Cascade {
     /// Changes the cost weight, e.g. for a budget controller.
     pub fn set_mu(&mut self, mu: f64) {
         self.mu = mu;
+    }
+
+    /// Lets students do batch work that changes no decision (embedding caches).
+    pub fn precompute(&mut self, texts: &[&str]) -> Result<(), CascadeError> {
+        for level in &mut self.levels {
+            level.student.precompute(texts)?;
+        }
+        Ok(())
     }
 
     /// Fits corpus statistics of students configured to look ahead (`idf = "prefit"`).
@@ -357,12 +367,28 @@ impl Level {
     }
 }
 
-fn build_student(level: &LevelConfig, labels: usize) -> Box<dyn Student> {
-    match level.kind {
-        StudentKind::Logreg => {
-            Box::new(LogReg::new(level.name(), level.cost, labels, &level.logreg))
-        }
-    }
+fn build_student(
+    level: &LevelConfig,
+    labels: usize,
+    seed: u64,
+) -> Result<Box<dyn Student>, StudentError> {
+    let (name, cost) = (level.name(), level.cost);
+    Ok(match level.kind {
+        StudentKind::Logreg => Box::new(LogReg::new(name, cost, labels, &level.logreg)),
+        StudentKind::Transformer => Box::new(FineTuned::new(
+            name,
+            cost,
+            labels,
+            &level.transformer,
+            seed,
+        )?),
+        StudentKind::EmbeddingHead => Box::new(EmbeddingHead::new(
+            name,
+            cost,
+            labels,
+            &level.embedding_head,
+        )?),
+    })
 }
 
 #[cfg(test)]

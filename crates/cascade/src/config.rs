@@ -45,12 +45,22 @@ pub struct LevelConfig {
     pub gate: GateConfig,
     #[serde(default)]
     pub logreg: LogRegConfig,
+    #[serde(default)]
+    pub transformer: TransformerConfig,
+    #[serde(default)]
+    pub embedding_head: EmbeddingHeadConfig,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum StudentKind {
+    /// Hashed TF-IDF logistic regression (`[levels.logreg]`).
     Logreg,
+    /// A BERT-family encoder fine-tuned online with a linear head (`[levels.transformer]`).
+    Transformer,
+    /// A frozen encoder's mean-pooled embedding under an online softmax head
+    /// (`[levels.embedding_head]`).
+    EmbeddingHead,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -113,6 +123,63 @@ impl Default for LogRegConfig {
     }
 }
 
+/// The fine-tuned transformer student. Defaults are chosen for 2 CPU cores
+/// (results/transformer.md); the authors used max_len 512, epochs 5, lr 1e-5,
+/// everything trainable.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransformerConfig {
+    /// A model folder, or a name under the models folder (`scripts/setup.sh`).
+    pub model: String,
+    /// Tokens per text, [CLS] and [SEP] included.
+    pub max_len: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub freeze_embeddings: bool,
+    /// The lowest this many encoder layers do not train.
+    pub frozen_layers: usize,
+}
+
+impl Default for TransformerConfig {
+    fn default() -> Self {
+        Self {
+            model: "all-minilm-l6-v2".into(),
+            max_len: 128,
+            lr: 5e-5,
+            weight_decay: 0.01,
+            freeze_embeddings: true,
+            frozen_layers: 0,
+        }
+    }
+}
+
+/// The embedding-head student: frozen encoder, online softmax regression on
+/// its normalised mean-pooled embedding.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddingHeadConfig {
+    pub model: String,
+    pub max_len: usize,
+    /// AdaGrad step size of the head.
+    pub lr: f32,
+    pub l2: f32,
+    /// Where embeddings are kept across runs (one file per model and max_len);
+    /// none keeps them in memory only.
+    pub cache_dir: Option<String>,
+}
+
+impl Default for EmbeddingHeadConfig {
+    fn default() -> Self {
+        Self {
+            model: "all-minilm-l6-v2".into(),
+            max_len: 256,
+            lr: 0.5,
+            l2: 1e-5,
+            cache_dir: None,
+        }
+    }
+}
+
 fn default_seed() -> u64 {
     42
 }
@@ -158,7 +225,33 @@ impl LevelConfig {
     pub fn name(&self) -> String {
         self.name.clone().unwrap_or_else(|| match self.kind {
             StudentKind::Logreg => "lr".into(),
+            StudentKind::Transformer => "transformer".into(),
+            StudentKind::EmbeddingHead => "embedding_head".into(),
         })
+    }
+
+    /// The model folder this level loads, if any.
+    pub fn model(&self) -> Option<&str> {
+        match self.kind {
+            StudentKind::Logreg => None,
+            StudentKind::Transformer => Some(&self.transformer.model),
+            StudentKind::EmbeddingHead => Some(&self.embedding_head.model),
+        }
+    }
+
+    /// Points a model name at `models_dir/<name>` unless it already names a folder.
+    pub fn resolve_model(&mut self, models_dir: &std::path::Path) {
+        let model = match self.kind {
+            StudentKind::Logreg => return,
+            StudentKind::Transformer => &mut self.transformer.model,
+            StudentKind::EmbeddingHead => &mut self.embedding_head.model,
+        };
+        if !std::path::Path::new(model.as_str()).is_dir() {
+            *model = models_dir
+                .join(model.as_str())
+                .to_string_lossy()
+                .into_owned();
+        }
     }
 
     pub fn batch(&self) -> usize {

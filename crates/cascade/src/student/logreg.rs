@@ -1,9 +1,10 @@
 //! Multinomial logistic regression on hashed TF-IDF features, trained online by
 //! a per-coordinate adaptive optimiser.
 
-use super::features::{HashedTfidf, SparseVector};
+use super::features::HashedTfidf;
+use super::softmax_regression::SoftmaxRegression;
 use super::{Demonstration, Student, StudentError};
-use crate::config::{IdfMode, LogRegConfig, Optimizer};
+use crate::config::{IdfMode, LogRegConfig};
 
 pub struct LogReg {
     name: String,
@@ -11,100 +12,24 @@ pub struct LogReg {
     labels: usize,
     features: HashedTfidf,
     idf: IdfMode,
-    optimizer: Optimizer,
-    lr: f32,
-    l2: f32,
-    /// Row-major `(buckets + 1) × labels`; the last row is the bias.
-    weights: Vec<f32>,
-    /// Per-coordinate optimiser state (AdaGrad: Σg²; Adam: m, v; FTRL: z, n).
-    state_a: Vec<f32>,
-    state_b: Vec<f32>,
-    steps: u64,
+    model: SoftmaxRegression,
 }
-
-const ADAM_BETA1: f32 = 0.9;
-const ADAM_BETA2: f32 = 0.999;
-const EPSILON: f32 = 1e-8;
-const FTRL_BETA: f32 = 1.0;
 
 impl LogReg {
     pub fn new(name: impl Into<String>, cost: f64, labels: usize, config: &LogRegConfig) -> Self {
-        let size = (config.buckets + 1) * labels;
-        let state_b_size = match config.optimizer {
-            Optimizer::Adagrad => 0,
-            Optimizer::Adam | Optimizer::Ftrl => size,
-        };
         Self {
             name: name.into(),
             cost,
             labels,
             features: HashedTfidf::new(config.buckets, config.ngrams),
             idf: config.idf,
-            optimizer: config.optimizer,
-            lr: config.lr,
-            l2: config.l2,
-            weights: vec![0.0; size],
-            state_a: vec![0.0; size],
-            state_b: vec![0.0; state_b_size],
-            steps: 0,
-        }
-    }
-
-    fn probabilities(&self, x: &SparseVector) -> Vec<f32> {
-        let bias_row = self.features.buckets() * self.labels;
-        let mut logits = self.weights[bias_row..bias_row + self.labels].to_vec();
-        for &(bucket, value) in x {
-            let row = &self.weights[bucket as usize * self.labels..][..self.labels];
-            for (logit, w) in logits.iter_mut().zip(row) {
-                *logit += value * w;
-            }
-        }
-        softmax(&mut logits);
-        logits
-    }
-
-    fn step(&mut self, text: &str, label: usize) {
-        let x = self.features.transform(text);
-        let p = self.probabilities(&x);
-        self.steps += 1;
-        let bias = self.features.buckets() as u32;
-        for (bucket, value) in x.into_iter().chain(std::iter::once((bias, 1.0))) {
-            let l2 = if bucket == bias { 0.0 } else { self.l2 };
-            for (class, &prob) in p.iter().enumerate() {
-                let target = if class == label { 1.0 } else { 0.0 };
-                let index = bucket as usize * self.labels + class;
-                let grad = value * (prob - target) + l2 * self.weights[index];
-                self.update(index, grad);
-            }
-        }
-    }
-
-    fn update(&mut self, i: usize, g: f32) {
-        match self.optimizer {
-            Optimizer::Adagrad => {
-                self.state_a[i] += g * g;
-                self.weights[i] -= self.lr * g / (self.state_a[i].sqrt() + EPSILON);
-            }
-            Optimizer::Adam => {
-                // Lazy Adam: only the coordinates of this example move.
-                let t = self.steps as i32;
-                let m = &mut self.state_a[i];
-                *m = ADAM_BETA1 * *m + (1.0 - ADAM_BETA1) * g;
-                let v = &mut self.state_b[i];
-                *v = ADAM_BETA2 * *v + (1.0 - ADAM_BETA2) * g * g;
-                let m_hat = self.state_a[i] / (1.0 - ADAM_BETA1.powi(t));
-                let v_hat = self.state_b[i] / (1.0 - ADAM_BETA2.powi(t));
-                self.weights[i] -= self.lr * m_hat / (v_hat.sqrt() + EPSILON);
-            }
-            Optimizer::Ftrl => {
-                // FTRL-Proximal (McMahan et al. 2013) with alpha = lr and no L1.
-                let n = self.state_b[i];
-                let sigma = ((n + g * g).sqrt() - n.sqrt()) / self.lr;
-                self.state_a[i] += g - sigma * self.weights[i];
-                self.state_b[i] = n + g * g;
-                let z = self.state_a[i];
-                self.weights[i] = -z / ((FTRL_BETA + self.state_b[i].sqrt()) / self.lr + self.l2);
-            }
+            model: SoftmaxRegression::new(
+                config.buckets,
+                labels,
+                config.optimizer,
+                config.lr,
+                config.l2,
+            ),
         }
     }
 }
@@ -121,7 +46,7 @@ impl Student for LogReg {
     fn predict_proba(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>, StudentError> {
         Ok(texts
             .iter()
-            .map(|text| self.probabilities(&self.features.transform(text)))
+            .map(|text| self.model.probabilities(&self.features.transform(text)))
             .collect())
     }
 
@@ -133,7 +58,8 @@ impl Student for LogReg {
                     reason: format!("label {} out of range 0..{}", demo.label, self.labels),
                 });
             }
-            self.step(demo.text, demo.label);
+            self.model
+                .step(&self.features.transform(demo.text), demo.label);
         }
         Ok(())
     }
@@ -149,19 +75,10 @@ impl Student for LogReg {
     }
 }
 
-pub(crate) fn softmax(logits: &mut [f32]) {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for l in logits.iter_mut() {
-        *l = (*l - max).exp();
-        sum += *l;
-    }
-    logits.iter_mut().for_each(|l| *l /= sum);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Optimizer;
 
     fn config(optimizer: Optimizer) -> LogRegConfig {
         LogRegConfig {
@@ -228,12 +145,5 @@ mod tests {
             }])
             .unwrap_err();
         assert!(err.to_string().contains("out of range"));
-    }
-
-    #[test]
-    fn softmax_is_stable_for_large_logits() {
-        let mut l = [1000.0, 999.0];
-        softmax(&mut l);
-        assert!((l[0] + l[1] - 1.0).abs() < 1e-6 && l[0] > l[1]);
     }
 }

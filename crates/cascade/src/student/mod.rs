@@ -2,6 +2,7 @@
 
 pub mod features;
 pub mod logreg;
+pub mod softmax_regression;
 pub mod transformer;
 
 use thiserror::Error;
@@ -41,4 +42,10 @@ pub trait Student: Send {
     /// Fits corpus statistics on the whole stream before it starts. This looks
     /// ahead, so only students configured for it (the authors' `prefit` IDF) use it.
     fn prefit(&mut self, _corpus: &[&str]) {}
+
+    /// Batch work ahead of the stream that can change no decision, such as
+    /// filling an embedding cache. Most students ignore it.
+    fn precompute(&mut self, _texts: &[&str]) -> Result<(), StudentError> {
+        Ok(())
+    }
 }

@@ -186,6 +186,7 @@ fn gelu_derivative(x: f32) -> f32 {
 /// e^x with a relative error below 3e-7, written without branches or calls so
 /// loops over it vectorise (libm's `expf` costs ~3 ns an element here).
 #[inline(always)]
+#[allow(clippy::manual_clamp)] // clamp passes NaN through, and NaN would make the int conversion below UB
 pub fn fast_exp(x: f32) -> f32 {
     let x = x.max(-87.0).min(88.0);
     let n = (x * std::f32::consts::LOG2_E + 0.5).floor();

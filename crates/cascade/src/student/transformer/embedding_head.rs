@@ -1,0 +1,303 @@
+//! The `embedding_head` student: a frozen encoder's normalised mean-pooled
+//! embedding under an online softmax regression. The encoder never changes,
+//! so each text is encoded once and its embedding cached, in memory and
+//! optionally in a file shared by later runs (replays, mu sweeps).
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+
+use super::{load_model, mean_pool, BertEncoder, TextEncoder, Trainable};
+use crate::config::{EmbeddingHeadConfig, Optimizer};
+use crate::student::features::SparseVector;
+use crate::student::softmax_regression::SoftmaxRegression;
+use crate::student::{Demonstration, Student, StudentError};
+
+/// Texts encoded per forward pass when filling the cache.
+const ENCODE_BATCH: usize = 32;
+
+pub struct EmbeddingHead {
+    name: String,
+    cost: f64,
+    labels: usize,
+    encoder: BertEncoder,
+    text: TextEncoder,
+    cache: EmbeddingCache,
+    head: SoftmaxRegression,
+    device: Device,
+}
+
+impl EmbeddingHead {
+    pub fn new(
+        name: impl Into<String>,
+        cost: f64,
+        labels: usize,
+        config: &EmbeddingHeadConfig,
+    ) -> Result<Self, StudentError> {
+        let name = name.into();
+        let dir = Path::new(&config.model);
+        let (encoder, text) = load_model(&name, dir, config.max_len, Trainable::NONE)?;
+        let dim = encoder.config().hidden_size;
+        let cache = match &config.cache_dir {
+            None => EmbeddingCache::in_memory(dim),
+            Some(cache_dir) => {
+                EmbeddingCache::open(Path::new(cache_dir), &model_key(dir, config.max_len), dim)
+                    .map_err(|e| StudentError::Failed {
+                        student: name.clone(),
+                        reason: format!("embedding cache in {cache_dir}: {e}"),
+                    })?
+            }
+        };
+        Ok(Self {
+            name,
+            cost,
+            labels,
+            encoder,
+            text,
+            cache,
+            head: SoftmaxRegression::new(dim, labels, Optimizer::Adagrad, config.lr, config.l2),
+            device: Device::Cpu,
+        })
+    }
+
+    fn fail(&self, reason: impl ToString) -> StudentError {
+        StudentError::Failed {
+            student: self.name.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// Encodes the texts not yet cached, in length-sorted batches.
+    fn fill_cache(&mut self, texts: &[&str]) -> Result<(), StudentError> {
+        let mut missing: Vec<(usize, Vec<u32>, &str)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for text in texts {
+            if self.cache.get(text).is_none() && seen.insert(*text) {
+                let ids = self.text.token_ids(text).map_err(|e| self.fail(e))?;
+                missing.push((ids.len(), ids, text));
+            }
+        }
+        // Similar lengths together: less padding.
+        missing.sort_by_key(|(len, _, _)| *len);
+        for chunk in missing.chunks(ENCODE_BATCH) {
+            let rows: Vec<Vec<u32>> = chunk.iter().map(|(_, ids, _)| ids.clone()).collect();
+            let batch = super::tokenize::pad_batch(&rows, self.text.pad_id(), &self.device)
+                .map_err(|e| self.fail(e))?;
+            let embeddings = self
+                .encode(&batch.ids, &batch.mask)
+                .map_err(|e| self.fail(e))?;
+            for ((_, _, text), embedding) in chunk.iter().zip(embeddings) {
+                self.cache
+                    .insert(text, embedding)
+                    .map_err(|e| self.fail(e))?;
+            }
+        }
+        self.cache.flush().map_err(|e| self.fail(e))
+    }
+
+    fn encode(&self, ids: &Tensor, mask: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
+        let pooled = mean_pool(&self.encoder.forward(ids, mask)?, mask)?;
+        let norms = pooled
+            .sqr()?
+            .sum_keepdim(1)?
+            .sqrt()?
+            .clamp(1e-12, f64::MAX)?;
+        pooled.broadcast_div(&norms)?.to_vec2()
+    }
+
+    fn features(&self, text: &str) -> Result<SparseVector, StudentError> {
+        let embedding = self
+            .cache
+            .get(text)
+            .ok_or_else(|| self.fail("embedding missing"))?;
+        Ok(embedding
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (i as u32, *v))
+            .collect())
+    }
+}
+
+impl Student for EmbeddingHead {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn cost(&self) -> f64 {
+        self.cost
+    }
+
+    fn predict_proba(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>, StudentError> {
+        self.fill_cache(texts)?;
+        texts
+            .iter()
+            .map(|text| Ok(self.head.probabilities(&self.features(text)?)))
+            .collect()
+    }
+
+    fn learn(&mut self, batch: &[Demonstration<'_>]) -> Result<(), StudentError> {
+        if let Some(bad) = batch.iter().find(|d| d.label >= self.labels) {
+            return Err(self.fail(format!(
+                "label {} out of range 0..{}",
+                bad.label, self.labels
+            )));
+        }
+        let texts: Vec<&str> = batch.iter().map(|d| d.text).collect();
+        self.fill_cache(&texts)?;
+        for demo in batch {
+            let x = self.features(demo.text)?;
+            self.head.step(&x, demo.label);
+        }
+        Ok(())
+    }
+
+    fn precompute(&mut self, texts: &[&str]) -> Result<(), StudentError> {
+        self.fill_cache(texts)
+    }
+}
+
+/// A file name per model folder and length limit.
+fn model_key(dir: &Path, max_len: usize) -> String {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let size = std::fs::metadata(dir.join("model.safetensors"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let fingerprint = text_key(&format!("{}:{size}", canonical.display()));
+    format!("{name}-len{max_len}-{:016x}", fingerprint as u64)
+}
+
+/// 128-bit key of a text: two 64-bit FNV-1a hashes with different offsets.
+fn text_key(text: &str) -> u128 {
+    let hash = |offset: u64| {
+        text.bytes().fold(offset, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    };
+    ((hash(0xcbf2_9ce4_8422_2325) as u128) << 64) | hash(0x84222325cbf29ce4) as u128
+}
+
+/// Embeddings by text, in memory and optionally appended to a file of
+/// `(key: u128 LE, dim × f32 LE)` records. A torn last record (a crash during
+/// a write) is dropped when the file is opened.
+pub struct EmbeddingCache {
+    dim: usize,
+    map: HashMap<u128, Arc<[f32]>>,
+    file: Option<(PathBuf, BufWriter<File>)>,
+}
+
+impl EmbeddingCache {
+    pub fn in_memory(dim: usize) -> Self {
+        Self {
+            dim,
+            map: HashMap::new(),
+            file: None,
+        }
+    }
+
+    pub fn open(dir: &Path, key: &str, dim: usize) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(format!("{key}.emb"));
+        let mut map = HashMap::new();
+        let record = 16 + 4 * dim;
+        if path.exists() {
+            let mut bytes = Vec::new();
+            File::open(&path)?.read_to_end(&mut bytes)?;
+            let whole = bytes.len() / record * record;
+            for chunk in bytes[..whole].chunks_exact(record) {
+                let key = u128::from_le_bytes(chunk[..16].try_into().expect("16 bytes"));
+                let values: Vec<f32> = chunk[16..]
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+                    .collect();
+                map.insert(key, values.into());
+            }
+            if whole != bytes.len() {
+                OpenOptions::new()
+                    .write(true)
+                    .open(&path)?
+                    .set_len(whole as u64)?;
+            }
+        }
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        Ok(Self {
+            dim,
+            map,
+            file: Some((path, BufWriter::new(file))),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn get(&self, text: &str) -> Option<&[f32]> {
+        self.map.get(&text_key(text)).map(|v| &v[..])
+    }
+
+    pub fn insert(&mut self, text: &str, embedding: Vec<f32>) -> std::io::Result<()> {
+        if embedding.len() != self.dim {
+            return Err(std::io::Error::other(format!(
+                "embedding of size {} in a cache of size {}",
+                embedding.len(),
+                self.dim
+            )));
+        }
+        let key = text_key(text);
+        if let Some((_, writer)) = &mut self.file {
+            writer.write_all(&key.to_le_bytes())?;
+            for v in &embedding {
+                writer.write_all(&v.to_le_bytes())?;
+            }
+        }
+        self.map.insert(key, embedding.into());
+        Ok(())
+    }
+
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        match &mut self.file {
+            Some((_, writer)) => writer.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_survives_reopening_and_drops_a_torn_record() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut cache = EmbeddingCache::open(dir.path(), "m", 3).unwrap();
+            cache.insert("a", vec![1.0, 2.0, 3.0]).unwrap();
+            cache.insert("b", vec![4.0, 5.0, 6.0]).unwrap();
+            cache.flush().unwrap();
+        }
+        let path = dir.path().join("m.emb");
+        // A crash mid-write leaves half a record.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&[1, 2, 3, 4, 5]).unwrap();
+        drop(f);
+        let mut cache = EmbeddingCache::open(dir.path(), "m", 3).unwrap();
+        assert_eq!(cache.len(), 2);
+        assert_eq!(cache.get("b").unwrap(), &[4.0, 5.0, 6.0]);
+        assert!(cache.get("c").is_none());
+        cache.insert("c", vec![0.0; 3]).unwrap();
+        cache.flush().unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 3 * (16 + 12));
+        assert!(cache.insert("d", vec![0.0; 2]).is_err());
+    }
+}

@@ -1,0 +1,143 @@
+//! The `transformer` student: a BERT-family encoder fine-tuned online with a
+//! linear head on its mean-pooled output, by AdamW on each full cache.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::{load_model, mean_pool, AdamW, AdamWConfig, BertEncoder, TextEncoder, Trainable};
+use crate::config::TransformerConfig;
+use crate::student::{Demonstration, Student, StudentError};
+
+pub struct FineTuned {
+    name: String,
+    cost: f64,
+    labels: usize,
+    encoder: BertEncoder,
+    text: TextEncoder,
+    head_w: Var,
+    head_b: Var,
+    optimizer: AdamW,
+    device: Device,
+}
+
+impl FineTuned {
+    /// The head is initialised from `seed`, so runs are reproducible.
+    pub fn new(
+        name: impl Into<String>,
+        cost: f64,
+        labels: usize,
+        config: &TransformerConfig,
+        seed: u64,
+    ) -> Result<Self, StudentError> {
+        let name = name.into();
+        let trainable = Trainable {
+            enabled: true,
+            embeddings: !config.freeze_embeddings,
+            frozen_layers: config.frozen_layers,
+        };
+        let device = Device::Cpu;
+        let (encoder, text) =
+            load_model(&name, Path::new(&config.model), config.max_len, trainable)?;
+        let hidden = encoder.config().hidden_size;
+        // PyTorch's Linear init: uniform in ±1/√fan_in.
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let bound = 1.0 / (hidden as f32).sqrt();
+        let w: Vec<f32> = (0..hidden * labels)
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        let b: Vec<f32> = (0..labels)
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        let fail = |e: candle_core::Error| StudentError::Failed {
+            student: name.clone(),
+            reason: e.to_string(),
+        };
+        let head_w =
+            Var::from_tensor(&Tensor::from_vec(w, (hidden, labels), &device).map_err(fail)?)
+                .map_err(fail)?;
+        let head_b =
+            Var::from_tensor(&Tensor::from_vec(b, labels, &device).map_err(fail)?).map_err(fail)?;
+        let mut vars: Vec<Var> = encoder.vars().iter().map(|(_, v)| v.clone()).collect();
+        vars.extend([head_w.clone(), head_b.clone()]);
+        let optimizer = AdamW::new(
+            vars,
+            AdamWConfig {
+                lr: config.lr,
+                weight_decay: config.weight_decay,
+                ..AdamWConfig::default()
+            },
+        );
+        Ok(Self {
+            name,
+            cost,
+            labels,
+            encoder,
+            text,
+            head_w,
+            head_b,
+            optimizer,
+            device,
+        })
+    }
+
+    fn logits(&self, texts: &[&str]) -> Result<Tensor, StudentError> {
+        let batch = self
+            .text
+            .batch(texts, &self.device)
+            .map_err(|e| self.fail(e))?;
+        let run = || -> candle_core::Result<Tensor> {
+            let hidden = self.encoder.forward(&batch.ids, &batch.mask)?;
+            let pooled = mean_pool(&hidden, &batch.mask)?;
+            pooled
+                .matmul(self.head_w.as_tensor())?
+                .broadcast_add(self.head_b.as_tensor())
+        };
+        run().map_err(|e| self.fail(e))
+    }
+
+    fn fail(&self, reason: impl ToString) -> StudentError {
+        StudentError::Failed {
+            student: self.name.clone(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+impl Student for FineTuned {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn cost(&self) -> f64 {
+        self.cost
+    }
+
+    fn predict_proba(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>, StudentError> {
+        let logits = self.logits(texts)?.detach();
+        candle_nn::ops::softmax_last_dim(&logits)
+            .and_then(|p| p.to_vec2::<f32>())
+            .map_err(|e| self.fail(e))
+    }
+
+    fn learn(&mut self, batch: &[Demonstration<'_>]) -> Result<(), StudentError> {
+        if let Some(bad) = batch.iter().find(|d| d.label >= self.labels) {
+            return Err(self.fail(format!(
+                "label {} out of range 0..{}",
+                bad.label, self.labels
+            )));
+        }
+        let texts: Vec<&str> = batch.iter().map(|d| d.text).collect();
+        let labels: Vec<u32> = batch.iter().map(|d| d.label as u32).collect();
+        let logits = self.logits(&texts)?;
+        let step = || -> candle_core::Result<()> {
+            let labels = Tensor::from_vec(labels, texts.len(), &self.device)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+            let grads = loss.backward()?;
+            self.optimizer.step(&grads)
+        };
+        step().map_err(|e| self.fail(e))
+    }
+}
