@@ -8,8 +8,9 @@ use cascade::config::StudentKind;
 use cascade::{AnsweredBy, Cascade, CascadeConfig, Metrics, Outcome, Routing, Summary, Task};
 use cascade_expert::{read_labels, Dataset, Item, StreamOrder};
 use clap::{Args, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+
+use crate::progress::Progress;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -98,7 +99,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         None => None,
     };
 
-    let progress = progress_bar(stream.len() as u64);
+    let mut progress = Progress::new(stream.len() as u64, "items");
     for (position, item) in stream.iter().enumerate() {
         let record = match &mut cascade {
             None => ItemRecord::llm(item),
@@ -114,7 +115,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             progress.set_message(format!("LLM calls {:.1}%", 100.0 * calls));
         }
     }
-    progress.finish_and_clear();
+    progress.finish();
     if let Some(log) = log {
         log.finish()?;
     }
@@ -207,13 +208,12 @@ fn build_cascade(args: &BenchArgs, task: &Task, stream: &[&Item]) -> Result<Casc
         .any(|level| level.kind == StudentKind::EmbeddingHead)
     {
         // Encode the stream once up front, in batches; this changes no decision.
-        let progress = progress_bar(corpus.len() as u64);
-        progress.set_message("encoding embeddings");
+        let mut progress = Progress::new(corpus.len() as u64, "texts embedded");
         for chunk in corpus.chunks(512) {
             cascade.precompute(chunk)?;
             progress.inc(chunk.len() as u64);
         }
-        progress.finish_and_clear();
+        progress.finish();
     }
     Ok(cascade)
 }
@@ -311,16 +311,6 @@ impl ItemLog {
         self.writer.flush()?;
         Ok(())
     }
-}
-
-fn progress_bar(len: u64) -> ProgressBar {
-    let bar = ProgressBar::new(len);
-    if let Ok(style) =
-        ProgressStyle::with_template("{bar:40} {pos}/{len} items {per_sec} eta {eta} {msg}")
-    {
-        bar.set_style(style);
-    }
-    bar
 }
 
 fn print_table(data: &Path, s: &Summary) {

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_encoder;
+mod progress;
 
 use std::process::ExitCode;
 

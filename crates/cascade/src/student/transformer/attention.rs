@@ -330,4 +330,24 @@ mod tests {
             .unwrap();
         assert!(padded.to_scalar::<f32>().unwrap() < 1e-6);
     }
+
+    #[test]
+    fn masked_keys_get_exactly_zero_weight() {
+        // A padded value of 1e38 shows any leftover weight: e^-87 ≈ 1.6e-38
+        // times 1e38 is 1.6, far from 0. Such tiny weights are also what made
+        // padded backward passes crawl through subnormal arithmetic.
+        let shape = [1, 1, 3, 2];
+        let (q, k) = (values(&shape, 1), values(&shape, 2));
+        let v = Tensor::new(&[[[[1f32, 1.], [1., 1.], [1e38, 1e38]]]], &Device::Cpu).unwrap();
+        let mask = Tensor::new(&[[0f32, 0., -1e9]], &Device::Cpu).unwrap();
+        let out: Vec<f32> = attention(&q, &k, &v, &mask, 1.0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for x in out {
+            assert!((x - 1.0).abs() < 1e-6, "masked value leaked: {x}");
+        }
+    }
 }

@@ -166,7 +166,7 @@ impl Linear {
 
     /// `x (rows, in) → (rows, out)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+        super::linear::linear(x, &self.weight, &self.bias)
     }
 }
 
@@ -363,11 +363,10 @@ impl BertEncoder {
                     .transpose(1, 2)?
                     .contiguous()
             };
-            // Scaling q before the product is cheaper than scaling the scores.
-            let q = split_heads((layer.query.forward(&x)? * scale)?)?;
+            let q = split_heads(layer.query.forward(&x)?)?;
             let k = split_heads(layer.key.forward(&x)?)?;
             let v = split_heads(layer.value.forward(&x)?)?;
-            let context = attention(&q, &k, &v, &mask_bias, 1.0)?
+            let context = attention(&q, &k, &v, &mask_bias, scale)?
                 .transpose(1, 2)?
                 .contiguous()?
                 .reshape((batch * seq, h))?;

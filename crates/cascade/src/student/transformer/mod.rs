@@ -5,6 +5,7 @@ pub mod attention;
 pub mod bert;
 pub mod embedding_head;
 pub mod finetune;
+pub mod linear;
 pub mod ops;
 pub mod optim;
 pub mod tokenize;
