@@ -416,4 +416,21 @@ mod tests {
         let err = CascadeConfig::from_toml("mu = 1e-3\nlevels = []").unwrap_err();
         assert!(err.to_string().contains("`levels`"), "{err}");
     }
+
+    #[test]
+    fn every_shipped_config_parses_and_validates() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                if let Err(e) = CascadeConfig::from_toml(&text) {
+                    panic!("{}: {e}", path.display());
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked >= 9, "only {checked} configs in {}", dir.display());
+    }
 }

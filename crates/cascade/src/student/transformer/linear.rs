@@ -86,7 +86,15 @@ impl CustomOp3 for Linear {
         // Frozen weights are no variables; skip their (rows-sized) products.
         let dx = x.track_op().then(|| grad.matmul(weight)).transpose()?;
         let dw = weight.track_op().then(|| grad.t()?.matmul(x)).transpose()?;
-        let db = bias.track_op().then(|| grad.sum(0)).transpose()?;
+        // Column sums as a gemm: candle's sum over dim 0 walks the rows with a
+        // stride and cost 7% of a training step.
+        let db = bias
+            .track_op()
+            .then(|| {
+                let ones = Tensor::ones((1, grad.dim(0)?), grad.dtype(), grad.device())?;
+                ones.matmul(grad)?.squeeze(0)
+            })
+            .transpose()?;
         Ok((dx, dw, db))
     }
 }
