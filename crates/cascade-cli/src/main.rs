@@ -25,7 +25,21 @@ enum Command {
     BenchEncoder(bench_encoder::BenchEncoderArgs),
 }
 
+/// glibc hands large freed blocks back to the OS and page-faults fresh ones in
+/// for every tensor; keeping them mapped made the MiniLM forward pass ~11%
+/// faster (16×256: 0.62 vs 0.69 s) and a training step ~22% faster (8×256:
+/// 1.11 vs 1.45 s), alternating A/B, for +5% peak RSS.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // Safety: mallopt only changes allocator tuning; called before any threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 fn main() -> ExitCode {
+    keep_freed_memory();
     let result = match Cli::parse().command {
         Command::Bench(args) => bench::run(&args),
         Command::BenchEncoder(args) => bench_encoder::run(&args),
