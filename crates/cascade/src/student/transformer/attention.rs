@@ -13,7 +13,10 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::ops::{dot, f32_slice, softmax_in_place};
+use super::ops::{dot, f32_slice, matmul, softmax_in_place};
+
+/// Each (batch, head) pair is one Rayon task, so its gemm calls stay single-threaded.
+const SERIAL: Parallelism = Parallelism::None;
 
 /// `q, k, v`: `(batch, heads, seq, head_dim)`; `mask_bias`: `(batch, seq)`,
 /// added to every query's scores (0 for tokens, very negative for padding).
@@ -62,53 +65,11 @@ impl Dims {
     }
 }
 
-/// `c (m×n, row-major) = [c +] alpha · a · b`, with arbitrary strides for a and b.
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    (m, n, k): (usize, usize, usize),
-    a: &[f32],
-    (a_rs, a_cs): (usize, usize),
-    b: &[f32],
-    (b_rs, b_cs): (usize, usize),
-    c: &mut [f32],
-    accumulate: bool,
-    alpha: f32,
-) {
-    assert!(m > 0 && n > 0 && k > 0);
-    assert!((m - 1) * a_rs + (k - 1) * a_cs < a.len());
-    assert!((k - 1) * b_rs + (n - 1) * b_cs < b.len());
-    assert!(m * n <= c.len());
-    // Safety: the asserts keep every access inside the slices; c does not alias a or b.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            1.0,
-            alpha,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
-    }
-}
-
 /// Scores then probabilities of one head into `p` (seq × seq).
 fn probabilities(q: &[f32], k: &[f32], mask: &[f32], scale: f32, d: Dims, p: &mut [f32]) {
     let (s, h) = (d.seq, d.dim);
     // P = scale · Q · Kᵀ
-    matmul((s, s, h), q, (h, 1), k, (1, h), p, false, scale);
+    matmul((s, s, h), q, (h, 1), k, (1, h), p, false, scale, SERIAL);
     for row in p.chunks_mut(s) {
         for (x, m) in row.iter_mut().zip(mask) {
             *x += m;
@@ -158,6 +119,7 @@ impl CustomOp3 for Attention {
                     o,
                     false,
                     1.0,
+                    SERIAL,
                 );
             },
         );
@@ -236,9 +198,9 @@ impl CustomOp3 for AttentionBackward {
                     );
                     probabilities(q, k, mask, self.scale, d, p);
                     // dV = Pᵀ · dO
-                    matmul((s, h, s), p, (1, s), g, (h, 1), dv, false, 1.0);
+                    matmul((s, h, s), p, (1, s), g, (h, 1), dv, false, 1.0, SERIAL);
                     // dP = dO · Vᵀ
-                    matmul((s, s, h), g, (h, 1), v, (1, h), dp, false, 1.0);
+                    matmul((s, s, h), g, (h, 1), v, (1, h), dp, false, 1.0, SERIAL);
                     // dS = P ∘ (dP − rowsum(dP ∘ P)), in place in dp
                     for (dp_row, p_row) in dp.chunks_mut(s).zip(p.chunks(s)) {
                         let total = dot(dp_row, p_row);
@@ -247,8 +209,28 @@ impl CustomOp3 for AttentionBackward {
                         }
                     }
                     // dQ = scale · dS · K;  dK = scale · dSᵀ · Q
-                    matmul((s, h, s), dp, (s, 1), k, (h, 1), dq, false, self.scale);
-                    matmul((s, h, s), dp, (1, s), q, (h, 1), dk, false, self.scale);
+                    matmul(
+                        (s, h, s),
+                        dp,
+                        (s, 1),
+                        k,
+                        (h, 1),
+                        dq,
+                        false,
+                        self.scale,
+                        SERIAL,
+                    );
+                    matmul(
+                        (s, h, s),
+                        dp,
+                        (1, s),
+                        q,
+                        (h, 1),
+                        dk,
+                        false,
+                        self.scale,
+                        SERIAL,
+                    );
                 },
             );
         let dims = l1.dims();

@@ -6,7 +6,7 @@
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 
-use super::ops::f32_slice;
+use super::ops::{f32_slice, matmul};
 
 /// `x (rows, in)`, `weight (out, in)` as checkpoints store it, `bias (out)` → `(rows, out)`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
@@ -46,31 +46,19 @@ impl CustomOp3 for Linear {
             y.extend_from_slice(b);
         }
         if rows > 0 && out > 0 && inner > 0 {
-            // Safety: y is rows×out, x rows×inner and w out×inner, all contiguous
-            // row-major with the strides given; y aliases neither input.
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    out,
-                    inner,
-                    y.as_mut_ptr(),
-                    1,
-                    out as isize,
-                    true,
-                    x.as_ptr(),
-                    1,
-                    inner as isize,
-                    w.as_ptr(),
-                    inner as isize,
-                    1,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::Rayon(rayon::current_num_threads()),
-                );
-            }
+            // y += x · wᵀ: wᵀ is w read with swapped strides.
+            let threads = Parallelism::Rayon(rayon::current_num_threads());
+            matmul(
+                (rows, out, inner),
+                x,
+                (inner, 1),
+                w,
+                (1, inner),
+                &mut y,
+                true,
+                1.0,
+                threads,
+            );
         }
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }

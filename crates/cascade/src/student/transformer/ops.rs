@@ -8,6 +8,7 @@
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
 };
+use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// Rows per parallel task: small rows are batched so threads get real work.
@@ -21,6 +22,49 @@ pub(crate) fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
         None => bail!("fused ops need contiguous inputs"),
+    }
+}
+
+/// `c (m×n, row-major) = [c +] alpha · a · b`, with arbitrary strides for a and b.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul(
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    (b_rs, b_cs): (usize, usize),
+    c: &mut [f32],
+    accumulate: bool,
+    alpha: f32,
+    parallelism: Parallelism,
+) {
+    assert!(m > 0 && n > 0 && k > 0);
+    assert!((m - 1) * a_rs + (k - 1) * a_cs < a.len());
+    assert!((k - 1) * b_rs + (n - 1) * b_cs < b.len());
+    assert!(m * n <= c.len());
+    // Safety: the asserts keep every access inside the slices; c does not alias a or b.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            parallelism,
+        );
     }
 }
 
