@@ -5,6 +5,7 @@
 #
 #   scripts/setup.sh            # all default models
 #   scripts/setup.sh minilm     # only the MiniLM encoder
+#   scripts/setup.sh font       # only the figures' font
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -76,8 +77,27 @@ setup_minilm() {
     echo "all-minilm-l6-v2: installed in $dest"
 }
 
+# A font for the figures `cascade reproduce` draws (Open Sans, Apache-2.0, from a
+# pure-Python wheel), so no system fonts are needed.
+setup_font() {
+    local dest="$MODELS/fonts"
+    local sha=2ce65f171eb60fc16c15b31fc714cc5735533acb43b0637e5cebb612e2a9ac9c
+    if [[ -f "$dest/.complete" && "$(cat "$dest/.complete")" == "$sha" ]]; then
+        echo "fonts: ready in $dest"
+        return
+    fi
+    local wheel
+    wheel=$(fetch_wheel ttf-opensans 2020.10.30 "$sha")
+    extract "$wheel" ttf_opensans/ttf/ "$dest"
+    [[ -s "$dest/OpenSans-Regular.ttf" ]] || { echo "error: $dest/OpenSans-Regular.ttf missing" >&2; exit 1; }
+    echo "$sha" > "$dest/.complete"
+    echo "fonts: installed in $dest"
+}
+
 what=${1:-all}
 case "$what" in
-    all|minilm) setup_minilm ;;
-    *) echo "usage: $0 [all|minilm]" >&2; exit 2 ;;
+    all) setup_minilm; setup_font ;;
+    minilm) setup_minilm ;;
+    font) setup_font ;;
+    *) echo "usage: $0 [all|minilm|font]" >&2; exit 2 ;;
 esac

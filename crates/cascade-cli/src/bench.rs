@@ -4,11 +4,18 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use cascade::config::StudentKind;
-use cascade::{AnsweredBy, Cascade, CascadeConfig, Metrics, Outcome, Routing, Summary, Task};
+use cascade::config::{LevelConfig, StudentKind};
+use cascade::student::build_student;
+use cascade::{
+    AnsweredBy, Budget, Cascade, CascadeConfig, Demonstration, Metrics, Outcome, Routing, Summary,
+    Task,
+};
 use cascade_expert::{read_labels, Dataset, Item, StreamOrder};
 use clap::{Args, ValueEnum};
-use serde::Serialize;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 
 use crate::progress::Progress;
 
@@ -20,6 +27,9 @@ pub struct BenchArgs {
     /// `test` (split_test_ids.txt, in order), `all` (file order), or a file of ids.
     #[arg(long, default_value = "test")]
     stream: String,
+    /// Replay only the first N items of the stream.
+    #[arg(long)]
+    limit: Option<usize>,
     /// The recorded answer field that plays the LLM.
     #[arg(long, default_value = "gpt35")]
     expert_field: String,
@@ -33,6 +43,14 @@ pub struct BenchArgs {
     /// Overrides the config's mu (larger: fewer LLM calls).
     #[arg(long)]
     mu: Option<f64>,
+    /// End the run with this many LLM calls, warm-up included, by pricing
+    /// deferral online. Overrides the config's `llm_budget`/`llm_rate`. For
+    /// `--baseline distilled`: how many train-half items the LLM labels.
+    #[arg(long, conflicts_with = "llm_rate")]
+    llm_budget: Option<u64>,
+    /// Spend this share of the items on the LLM (for streams of unknown length).
+    #[arg(long)]
+    llm_rate: Option<f64>,
     /// Overrides the config's seed.
     #[arg(long)]
     seed: Option<u64>,
@@ -40,9 +58,16 @@ pub struct BenchArgs {
     #[arg(long, value_enum)]
     baseline: Option<Baseline>,
     /// Online ensemble: each level's fixed probability of answering (one value
-    /// for all levels, or one per level, comma-separated).
+    /// for all levels, or one per level, comma-separated). Ignored under a budget,
+    /// which sets them.
     #[arg(long, value_delimiter = ',', default_value = "0.5")]
     route_prob: Vec<f64>,
+    /// Distilled baseline: the config level to distil (its name). Default: the last.
+    #[arg(long)]
+    level: Option<String>,
+    /// Distilled baseline: passes over the LLM-labelled train items.
+    #[arg(long, default_value_t = 3)]
+    distill_epochs: usize,
     /// Write the summary as JSON here.
     #[arg(long)]
     summary: Option<PathBuf>,
@@ -54,58 +79,198 @@ pub struct BenchArgs {
     models: PathBuf,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum, Serialize, PartialEq)]
+#[derive(Clone, Copy, Debug, ValueEnum, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "kebab-case")]
-enum Baseline {
+pub enum Baseline {
     /// Every item goes to the LLM.
     LlmOnly,
     /// The same online students with fixed routing probabilities and no gates.
     OnlineEnsemble,
+    /// One student trained offline on the LLM's labels of the first
+    /// `--llm-budget` items of split_train_ids.txt, then alone on the stream.
+    Distilled,
 }
 
-#[derive(Serialize)]
-struct Report<'a> {
-    dataset: String,
-    stream: &'a str,
-    expert_field: &'a str,
-    config: Option<String>,
-    baseline: Option<Baseline>,
-    mu: Option<f64>,
-    seed: Option<u64>,
-    #[serde(flatten)]
-    summary: Summary,
-    wall_seconds: f64,
+/// One replay: what `cascade bench` runs and `cascade reproduce` runs many of.
+#[derive(Clone, Debug)]
+pub struct Replay {
+    pub data: PathBuf,
+    pub stream: String,
+    pub limit: Option<usize>,
+    pub expert_field: String,
+    pub config: Option<PathBuf>,
+    pub task: Option<String>,
+    pub mu: Option<f64>,
+    pub llm_budget: Option<u64>,
+    pub llm_rate: Option<f64>,
+    pub seed: Option<u64>,
+    pub baseline: Option<Baseline>,
+    pub route_prob: Vec<f64>,
+    pub level: Option<String>,
+    pub distill_epochs: usize,
+    pub log: Option<PathBuf>,
+    pub models: PathBuf,
 }
+
+impl Replay {
+    /// A gated-cascade replay of the test stream with defaults for the rest.
+    pub fn new(data: PathBuf, config: Option<PathBuf>, models: PathBuf) -> Self {
+        Self {
+            data,
+            stream: "test".into(),
+            limit: None,
+            expert_field: "gpt35".into(),
+            config,
+            task: None,
+            mu: None,
+            llm_budget: None,
+            llm_rate: None,
+            seed: None,
+            baseline: None,
+            route_prob: vec![0.5],
+            level: None,
+            distill_epochs: 3,
+            log: None,
+            models,
+        }
+    }
+}
+
+impl From<&BenchArgs> for Replay {
+    fn from(a: &BenchArgs) -> Self {
+        Self {
+            data: a.data.clone(),
+            stream: a.stream.clone(),
+            limit: a.limit,
+            expert_field: a.expert_field.clone(),
+            config: a.config.clone(),
+            task: a.task.clone(),
+            mu: a.mu,
+            llm_budget: a.llm_budget,
+            llm_rate: a.llm_rate,
+            seed: a.seed,
+            baseline: a.baseline,
+            route_prob: a.route_prob.clone(),
+            level: a.level.clone(),
+            distill_epochs: a.distill_epochs,
+            log: a.log.clone(),
+            models: a.models.clone(),
+        }
+    }
+}
+
+/// Who answered within one window of the stream, and the accuracy so far.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Window {
+    /// Items routed up to the end of this window.
+    pub end: u64,
+    /// Items answered in this window by each level, then the LLM.
+    pub answered: Vec<u64>,
+    /// Accuracy of all answers up to the end of this window.
+    pub running_accuracy: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub dataset: String,
+    pub stream: String,
+    #[serde(default)]
+    pub limit: Option<usize>,
+    pub expert_field: String,
+    pub config: Option<String>,
+    pub baseline: Option<Baseline>,
+    pub mu: Option<f64>,
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub budget: Option<Budget>,
+    /// The budget controller's final price (log-odds of the answer threshold).
+    #[serde(default)]
+    pub budget_price: Option<f64>,
+    /// Items a student answered because the budget was spent.
+    #[serde(default)]
+    pub forced_answers: Option<u64>,
+    /// Items the LLM answered because only they could reach the budget.
+    #[serde(default)]
+    pub forced_deferrals: Option<u64>,
+    /// LLM calls spent before the stream (the distilled baseline's train labels).
+    #[serde(default)]
+    pub offline_llm_calls: u64,
+    #[serde(flatten)]
+    pub summary: Summary,
+    /// Who answered over the stream, in windows of equal length.
+    #[serde(default)]
+    pub timeline: Vec<Window>,
+    pub wall_seconds: f64,
+}
+
+impl Report {
+    /// Every LLM call the run paid for, on the stream and before it.
+    pub fn total_llm_calls(&self) -> u64 {
+        self.summary.llm_calls + self.offline_llm_calls
+    }
+}
+
+/// Windows per timeline.
+const TIMELINE_WINDOWS: usize = 50;
 
 pub fn run(args: &BenchArgs) -> Result<()> {
-    let started = Instant::now();
-    let task = load_task(&args.data, args.task.as_deref())?;
-    let dataset = Dataset::load(&args.data, &task, &args.expert_field)?;
-    let stream = dataset.stream(&StreamOrder::parse(&args.stream))?;
-    if stream.is_empty() {
-        bail!("the stream `{}` has no items", args.stream);
+    let report = replay(&Replay::from(args), true)?;
+    if let Some(path) = &args.summary {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
     }
-    let mut cascade = match args.baseline {
-        Some(Baseline::LlmOnly) => None,
-        _ => Some(build_cascade(args, &task, &stream)?),
+    Ok(())
+}
+
+/// Runs one replay and prints its table when `print` is set.
+pub fn replay(spec: &Replay, print: bool) -> Result<Report> {
+    let started = Instant::now();
+    let task = load_task(&spec.data, spec.task.as_deref())?;
+    let dataset = Dataset::load(&spec.data, &task, &spec.expert_field)?;
+    let mut stream = dataset.stream(&StreamOrder::parse(&spec.stream))?;
+    if let Some(limit) = spec.limit {
+        stream.truncate(limit);
+    }
+    if stream.is_empty() {
+        bail!("the stream `{}` has no items", spec.stream);
+    }
+    let (answerers, offline_calls) = match spec.baseline {
+        Some(Baseline::LlmOnly) => (Answerers::Llm, 0),
+        Some(Baseline::Distilled) => {
+            let (student, calls) = distil(spec, &task, &dataset, &stream)?;
+            (Answerers::Alone(student), calls)
+        }
+        _ => (
+            Answerers::Cascade(Box::new(build_cascade(spec, &task, &stream)?)),
+            0,
+        ),
     };
-    let level_names: Vec<String> = cascade
-        .as_ref()
-        .map(|c| c.level_names().iter().map(|s| s.to_string()).collect())
-        .unwrap_or_default();
+    let mut answerers = answerers;
+    let level_names = answerers.level_names();
     let mut metrics = Metrics::new(level_names.clone(), task.num_labels());
-    let mut log = match &args.log {
+    let mut log = match &spec.log {
         Some(path) => Some(ItemLog::create(path, &level_names)?),
         None => None,
     };
+    let window = stream.len().div_ceil(TIMELINE_WINDOWS);
+    let mut timeline = Vec::new();
+    let mut in_window = vec![0u64; level_names.len() + 1];
 
     let mut progress = Progress::new(stream.len() as u64, "items");
     for (position, item) in stream.iter().enumerate() {
-        let record = match &mut cascade {
-            None => ItemRecord::llm(item),
-            Some(cascade) => step(cascade, item)?,
-        };
+        let record = answerers.answer(item)?;
         metrics.record(record.by, record.prediction, item.gold, Some(item.expert));
+        in_window[match record.by {
+            AnsweredBy::Level(j) => j,
+            AnsweredBy::Llm => level_names.len(),
+        }] += 1;
+        if (position + 1) % window == 0 || position + 1 == stream.len() {
+            timeline.push(Window {
+                end: position as u64 + 1,
+                answered: std::mem::replace(&mut in_window, vec![0; level_names.len() + 1]),
+                running_accuracy: metrics.summary().accuracy,
+            });
+        }
         if let Some(log) = &mut log {
             log.write(position, item, &record, &task)?;
         }
@@ -121,24 +286,224 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
 
     let summary = metrics.summary();
-    print_table(&args.data, &summary);
+    if print {
+        print_table(&spec.data, &summary);
+        if offline_calls > 0 {
+            println!("plus {offline_calls} LLM calls to label the distilled student's train items");
+        }
+    }
+    let cascade = match &answerers {
+        Answerers::Cascade(c) => Some(c),
+        _ => None,
+    };
     let report = Report {
-        dataset: args.data.display().to_string(),
-        stream: &args.stream,
-        expert_field: &args.expert_field,
-        config: args.config.as_ref().map(|p| p.display().to_string()),
-        baseline: args.baseline,
-        mu: cascade.as_ref().map(|c| c.mu()),
-        seed: args.seed,
+        dataset: spec.data.display().to_string(),
+        stream: spec.stream.clone(),
+        limit: spec.limit,
+        expert_field: spec.expert_field.clone(),
+        config: spec.config.as_ref().map(|p| p.display().to_string()),
+        baseline: spec.baseline,
+        mu: cascade.map(|c| c.mu()),
+        seed: spec.seed,
+        budget: cascade.and_then(|c| c.budget()).map(|b| b.budget()),
+        budget_price: cascade.and_then(|c| c.budget()).map(|b| b.price()),
+        forced_answers: cascade.and_then(|c| c.budget()).map(|b| b.forced_answers()),
+        forced_deferrals: cascade
+            .and_then(|c| c.budget())
+            .map(|b| b.forced_deferrals()),
+        offline_llm_calls: offline_calls,
         summary,
+        timeline,
         wall_seconds: started.elapsed().as_secs_f64(),
     };
-    println!("wall time: {:.2} s", report.wall_seconds);
-    if let Some(path) = &args.summary {
-        let json = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
+    if print {
+        println!("wall time: {:.2} s", report.wall_seconds);
     }
-    Ok(())
+    Ok(report)
+}
+
+/// Who answers the stream's items.
+enum Answerers {
+    Llm,
+    Cascade(Box<Cascade>),
+    /// A distilled student answers everything.
+    Alone(Box<dyn cascade::Student>),
+}
+
+impl Answerers {
+    fn level_names(&self) -> Vec<String> {
+        match self {
+            Self::Llm => Vec::new(),
+            Self::Cascade(c) => c.level_names().iter().map(|s| s.to_string()).collect(),
+            Self::Alone(student) => vec![student.name().to_string()],
+        }
+    }
+
+    fn answer(&mut self, item: &Item) -> Result<ItemRecord> {
+        Ok(match self {
+            Self::Llm => ItemRecord::llm(item),
+            Self::Cascade(cascade) => step(cascade, item)?,
+            Self::Alone(student) => {
+                let probs = student.predict_proba(&[&item.text])?;
+                ItemRecord {
+                    by: AnsweredBy::Level(0),
+                    prediction: probs.first().map(|p| cascade::gate::argmax(p)),
+                    gate_outputs: Vec::new(),
+                }
+            }
+        })
+    }
+}
+
+fn read_config(spec: &Replay) -> Result<(CascadeConfig, &Path)> {
+    let path = spec
+        .config
+        .as_deref()
+        .context("--config is required unless --baseline llm-only")?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut config =
+        CascadeConfig::from_toml(&text).with_context(|| format!("in {}", path.display()))?;
+    if let Some(mu) = spec.mu {
+        config.mu = mu;
+    }
+    if let Some(seed) = spec.seed {
+        config.seed = seed;
+    }
+    for level in &mut config.levels {
+        level.resolve_model(&spec.models);
+    }
+    Ok((config, path))
+}
+
+fn build_cascade(spec: &Replay, task: &Task, stream: &[&Item]) -> Result<Cascade> {
+    let (config, path) = read_config(spec)?;
+    let routing = match spec.baseline {
+        Some(Baseline::OnlineEnsemble) => {
+            let levels = config.levels.len();
+            let probs = match spec.route_prob.as_slice() {
+                [p] => vec![*p; levels],
+                many => many.to_vec(),
+            };
+            Routing::Fixed(probs)
+        }
+        _ => Routing::Gated,
+    };
+    let mut cascade = Cascade::new(&config, task.num_labels(), routing)
+        .with_context(|| format!("in {}", path.display()))?;
+    let calls_over_stream = |calls| Budget::Calls {
+        calls,
+        stream_length: stream.len() as u64,
+    };
+    let budget = match (spec.llm_budget, spec.llm_rate) {
+        (Some(calls), _) => Some(calls_over_stream(calls)),
+        (None, Some(rate)) => Some(Budget::Rate(rate)),
+        (None, None) => match (config.llm_budget, config.llm_rate) {
+            (Some(calls), _) => Some(calls_over_stream(calls)),
+            (None, Some(rate)) => Some(Budget::Rate(rate)),
+            (None, None) => None,
+        },
+    };
+    if let Some(budget) = budget {
+        if let Budget::Rate(rate) = budget {
+            if !(rate > 0.0 && rate <= 1.0) {
+                bail!("--llm-rate must be in (0, 1], got {rate}");
+            }
+        }
+        cascade.set_budget(budget, config.budget_step, config.budget_pacing);
+    }
+    let corpus: Vec<&str> = stream.iter().map(|item| item.text.as_str()).collect();
+    cascade.prefit(&corpus);
+    if config.levels.iter().any(uses_embedding_cache) {
+        // Encode the stream once up front, in batches; this changes no decision.
+        let mut progress = Progress::new(corpus.len() as u64, "texts embedded");
+        for chunk in corpus.chunks(512) {
+            cascade.precompute(chunk)?;
+            progress.inc(chunk.len() as u64);
+        }
+        progress.finish();
+    }
+    Ok(cascade)
+}
+
+fn uses_embedding_cache(level: &LevelConfig) -> bool {
+    level.kind == StudentKind::EmbeddingHead
+}
+
+/// The distilled baseline: trains one configured student offline on the LLM's
+/// labels of the first `llm_budget` items of split_train_ids.txt (items the
+/// LLM gave no label teach nothing but were still paid for), in a seeded
+/// shuffled order per epoch. IDF statistics see the train texts only.
+fn distil(
+    spec: &Replay,
+    task: &Task,
+    dataset: &Dataset,
+    stream: &[&Item],
+) -> Result<(Box<dyn cascade::Student>, u64)> {
+    let calls = spec
+        .llm_budget
+        .context("--baseline distilled needs --llm-budget N (train items the LLM labels)")?;
+    let (config, path) = read_config(spec)?;
+    let level = match &spec.level {
+        Some(name) => config
+            .levels
+            .iter()
+            .find(|l| &l.name() == name)
+            .with_context(|| format!("{} has no level named `{name}`", path.display()))?,
+        None => config.levels.last().context("config has no levels")?,
+    };
+    let train_ids = spec.data.join("split_train_ids.txt");
+    let train = dataset.stream(&StreamOrder::Ids(train_ids.clone()))?;
+    if (train.len() as u64) < calls {
+        bail!(
+            "{} lists {} items, fewer than the {calls} to distil from",
+            train_ids.display(),
+            train.len()
+        );
+    }
+    let train = &train[..calls as usize];
+    let mut student = build_student(level, task.num_labels(), config.seed)?;
+    let texts: Vec<&str> = train.iter().map(|i| i.text.as_str()).collect();
+    for text in &texts {
+        student.observe(text);
+    }
+    if uses_embedding_cache(level) {
+        let all: Vec<&str> = texts
+            .iter()
+            .copied()
+            .chain(stream.iter().map(|i| i.text.as_str()))
+            .collect();
+        let mut progress = Progress::new(all.len() as u64, "texts embedded");
+        for chunk in all.chunks(512) {
+            student.precompute(chunk)?;
+            progress.inc(chunk.len() as u64);
+        }
+        progress.finish();
+    }
+    let mut demos: Vec<Demonstration> = train
+        .iter()
+        .filter_map(|item| {
+            item.expert.map(|label| Demonstration {
+                text: &item.text,
+                label,
+            })
+        })
+        .collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+    let batch = level.batch();
+    let mut progress = Progress::new(
+        (spec.distill_epochs * demos.len()) as u64,
+        "distillation examples",
+    );
+    for _ in 0..spec.distill_epochs {
+        demos.shuffle(&mut rng);
+        for chunk in demos.chunks(batch) {
+            student.learn(chunk)?;
+            progress.inc(chunk.len() as u64);
+        }
+    }
+    progress.finish();
+    Ok((student, calls))
 }
 
 /// The task: an explicit preset, the folder's preset, or label names from labels.txt.
@@ -167,55 +532,6 @@ fn load_task(data: &Path, name: Option<&str>) -> Result<Task> {
         );
     }
     Ok(task)
-}
-
-fn build_cascade(args: &BenchArgs, task: &Task, stream: &[&Item]) -> Result<Cascade> {
-    let path = args
-        .config
-        .as_ref()
-        .context("--config is required unless --baseline llm-only")?;
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut config =
-        CascadeConfig::from_toml(&text).with_context(|| format!("in {}", path.display()))?;
-    if let Some(mu) = args.mu {
-        config.mu = mu;
-    }
-    if let Some(seed) = args.seed {
-        config.seed = seed;
-    }
-    for level in &mut config.levels {
-        level.resolve_model(&args.models);
-    }
-    let routing = match args.baseline {
-        Some(Baseline::OnlineEnsemble) => {
-            let levels = config.levels.len();
-            let probs = match args.route_prob.as_slice() {
-                [p] => vec![*p; levels],
-                many => many.to_vec(),
-            };
-            Routing::Fixed(probs)
-        }
-        _ => Routing::Gated,
-    };
-    let mut cascade = Cascade::new(&config, task.num_labels(), routing)
-        .with_context(|| format!("in {}", path.display()))?;
-    let corpus: Vec<&str> = stream.iter().map(|item| item.text.as_str()).collect();
-    cascade.prefit(&corpus);
-    if config
-        .levels
-        .iter()
-        .any(|level| level.kind == StudentKind::EmbeddingHead)
-    {
-        // Encode the stream once up front, in batches; this changes no decision.
-        let mut progress = Progress::new(corpus.len() as u64, "texts embedded");
-        for chunk in corpus.chunks(512) {
-            cascade.precompute(chunk)?;
-            progress.inc(chunk.len() as u64);
-        }
-        progress.finish();
-    }
-    Ok(cascade)
 }
 
 /// What happened to one item.

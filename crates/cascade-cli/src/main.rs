@@ -3,6 +3,8 @@
 mod bench;
 mod bench_encoder;
 mod progress;
+mod report;
+mod reproduce;
 
 use std::process::ExitCode;
 
@@ -23,6 +25,11 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Time the encoder's forward pass and training step (compare with pytorch_minilm.py).
     BenchEncoder(bench_encoder::BenchEncoderArgs),
+    /// Run the paper's Table 1 grid (cascades, baselines, mu sweep, shift) and
+    /// write results.json, table1.md and the figures.
+    Reproduce(reproduce::ReproduceArgs),
+    /// Regenerate table1.md and the figures from a grid's results.json.
+    Report(report::ReportArgs),
 }
 
 /// glibc hands large freed blocks back to the OS and page-faults fresh ones in
@@ -43,6 +50,8 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Bench(args) => bench::run(&args),
         Command::BenchEncoder(args) => bench_encoder::run(&args),
+        Command::Reproduce(args) => reproduce::run(&args),
+        Command::Report(args) => report::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -224,3 +224,103 @@ fn bad_input_gets_clear_errors() {
     ]);
     assert!(err.contains("split_test_ids.txt"), "{err}");
 }
+
+#[test]
+fn llm_budget_lands_within_two_percent_on_every_dataset() {
+    for (name, config, budgets) in [
+        ("imdb", "configs/imdb-lr.toml", [1300, 3800, 5200]),
+        (
+            "hatespeech",
+            "configs/hatespeech-lr.toml",
+            [600, 2700, 4900],
+        ),
+        ("isear", "configs/isear-lr.toml", [1200, 1500, 2700]),
+    ] {
+        for budget in budgets {
+            let b = budget.to_string();
+            let s = bench(
+                &shared_data(name),
+                &["--config", config, "--llm-budget", &b],
+            );
+            let calls = number(&s, "llm_calls");
+            assert!(
+                (calls - budget as f64).abs() <= 0.02 * budget as f64,
+                "{name} @ {budget}: {calls} calls"
+            );
+        }
+    }
+}
+
+#[test]
+fn llm_rate_holds_the_share_without_knowing_the_length() {
+    let s = bench(
+        &shared_data("imdb"),
+        &["--config", "configs/imdb-lr.toml", "--llm-rate", "0.3"],
+    );
+    let share = number(&s, "llm_fraction");
+    assert!((share - 0.3).abs() < 0.02, "LLM share {share}");
+}
+
+#[test]
+fn online_ensemble_spends_the_budget() {
+    let s = bench(
+        &shared_data("isear"),
+        &[
+            "--config",
+            "configs/isear-lr.toml",
+            "--baseline",
+            "online-ensemble",
+            "--llm-budget",
+            "1500",
+        ],
+    );
+    let calls = number(&s, "llm_calls");
+    assert!((calls - 1500.0).abs() <= 30.0, "{calls} calls");
+}
+
+#[test]
+fn distilled_student_learns_from_train_half_labels_only() {
+    let small = bench(
+        &shared_data("imdb"),
+        &[
+            "--config",
+            "configs/imdb-lr.toml",
+            "--baseline",
+            "distilled",
+            "--llm-budget",
+            "300",
+        ],
+    );
+    let large = bench(
+        &shared_data("imdb"),
+        &[
+            "--config",
+            "configs/imdb-lr.toml",
+            "--baseline",
+            "distilled",
+            "--llm-budget",
+            "5200",
+        ],
+    );
+    // The stream itself costs no LLM call; the train labels are counted apart.
+    assert_eq!(number(&large, "llm_calls"), 0.0);
+    assert_eq!(number(&large, "offline_llm_calls"), 5200.0);
+    let (a_small, a_large) = (number(&small, "accuracy"), number(&large, "accuracy"));
+    assert!(a_large > 0.85, "distilled LR on 5200 labels: {a_large}");
+    assert!(a_large > a_small + 0.02, "{a_small} -> {a_large}");
+}
+
+#[test]
+fn distilled_baseline_needs_a_budget() {
+    let output = cascade(&[
+        "bench",
+        "--data",
+        shared_data("isear").to_str().unwrap(),
+        "--config",
+        "configs/isear-lr.toml",
+        "--baseline",
+        "distilled",
+    ]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--llm-budget"));
+}

@@ -9,10 +9,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use thiserror::Error;
 
-use crate::config::{CascadeConfig, ConfigError, LevelConfig, StudentKind};
+use crate::budget::{Allowance, Budget, BudgetController};
+use crate::config::{CascadeConfig, ConfigError};
 use crate::gate::{argmax, train_gates, Gate, GateExample};
-use crate::student::transformer::{EmbeddingHead, FineTuned};
-use crate::student::{Demonstration, LogReg, Student, StudentError};
+use crate::student::{build_student, Demonstration, Student, StudentError};
 
 #[derive(Debug, Error)]
 pub enum CascadeError {
@@ -85,6 +85,11 @@ pub struct Cascade {
     mu: f64,
     warmup_updates: u64,
     routing: Routing,
+    /// Prices deferral to meet an LLM-call budget; `None`: the paper's fixed-mu rule.
+    budget: Option<BudgetController>,
+    /// Fixed routing under a budget: probabilities still to be set from the
+    /// budget left when warm-up ends.
+    fixed_from_budget: bool,
     rng: ChaCha8Rng,
 }
 
@@ -163,8 +168,22 @@ impl Cascade {
             mu: config.mu,
             warmup_updates: config.warmup_updates,
             routing,
+            budget: None,
+            fixed_from_budget: false,
             rng,
         })
+    }
+
+    /// Targets an LLM-call budget from now on. Gated routing prices deferral
+    /// online; fixed routing (the online ensemble) sets its answer probabilities
+    /// once, from the budget left when warm-up ends.
+    pub fn set_budget(&mut self, budget: Budget, step: f64, pacing: f64) {
+        self.budget = Some(BudgetController::new(budget, step, pacing));
+        self.fixed_from_budget = matches!(self.routing, Routing::Fixed(_));
+    }
+
+    pub fn budget(&self) -> Option<&BudgetController> {
+        self.budget.as_ref()
     }
 
     pub fn level_names(&self) -> Vec<&str> {
@@ -216,6 +235,15 @@ impl Cascade {
 
     /// Decides who answers `text`. Only the levels the item reaches are evaluated.
     pub fn route(&mut self, text: &str) -> Result<Routed, CascadeError> {
+        let warmup = self.in_warmup();
+        let routed = self.decide(text)?;
+        if let Some(budget) = &mut self.budget {
+            budget.record(matches!(routed.outcome, Outcome::Deferred(_)), warmup);
+        }
+        Ok(routed)
+    }
+
+    fn decide(&mut self, text: &str) -> Result<Routed, CascadeError> {
         for level in &mut self.levels {
             level.student.observe(text);
         }
@@ -225,7 +253,20 @@ impl Cascade {
             level_probs: vec![None; n],
             gate_outputs: vec![None; n],
         };
+        let allowance = self
+            .budget
+            .as_ref()
+            .map_or(Allowance::Free, BudgetController::allowance);
         if self.in_warmup() {
+            if allowance == Allowance::MustAnswer {
+                // The budget is smaller than the warm-up: the deepest student answers.
+                let (label, _) = self.evaluate(n - 1, text, &mut routed)?;
+                routed.outcome = Outcome::Answered {
+                    level: n - 1,
+                    label,
+                };
+                return Ok(routed);
+            }
             let gates_learn =
                 self.routing == Routing::Gated && self.min_updates() > GATE_WARMUP_UPDATES;
             let gate_inputs = if gates_learn {
@@ -239,11 +280,23 @@ impl Cascade {
             routed.outcome = self.defer(text, gate_inputs, true);
             return Ok(routed);
         }
+        if self.fixed_from_budget {
+            self.fix_routing_from_budget();
+        }
         match self.routing.clone() {
             Routing::Gated => {
+                let threshold = self
+                    .budget
+                    .as_ref()
+                    .map_or(0.5, BudgetController::answer_threshold);
                 for j in 0..n {
                     let (label, gate) = self.evaluate(j, text, &mut routed)?;
-                    if gate <= 0.5 && self.coin(self.exploration_probability(j)) {
+                    let answers = match allowance {
+                        Allowance::MustDefer => false,
+                        Allowance::MustAnswer if j == n - 1 => true,
+                        _ => gate <= threshold && self.coin(self.exploration_probability(j)),
+                    };
+                    if answers {
                         routed.outcome = Outcome::Answered { level: j, label };
                         return Ok(routed);
                     }
@@ -253,7 +306,12 @@ impl Cascade {
             }
             Routing::Fixed(answer_probability) => {
                 for (j, &p) in answer_probability.iter().enumerate() {
-                    if self.coin(p) {
+                    let answers = match allowance {
+                        Allowance::MustDefer => false,
+                        Allowance::MustAnswer if j == n - 1 => true,
+                        _ => self.coin(p),
+                    };
+                    if answers {
                         let probs = self.predict(j, text)?;
                         routed.outcome = Outcome::Answered {
                             level: j,
@@ -267,6 +325,18 @@ impl Cascade {
             }
         }
         Ok(routed)
+    }
+
+    /// Online ensemble under a budget: every level answers with the same fixed
+    /// probability p, chosen so that the LLM's share (1 − p)^levels spends what
+    /// the warm-up left of the budget over the rest of the stream.
+    fn fix_routing_from_budget(&mut self) {
+        self.fixed_from_budget = false;
+        let Some(budget) = &self.budget else { return };
+        let defer_rate = budget.target_rate();
+        let n = self.levels.len();
+        let p = 1.0 - defer_rate.powf(1.0 / n as f64);
+        self.routing = Routing::Fixed(vec![p; n]);
     }
 
     /// Learns from the LLM's label for a deferred item. `None` (the LLM gave no
@@ -365,30 +435,6 @@ impl Level {
         self.updates += 1;
         Ok(())
     }
-}
-
-fn build_student(
-    level: &LevelConfig,
-    labels: usize,
-    seed: u64,
-) -> Result<Box<dyn Student>, StudentError> {
-    let (name, cost) = (level.name(), level.cost);
-    Ok(match level.kind {
-        StudentKind::Logreg => Box::new(LogReg::new(name, cost, labels, &level.logreg)),
-        StudentKind::Transformer => Box::new(FineTuned::new(
-            name,
-            cost,
-            labels,
-            &level.transformer,
-            seed,
-        )?),
-        StudentKind::EmbeddingHead => Box::new(EmbeddingHead::new(
-            name,
-            cost,
-            labels,
-            &level.embedding_head,
-        )?),
-    })
 }
 
 #[cfg(test)]

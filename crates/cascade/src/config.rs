@@ -25,6 +25,19 @@ pub struct CascadeConfig {
     /// The LLM answers until every level has trained this many times.
     #[serde(default = "default_warmup_updates")]
     pub warmup_updates: u64,
+    /// Spend this many LLM calls over the stream (warm-up included) by pricing
+    /// deferral online; mu then only shapes what the gates learn. The caller
+    /// supplies the stream's length.
+    pub llm_budget: Option<u64>,
+    /// Spend this share of items on the LLM, for streams of unknown length.
+    pub llm_rate: Option<f64>,
+    /// How fast the budget controller's price (log-odds) moves per item.
+    #[serde(default = "default_budget_step")]
+    pub budget_step: f64,
+    /// Exponent of the budget's spending curve `calls(t) ∝ t^pacing`: 1 spends
+    /// evenly, smaller spends more early, while the students are weak.
+    #[serde(default = "default_budget_pacing")]
+    pub budget_pacing: f64,
     pub levels: Vec<LevelConfig>,
 }
 
@@ -192,6 +205,12 @@ fn default_epochs() -> usize {
 fn default_gate_lr() -> f32 {
     7e-4
 }
+fn default_budget_step() -> f64 {
+    0.01
+}
+fn default_budget_pacing() -> f64 {
+    0.7
+}
 fn default_gate_regularization() -> f32 {
     1e-4
 }
@@ -211,6 +230,26 @@ impl CascadeConfig {
         check("mu", self.mu.is_finite() && self.mu >= 0.0, || {
             format!("must be a finite number >= 0, got {}", self.mu)
         })?;
+        check(
+            "llm_rate",
+            self.llm_rate.is_none_or(|r| r > 0.0 && r <= 1.0),
+            || format!("must be in (0, 1], got {:?}", self.llm_rate),
+        )?;
+        check(
+            "llm_budget",
+            self.llm_budget.is_none() || self.llm_rate.is_none(),
+            || "give either llm_budget or llm_rate, not both".into(),
+        )?;
+        check(
+            "budget_step",
+            self.budget_step.is_finite() && self.budget_step > 0.0,
+            || format!("must be a finite number > 0, got {}", self.budget_step),
+        )?;
+        check(
+            "budget_pacing",
+            self.budget_pacing > 0.0 && self.budget_pacing <= 1.0,
+            || format!("must be in (0, 1], got {}", self.budget_pacing),
+        )?;
         check("levels", !self.levels.is_empty(), || {
             "needs at least one [[levels]] table".into()
         })?;

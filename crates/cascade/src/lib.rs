@@ -3,6 +3,7 @@
 //! The library holds the algorithm only: no I/O, no network, no clock. The
 //! same config, seed and stream give the same decisions, bit for bit.
 
+pub mod budget;
 pub mod cascade;
 pub mod config;
 pub mod gate;
@@ -10,6 +11,7 @@ pub mod metrics;
 pub mod student;
 pub mod task;
 
+pub use budget::{Budget, BudgetController};
 pub use cascade::{Cascade, CascadeError, Deferred, Outcome, Routed, Routing};
 pub use config::{CascadeConfig, ConfigError};
 pub use metrics::{AnsweredBy, Metrics, Summary};

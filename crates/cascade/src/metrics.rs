@@ -1,6 +1,6 @@
 //! Running accuracy and cost figures of a cascade over a stream.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Who gave an item's final answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,14 +50,14 @@ pub struct Metrics {
     positive: Option<Confusion>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LevelSummary {
     pub name: String,
     pub answered: u64,
     pub accuracy: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Summary {
     pub items: u64,
     pub llm_calls: u64,
@@ -69,11 +69,11 @@ pub struct Summary {
     /// Final answers that equal the LLM's label, over items where the LLM gave one.
     pub agreement_with_llm: Option<f64>,
     pub per_level: Vec<LevelSummary>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precision: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recall: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub f1: Option<f64>,
 }
 

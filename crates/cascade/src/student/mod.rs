@@ -9,6 +9,9 @@ use thiserror::Error;
 
 pub use logreg::LogReg;
 
+use crate::config::{LevelConfig, StudentKind};
+use transformer::{EmbeddingHead, FineTuned};
+
 /// A labelled example handed to a student: the text and the LLM's label.
 #[derive(Debug, Clone, Copy)]
 pub struct Demonstration<'a> {
@@ -48,4 +51,29 @@ pub trait Student: Send {
     fn precompute(&mut self, _texts: &[&str]) -> Result<(), StudentError> {
         Ok(())
     }
+}
+
+/// Builds the student a level's config describes.
+pub fn build_student(
+    level: &LevelConfig,
+    labels: usize,
+    seed: u64,
+) -> Result<Box<dyn Student>, StudentError> {
+    let (name, cost) = (level.name(), level.cost);
+    Ok(match level.kind {
+        StudentKind::Logreg => Box::new(LogReg::new(name, cost, labels, &level.logreg)),
+        StudentKind::Transformer => Box::new(FineTuned::new(
+            name,
+            cost,
+            labels,
+            &level.transformer,
+            seed,
+        )?),
+        StudentKind::EmbeddingHead => Box::new(EmbeddingHead::new(
+            name,
+            cost,
+            labels,
+            &level.embedding_head,
+        )?),
+    })
 }

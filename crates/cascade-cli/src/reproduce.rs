@@ -1,0 +1,349 @@
+//! `cascade reproduce`: the paper's Table 1 grid on its own streams.
+//!
+//! For each dataset it runs the LLM alone, the small cascade and the larger
+//! (3-level) cascade at the paper's three budgets, the paper's baselines at the
+//! same budgets (distilled LR, distilled transformer, online ensemble), a mu
+//! sweep, and for IMDB the length-ordered (shifted) stream. Every number goes
+//! into one JSON file; the table and the figures are generated from it only
+//! (`cascade report` regenerates them without re-running).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+use crate::bench::{replay, Baseline, Replay, Report};
+use crate::report;
+
+#[derive(Args, Debug)]
+pub struct ReproduceArgs {
+    /// Folder holding the imdb, hatespeech and isear dataset folders.
+    #[arg(long, default_value = "../shared/data")]
+    data_root: PathBuf,
+    /// Where results.json, table1.md and the figures go.
+    #[arg(long, default_value = "results/table1")]
+    out: PathBuf,
+    /// A small subset for CI: the first 200 items of each stream, one budget
+    /// scaled to that length, one mu; checks the pipeline end to end.
+    #[arg(long)]
+    quick: bool,
+    /// Only these datasets (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    datasets: Vec<String>,
+    /// The recorded answer field that plays the LLM (any annotation column).
+    #[arg(long, default_value = "gpt35")]
+    expert_field: String,
+    /// Folder of the models named in configs (`scripts/setup.sh` fills it).
+    #[arg(long, env = "CASCADE_MODELS", default_value = "models")]
+    models: PathBuf,
+    /// Folder of the grid's cascade configs.
+    #[arg(long, default_value = "configs")]
+    configs: PathBuf,
+}
+
+/// One dataset's row of the paper's Table 1 and the configs that run it.
+pub struct DatasetSpec {
+    pub name: &'static str,
+    pub budgets: [u64; 3],
+    /// The paper's accuracy (%) of online cascade learning at each budget.
+    pub paper_accuracy: [f64; 3],
+    /// The paper's recall (%) at each budget, where it reports one.
+    pub paper_recall: Option<[f64; 3]>,
+    /// The small cascade (LR → MiniLM → LLM) and the larger, 3-level one.
+    pub cascade_config: &'static str,
+    pub larger_config: &'static str,
+    pub mu_sweep: &'static [f64],
+    /// An id list for the distribution-shift run, at the middle budget.
+    pub shift_stream: Option<&'static str>,
+}
+
+pub const GRID: [DatasetSpec; 3] = [
+    DatasetSpec {
+        name: "imdb",
+        budgets: [1300, 3800, 5200],
+        paper_accuracy: [87.95, 92.48, 93.01],
+        paper_recall: None,
+        cascade_config: "imdb-embed.toml",
+        larger_config: "imdb-3level.toml",
+        mu_sweep: &[1e-4, 2e-4, 3e-4, 4e-4, 5e-4],
+        shift_stream: Some("shift_length_order_ids.txt"),
+    },
+    DatasetSpec {
+        name: "hatespeech",
+        budgets: [600, 2700, 4900],
+        paper_accuracy: [82.66, 85.35, 83.26],
+        paper_recall: Some([82.36, 77.20, 81.03]),
+        cascade_config: "hatespeech.toml",
+        larger_config: "hatespeech-3level.toml",
+        mu_sweep: &[2e-4, 4e-4],
+        shift_stream: None,
+    },
+    DatasetSpec {
+        name: "isear",
+        budgets: [1200, 1500, 2700],
+        paper_accuracy: [60.78, 65.34, 69.75],
+        paper_recall: None,
+        cascade_config: "isear.toml",
+        larger_config: "isear-3level.toml",
+        mu_sweep: &[1.4e-3, 1.6e-3],
+        shift_stream: None,
+    },
+];
+
+/// Items per stream in `--quick` mode.
+const QUICK_ITEMS: usize = 200;
+
+/// What a grid run is, as the table and figures group them.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunKind {
+    LlmOnly,
+    Cascade,
+    Larger,
+    DistilledLr,
+    DistilledTransformer,
+    OnlineEnsemble,
+    MuSweep,
+    Shift,
+}
+
+impl RunKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::LlmOnly => "LLM only",
+            Self::Cascade => "cascade (LR -> MiniLM -> LLM)",
+            Self::Larger => "3-level cascade",
+            Self::DistilledLr => "distilled LR",
+            Self::DistilledTransformer => "distilled MiniLM",
+            Self::OnlineEnsemble => "online ensemble",
+            Self::MuSweep => "cascade, fixed mu",
+            Self::Shift => "cascade, length-ordered stream",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GridRun {
+    pub dataset: String,
+    pub kind: RunKind,
+    /// The LLM-call budget the run targeted, if any.
+    pub budget: Option<u64>,
+    /// The paper's accuracy at this budget, for cascade runs.
+    pub paper_accuracy: Option<f64>,
+    pub paper_recall: Option<f64>,
+    pub report: Report,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GridResults {
+    pub quick: bool,
+    pub machine: String,
+    pub expert_field: String,
+    pub total_wall_seconds: f64,
+    pub runs: Vec<GridRun>,
+}
+
+pub fn run(args: &ReproduceArgs) -> Result<()> {
+    let started = Instant::now();
+    let specs: Vec<&DatasetSpec> = GRID
+        .iter()
+        .filter(|d| args.datasets.is_empty() || args.datasets.iter().any(|n| n == d.name))
+        .collect();
+    if specs.is_empty() {
+        bail!(
+            "no dataset matches {:?}; the grid has imdb, hatespeech, isear",
+            args.datasets
+        );
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let json_path = args.out.join("results.json");
+    let mut results = GridResults {
+        quick: args.quick,
+        machine: machine_description(),
+        expert_field: args.expert_field.clone(),
+        total_wall_seconds: 0.0,
+        runs: Vec::new(),
+    };
+    let mut plan = Vec::new();
+    for spec in &specs {
+        plan.extend(plan_runs(spec, args)?.into_iter().map(|p| (*spec, p)));
+    }
+    for (index, (spec, planned)) in plan.iter().enumerate() {
+        eprintln!(
+            "[{}/{}] {} {}{}",
+            index + 1,
+            plan.len(),
+            spec.name,
+            planned.kind.label(),
+            planned
+                .replay
+                .llm_budget
+                .map(|b| format!(" @ {b} LLM calls"))
+                .or(planned.replay.mu.map(|mu| format!(" mu {mu}")))
+                .unwrap_or_default()
+        );
+        let report = replay(&planned.replay, false)
+            .with_context(|| format!("{} {}", spec.name, planned.kind.label()))?;
+        eprintln!(
+            "    {} LLM calls, accuracy {}, {:.1} s",
+            report.total_llm_calls(),
+            report
+                .summary
+                .accuracy
+                .map_or("-".into(), |a| format!("{:.4}", a)),
+            report.wall_seconds
+        );
+        // Paper numbers sit beside full-stream runs only.
+        let slot = planned
+            .budget_index
+            .filter(|_| !args.quick && matches!(planned.kind, RunKind::Cascade | RunKind::Larger));
+        results.runs.push(GridRun {
+            dataset: spec.name.into(),
+            kind: planned.kind,
+            budget: planned.replay.llm_budget,
+            paper_accuracy: slot.map(|i| spec.paper_accuracy[i]),
+            paper_recall: slot.and_then(|i| spec.paper_recall.map(|r| r[i])),
+            report,
+        });
+        // Written after every run, so an interrupted grid keeps what it computed.
+        results.total_wall_seconds = started.elapsed().as_secs_f64();
+        write_json(&json_path, &results)?;
+    }
+    report::write_all(&results, &args.out)?;
+    eprintln!(
+        "grid done in {:.1} min: {}",
+        results.total_wall_seconds / 60.0,
+        args.out.display()
+    );
+    Ok(())
+}
+
+struct Planned {
+    kind: RunKind,
+    budget_index: Option<usize>,
+    replay: Replay,
+}
+
+fn plan_runs(spec: &DatasetSpec, args: &ReproduceArgs) -> Result<Vec<Planned>> {
+    let data = args.data_root.join(spec.name);
+    let limit = args.quick.then_some(QUICK_ITEMS);
+    let length = test_stream_length(&data)?;
+    let scale = |budget: u64| match limit {
+        // Scale the paper's budget to the quick stream's length.
+        Some(items) => (budget as f64 * items as f64 / length as f64).round() as u64,
+        None => budget,
+    };
+    let base = |config: Option<&str>| {
+        let mut r = Replay::new(
+            data.clone(),
+            config.map(|c| args.configs.join(c)),
+            args.models.clone(),
+        );
+        r.limit = limit;
+        r.expert_field = args.expert_field.clone();
+        r
+    };
+    let budget_indices: Vec<usize> = if args.quick { vec![1] } else { vec![0, 1, 2] };
+    let mut runs = vec![Planned {
+        kind: RunKind::LlmOnly,
+        budget_index: None,
+        replay: Replay {
+            baseline: Some(Baseline::LlmOnly),
+            ..base(None)
+        },
+    }];
+    for &i in &budget_indices {
+        let budget = Some(scale(spec.budgets[i]));
+        let at_budget = |kind, config: &str, baseline, level: Option<&str>| Planned {
+            kind,
+            budget_index: Some(i),
+            replay: Replay {
+                llm_budget: budget,
+                baseline,
+                level: level.map(String::from),
+                ..base(Some(config))
+            },
+        };
+        runs.push(at_budget(RunKind::Cascade, spec.cascade_config, None, None));
+        runs.push(at_budget(RunKind::Larger, spec.larger_config, None, None));
+        runs.push(at_budget(
+            RunKind::DistilledLr,
+            spec.cascade_config,
+            Some(Baseline::Distilled),
+            Some("lr"),
+        ));
+        runs.push(at_budget(
+            RunKind::DistilledTransformer,
+            spec.cascade_config,
+            Some(Baseline::Distilled),
+            None,
+        ));
+        runs.push(at_budget(
+            RunKind::OnlineEnsemble,
+            spec.cascade_config,
+            Some(Baseline::OnlineEnsemble),
+            None,
+        ));
+    }
+    let sweep = if args.quick {
+        &spec.mu_sweep[..1]
+    } else {
+        spec.mu_sweep
+    };
+    for &mu in sweep {
+        runs.push(Planned {
+            kind: RunKind::MuSweep,
+            budget_index: None,
+            replay: Replay {
+                mu: Some(mu),
+                ..base(Some(spec.cascade_config))
+            },
+        });
+    }
+    if let Some(ids) = spec.shift_stream {
+        runs.push(Planned {
+            kind: RunKind::Shift,
+            budget_index: Some(1),
+            replay: Replay {
+                stream: data.join(ids).display().to_string(),
+                llm_budget: Some(scale(spec.budgets[1])),
+                ..base(Some(spec.cascade_config))
+            },
+        });
+    }
+    Ok(runs)
+}
+
+/// The test stream's length, to scale budgets in quick mode.
+fn test_stream_length(data: &Path) -> Result<u64> {
+    let path = data.join("split_test_ids.txt");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text.lines().filter(|l| !l.trim().is_empty()).count() as u64)
+}
+
+fn write_json(path: &Path, results: &GridResults) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let json = serde_json::to_string_pretty(results)?;
+    std::fs::write(&tmp, json + "\n").with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// CPU model and core count, for the record.
+fn machine_description() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpu}, {cores} cores")
+}
