@@ -54,6 +54,12 @@ pub struct DatasetSpec {
     /// The small cascade (LR → MiniLM → LLM) and the larger, 3-level one.
     pub cascade_config: &'static str,
     pub larger_config: &'static str,
+    /// Budgets (indices) the larger cascade runs at.
+    pub larger_budgets: &'static [usize],
+    /// The online ensemble's students, and the config and level of the
+    /// distilled transformer.
+    pub ensemble_config: &'static str,
+    pub distilled_transformer: (&'static str, &'static str),
     pub mu_sweep: &'static [f64],
     /// An id list for the distribution-shift run, at the middle budget.
     pub shift_stream: Option<&'static str>,
@@ -67,6 +73,9 @@ pub const GRID: [DatasetSpec; 3] = [
         paper_recall: None,
         cascade_config: "imdb-embed.toml",
         larger_config: "imdb-3level.toml",
+        larger_budgets: &[1],
+        ensemble_config: "imdb-embed.toml",
+        distilled_transformer: ("imdb-embed.toml", "embed"),
         mu_sweep: &[1e-4, 2e-4, 3e-4, 4e-4, 5e-4],
         shift_stream: Some("shift_length_order_ids.txt"),
     },
@@ -75,8 +84,11 @@ pub const GRID: [DatasetSpec; 3] = [
         budgets: [600, 2700, 4900],
         paper_accuracy: [82.66, 85.35, 83.26],
         paper_recall: Some([82.36, 77.20, 81.03]),
-        cascade_config: "hatespeech.toml",
+        cascade_config: "hatespeech-embed.toml",
         larger_config: "hatespeech-3level.toml",
+        larger_budgets: &[1],
+        ensemble_config: "hatespeech-embed.toml",
+        distilled_transformer: ("hatespeech-embed.toml", "embed"),
         mu_sweep: &[2e-4, 4e-4],
         shift_stream: None,
     },
@@ -87,6 +99,9 @@ pub const GRID: [DatasetSpec; 3] = [
         paper_recall: None,
         cascade_config: "isear.toml",
         larger_config: "isear-3level.toml",
+        larger_budgets: &[1],
+        ensemble_config: "isear-embed.toml",
+        distilled_transformer: ("isear-embed.toml", "embed"),
         mu_sweep: &[1.4e-3, 1.6e-3],
         shift_stream: None,
     },
@@ -167,6 +182,22 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         total_wall_seconds: 0.0,
         runs: Vec::new(),
     };
+    // Re-running some datasets keeps the others' runs from an earlier grid.
+    let mut earlier_seconds = 0.0;
+    if !args.datasets.is_empty() {
+        if let Ok(text) = std::fs::read_to_string(&json_path) {
+            let earlier: GridResults = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", json_path.display()))?;
+            if earlier.quick == args.quick && earlier.expert_field == args.expert_field {
+                results.runs = earlier
+                    .runs
+                    .into_iter()
+                    .filter(|r| !specs.iter().any(|s| s.name == r.dataset))
+                    .collect();
+                earlier_seconds = results.runs.iter().map(|r| r.report.wall_seconds).sum();
+            }
+        }
+    }
     let mut plan = Vec::new();
     for spec in &specs {
         plan.extend(plan_runs(spec, args)?.into_iter().map(|p| (*spec, p)));
@@ -209,7 +240,7 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
             report,
         });
         // Written after every run, so an interrupted grid keeps what it computed.
-        results.total_wall_seconds = started.elapsed().as_secs_f64();
+        results.total_wall_seconds = earlier_seconds + started.elapsed().as_secs_f64();
         write_json(&json_path, &results)?;
     }
     report::write_all(&results, &args.out)?;
@@ -268,22 +299,25 @@ fn plan_runs(spec: &DatasetSpec, args: &ReproduceArgs) -> Result<Vec<Planned>> {
             },
         };
         runs.push(at_budget(RunKind::Cascade, spec.cascade_config, None, None));
-        runs.push(at_budget(RunKind::Larger, spec.larger_config, None, None));
+        if args.quick || spec.larger_budgets.contains(&i) {
+            runs.push(at_budget(RunKind::Larger, spec.larger_config, None, None));
+        }
         runs.push(at_budget(
             RunKind::DistilledLr,
             spec.cascade_config,
             Some(Baseline::Distilled),
             Some("lr"),
         ));
+        let (distil_config, distil_level) = spec.distilled_transformer;
         runs.push(at_budget(
             RunKind::DistilledTransformer,
-            spec.cascade_config,
+            distil_config,
             Some(Baseline::Distilled),
-            None,
+            Some(distil_level),
         ));
         runs.push(at_budget(
             RunKind::OnlineEnsemble,
-            spec.cascade_config,
+            spec.ensemble_config,
             Some(Baseline::OnlineEnsemble),
             None,
         ));

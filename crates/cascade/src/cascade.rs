@@ -10,7 +10,7 @@ use rand_chacha::ChaCha8Rng;
 use thiserror::Error;
 
 use crate::budget::{Allowance, Budget, BudgetController};
-use crate::config::{CascadeConfig, ConfigError};
+use crate::config::{CascadeConfig, ConfigError, PricedLevels};
 use crate::gate::{argmax, train_gates, Gate, GateExample};
 use crate::student::{build_student, Demonstration, Student, StudentError};
 
@@ -70,6 +70,10 @@ struct Level {
     name: String,
     student: Box<dyn Student>,
     cache: Vec<(String, usize)>,
+    /// Every demonstration trained on so far, when `replay` > 0.
+    history: Vec<(String, usize)>,
+    replay: usize,
+    replay_rng: ChaCha8Rng,
     cache_size: usize,
     epochs: usize,
     batch: usize,
@@ -84,6 +88,8 @@ pub struct Cascade {
     labels: usize,
     mu: f64,
     warmup_updates: u64,
+    combine_levels: bool,
+    priced_levels: PricedLevels,
     routing: Routing,
     /// Prices deferral to meet an LLM-call budget; `None`: the paper's fixed-mu rule.
     budget: Option<BudgetController>,
@@ -149,10 +155,17 @@ impl Cascade {
             .levels
             .iter()
             .zip(students)
-            .map(|(level, student)| Level {
+            .enumerate()
+            .map(|(j, (level, student))| Level {
                 name: level.name(),
                 student,
                 cache: Vec::with_capacity(level.cache_size),
+                history: Vec::new(),
+                replay: level.replay,
+                // Its own stream, so replay never shifts the routing coins.
+                replay_rng: ChaCha8Rng::seed_from_u64(
+                    config.seed ^ 0x5eed_0000_0000_0000 ^ j as u64,
+                ),
                 cache_size: level.cache_size,
                 epochs: level.epochs,
                 batch: level.batch(),
@@ -167,6 +180,8 @@ impl Cascade {
             labels,
             mu: config.mu,
             warmup_updates: config.warmup_updates,
+            combine_levels: config.combine_levels,
+            priced_levels: config.budget_prices,
             routing,
             budget: None,
             fixed_from_budget: false,
@@ -285,11 +300,15 @@ impl Cascade {
         }
         match self.routing.clone() {
             Routing::Gated => {
-                let threshold = self
+                let priced = self
                     .budget
                     .as_ref()
                     .map_or(0.5, BudgetController::answer_threshold);
                 for j in 0..n {
+                    let threshold = match self.priced_levels {
+                        PricedLevels::Last if j + 1 < n => 0.5,
+                        _ => priced,
+                    };
                     let (label, gate) = self.evaluate(j, text, &mut routed)?;
                     let answers = match allowance {
                         Allowance::MustDefer => false,
@@ -395,7 +414,16 @@ impl Cascade {
         text: &str,
         routed: &mut Routed,
     ) -> Result<(usize, f32), CascadeError> {
-        let probs = self.predict(j, text)?;
+        let mut probs = self.predict(j, text)?;
+        if self.combine_levels && j > 0 {
+            // Levels 0..j were evaluated before j; level j-1 holds their mean.
+            if let Some(previous) = &routed.level_probs[j - 1] {
+                let weight = 1.0 / (j as f32 + 1.0);
+                for (p, prev) in probs.iter_mut().zip(previous) {
+                    *p = weight * *p + (1.0 - weight) * prev;
+                }
+            }
+        }
         let gate = self.gates[j].forward(&probs).output;
         let label = argmax(&probs);
         routed.level_probs[j] = Some(probs);
@@ -418,8 +446,14 @@ impl Cascade {
 
 impl Level {
     fn train_on_cache(&mut self) -> Result<(), StudentError> {
-        let demos: Vec<Demonstration> = self
-            .cache
+        let mut examples: Vec<(String, usize)> = self.cache.clone();
+        if self.replay > 0 && !self.history.is_empty() {
+            for _ in 0..self.replay {
+                let pick = self.replay_rng.random_range(0..self.history.len());
+                examples.push(self.history[pick].clone());
+            }
+        }
+        let demos: Vec<Demonstration> = examples
             .iter()
             .map(|(text, label)| Demonstration {
                 text,
@@ -430,6 +464,9 @@ impl Level {
             for batch in demos.chunks(self.batch) {
                 self.student.learn(batch)?;
             }
+        }
+        if self.replay > 0 {
+            self.history.append(&mut self.cache);
         }
         self.cache.clear();
         self.updates += 1;

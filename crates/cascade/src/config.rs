@@ -31,6 +31,14 @@ pub struct CascadeConfig {
     pub llm_budget: Option<u64>,
     /// Spend this share of items on the LLM, for streams of unknown length.
     pub llm_rate: Option<f64>,
+    /// Which gates the budget's price applies to.
+    #[serde(default)]
+    pub budget_prices: PricedLevels,
+    /// Level j answers (and its gate reads) the mean of the class probabilities
+    /// of levels 0..=j instead of its own: deeper levels become ensembles, and
+    /// students that disagree give flat probabilities, which gates learn to defer.
+    #[serde(default)]
+    pub combine_levels: bool,
     /// How fast the budget controller's price (log-odds) moves per item.
     #[serde(default = "default_budget_step")]
     pub budget_step: f64,
@@ -39,6 +47,19 @@ pub struct CascadeConfig {
     #[serde(default = "default_budget_pacing")]
     pub budget_pacing: f64,
     pub levels: Vec<LevelConfig>,
+}
+
+/// Which gates a budget prices.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PricedLevels {
+    /// Every level answers below the priced threshold: under budget pressure a
+    /// strong first student takes more items (best on IMDB, where LR leads).
+    #[default]
+    All,
+    /// Only the last student, whose deferrals are the LLM calls; earlier
+    /// levels keep the 0.5 threshold (best on ISEAR, where LR is weak).
+    Last,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -53,6 +74,10 @@ pub struct LevelConfig {
     pub cache_size: usize,
     #[serde(default = "default_epochs")]
     pub epochs: usize,
+    /// Past demonstrations, drawn at random from every label so far, mixed
+    /// into each training pass: more steps per LLM label without forgetting.
+    #[serde(default)]
+    pub replay: usize,
     /// Defaults to the cache size.
     pub batch: Option<usize>,
     pub gate: GateConfig,

@@ -1,7 +1,7 @@
 //! End to end on a small synthetic stream: a learnable three-label task whose
 //! "LLM" is the gold label with 10% noise.
 
-use cascade::{AnsweredBy, Cascade, CascadeConfig, Metrics, Outcome, Routing};
+use cascade::{AnsweredBy, Budget, Cascade, CascadeConfig, Metrics, Outcome, Routing};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -132,4 +132,58 @@ fn online_ensemble_answers_at_its_fixed_rate() {
         "{} vs {expected}",
         s.llm_fraction
     );
+}
+
+#[test]
+fn a_call_budget_is_met_whatever_mu_says() {
+    let stream = synthetic_stream(3000, 4);
+    // mu 0 alone would defer nearly everything; mu 1 nearly nothing.
+    for (mu, budget) in [(0.0, 900), (1.0, 900), (5e-4, 300)] {
+        let mut config = config(42);
+        config.mu = mu;
+        let mut cascade = Cascade::new(&config, LABELS, Routing::Gated).unwrap();
+        let stream_length = stream.len() as u64;
+        cascade.set_budget(
+            Budget::Calls {
+                calls: budget,
+                stream_length,
+            },
+            0.01,
+            0.7,
+        );
+        let (metrics, _) = replay(&mut cascade, &stream);
+        let calls = metrics.llm_calls();
+        assert!(
+            calls.abs_diff(budget) as f64 <= 0.02 * budget as f64,
+            "mu {mu}: {calls} calls for a budget of {budget}"
+        );
+    }
+}
+
+#[test]
+fn a_rate_budget_holds_its_share() {
+    let stream = synthetic_stream(3000, 5);
+    let mut cascade = Cascade::new(&config(42), LABELS, Routing::Gated).unwrap();
+    cascade.set_budget(Budget::Rate(0.25), 0.01, 0.7);
+    let (metrics, _) = replay(&mut cascade, &stream);
+    let share = metrics.summary().llm_fraction;
+    assert!((share - 0.25).abs() < 0.03, "LLM share {share}");
+}
+
+#[test]
+fn budgeted_runs_are_deterministic() {
+    let stream = synthetic_stream(1500, 6);
+    let run = || {
+        let mut cascade = Cascade::new(&config(3), LABELS, Routing::Gated).unwrap();
+        cascade.set_budget(
+            Budget::Calls {
+                calls: 400,
+                stream_length: 1500,
+            },
+            0.01,
+            0.7,
+        );
+        replay(&mut cascade, &stream).1
+    };
+    assert_eq!(run(), run());
 }
