@@ -36,8 +36,9 @@ pub struct BenchArgs {
     /// Cascade config (TOML). Not needed for `--baseline llm-only`.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Task preset (imdb, hatespeech, isear, fever). Default: the dataset folder's
-    /// name if it is a preset, else label names from labels.txt.
+    /// Task preset (imdb, hatespeech, isear, fever) or task file (tasks/*.toml).
+    /// Default: the dataset folder's name if it is a preset, else label names
+    /// from labels.txt.
     #[arg(long)]
     task: Option<String>,
     /// Overrides the config's mu (larger: fewer LLM calls).
@@ -514,9 +515,7 @@ fn load_task(data: &Path, name: Option<&str>) -> Result<Task> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let task = match name {
-        Some(name) => Task::preset(name).with_context(|| {
-            format!("unknown task `{name}`; presets: imdb, hatespeech, isear, fever")
-        })?,
+        Some(name) => Task::load(name)?,
         None => match Task::preset(&folder) {
             Some(task) => task,
             None => Task::with_default_rules(folder, labels.clone())?,

@@ -1,6 +1,7 @@
 //! A classification task: its label set and the parser that turns an LLM's raw
 //! answer into a label.
 
+use serde::Deserialize;
 use thiserror::Error;
 
 #[derive(Debug, Error, PartialEq)]
@@ -21,6 +22,67 @@ pub struct Task {
     name: String,
     labels: Vec<String>,
     rules: Vec<ParseRule>,
+    prompt: Option<Prompt>,
+}
+
+/// How to ask an LLM for a label: the paper's chat prompt and, for base models
+/// without a chat template, a few-shot completion prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prompt {
+    /// What the LLM is asked to answer for each label, in label order.
+    pub label_words: Vec<String>,
+    pub system: Option<String>,
+    /// The user message; `{text}` stands for the item.
+    pub user: String,
+    pub few_shot: Option<FewShot>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FewShot {
+    /// Opens the prompt.
+    #[serde(default)]
+    pub instruction: String,
+    /// One example; `{text}` and `{label_word}` stand for its parts. The item
+    /// is rendered with it too, cut where its `{label_word}` begins.
+    pub template: String,
+    #[serde(default = "default_separator")]
+    pub separator: String,
+    pub examples: Vec<FewShotExample>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FewShotExample {
+    pub text: String,
+    /// A label name.
+    pub label: String,
+}
+
+fn default_separator() -> String {
+    "\n\n".into()
+}
+
+/// A task file (`tasks/*.toml`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskFile {
+    name: String,
+    labels: Vec<String>,
+    label_words: Option<Vec<String>>,
+    system: Option<String>,
+    user: String,
+    #[serde(default)]
+    rules: Vec<RuleFile>,
+    few_shot: Option<FewShot>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    pattern: String,
+    /// A label name.
+    label: String,
 }
 
 impl Task {
@@ -66,7 +128,101 @@ impl Task {
             name,
             labels,
             rules,
+            prompt: None,
         })
+    }
+
+    /// Reads a task file: labels, the parser's rules (label names; with none,
+    /// the lower-cased label names in label order), the prompt and the
+    /// few-shot block. Errors name the field.
+    pub fn from_toml(text: &str) -> Result<Self, TaskError> {
+        let file: TaskFile = toml::from_str(text).map_err(|e| TaskError::Invalid {
+            task: "(file)".into(),
+            reason: e.to_string(),
+        })?;
+        let invalid = |reason: String| TaskError::Invalid {
+            task: file.name.clone(),
+            reason,
+        };
+        let label_of = |field: &str, name: &str| {
+            file.labels.iter().position(|l| l == name).ok_or_else(|| {
+                invalid(format!(
+                    "{field}: `{name}` is not one of the labels {:?}",
+                    file.labels
+                ))
+            })
+        };
+        let mut task = if file.rules.is_empty() {
+            Self::with_default_rules(file.name.clone(), file.labels.clone())?
+        } else {
+            let rules = file
+                .rules
+                .iter()
+                .map(|r| {
+                    Ok(ParseRule {
+                        pattern: r.pattern.to_lowercase(),
+                        label: label_of("rules.label", &r.label)?,
+                    })
+                })
+                .collect::<Result<_, TaskError>>()?;
+            Self::new(file.name.clone(), file.labels.clone(), rules)?
+        };
+        if !file.user.contains("{text}") {
+            return Err(invalid(
+                "user: the prompt has no `{text}` for the item".into(),
+            ));
+        }
+        let label_words = file
+            .label_words
+            .clone()
+            .unwrap_or_else(|| file.labels.clone());
+        if label_words.len() != file.labels.len() {
+            return Err(invalid(format!(
+                "label_words: {} words for {} labels",
+                label_words.len(),
+                file.labels.len()
+            )));
+        }
+        if let Some(few_shot) = &file.few_shot {
+            for part in ["{text}", "{label_word}"] {
+                if !few_shot.template.contains(part) {
+                    return Err(invalid(format!("few_shot.template: no `{part}`")));
+                }
+            }
+            for example in &few_shot.examples {
+                label_of("few_shot.examples.label", &example.label)?;
+            }
+        }
+        task.prompt = Some(Prompt {
+            label_words,
+            system: file.system,
+            user: file.user,
+            few_shot: file.few_shot,
+        });
+        Ok(task)
+    }
+
+    /// A preset name (imdb, hatespeech, isear, fever) or a task file's path.
+    pub fn load(name_or_path: &str) -> Result<Self, TaskError> {
+        if let Some(task) = Self::preset(name_or_path) {
+            return Ok(task);
+        }
+        let text = std::fs::read_to_string(name_or_path).map_err(|e| TaskError::Invalid {
+            task: name_or_path.into(),
+            reason: format!(
+                "not a preset (imdb, hatespeech, isear, fever) and not a readable task file: {e}"
+            ),
+        })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            TaskError::Invalid { task, reason } => TaskError::Invalid {
+                task: format!("{task} in {name_or_path}"),
+                reason,
+            },
+        })
+    }
+
+    pub fn prompt(&self) -> Option<&Prompt> {
+        self.prompt.as_ref()
     }
 
     /// A task whose parser looks for each label name (lower-cased), in label order.
@@ -141,6 +297,37 @@ impl Task {
             .iter()
             .find(|rule| answer.contains(&rule.pattern))
             .map(|rule| rule.label)
+    }
+}
+
+impl Prompt {
+    /// The user message for one item.
+    pub fn user_message(&self, text: &str) -> String {
+        self.user.replace("{text}", text)
+    }
+
+    /// The few-shot completion prompt for one item, ending where the label word
+    /// should come; `None` without a few-shot block.
+    pub fn few_shot_prompt(&self, labels: &[String], text: &str) -> Option<String> {
+        let few_shot = self.few_shot.as_ref()?;
+        let render = |text: &str, word: &str| {
+            few_shot
+                .template
+                .replace("{text}", text)
+                .replace("{label_word}", word)
+        };
+        let mut parts = Vec::new();
+        if !few_shot.instruction.is_empty() {
+            parts.push(few_shot.instruction.clone());
+        }
+        for example in &few_shot.examples {
+            let index = labels.iter().position(|l| *l == example.label)?;
+            parts.push(render(&example.text, &self.label_words[index]));
+        }
+        let item = render(text, "{label_word}");
+        let cut = item.rfind("{label_word}").unwrap_or(item.len());
+        parts.push(item[..cut].trim_end().to_string());
+        Some(parts.join(&few_shot.separator))
     }
 }
 
