@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_encoder;
+mod label;
 mod progress;
 mod report;
 mod reproduce;
@@ -25,6 +26,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Time the encoder's forward pass and training step (compare with pytorch_minilm.py).
     BenchEncoder(bench_encoder::BenchEncoderArgs),
+    /// Label a JSONL stream with a live LLM alone (OpenAI-compatible API).
+    Label(label::LabelArgs),
     /// Run the paper's Table 1 grid (cascades, baselines, mu sweep, shift) and
     /// write results.json, table1.md and the figures.
     Reproduce(reproduce::ReproduceArgs),
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Bench(args) => bench::run(&args),
         Command::BenchEncoder(args) => bench_encoder::run(&args),
+        Command::Label(args) => label::run(&args),
         Command::Reproduce(args) => reproduce::run(&args),
         Command::Report(args) => report::run(&args),
     };

@@ -1,6 +1,13 @@
-//! LLM experts for `cascade`. For now: the replay expert, which answers from
-//! recorded LLM annotations in a dataset folder.
+//! LLM experts for `cascade`: the replay expert, which answers from recorded
+//! LLM annotations in a dataset folder, and an OpenAI-compatible
+//! chat-completions expert for live LLMs.
 
+pub mod cache;
+pub mod expert;
+pub mod openai;
 pub mod replay;
+pub mod testing;
 
+pub use expert::{Answer, Expert, ExpertError, Usage};
+pub use openai::{OpenAiConfig, OpenAiExpert, SetupError};
 pub use replay::{read_labels, Dataset, Item, ReplayError, StreamOrder};

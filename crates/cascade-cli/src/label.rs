@@ -1,0 +1,246 @@
+//! `cascade label`: label a JSONL stream with the expert alone (the LLM-only
+//! baseline for live experts). Resumable: answers are cached per (model,
+//! prompt, text), so a re-run pays only for what the last run did not finish.
+
+use std::io::{BufRead, BufWriter, Write};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use cascade::Task;
+use cascade_expert::{Expert, OpenAiConfig, OpenAiExpert};
+use clap::Args;
+use serde_json::{json, Value};
+
+use crate::progress::Progress;
+
+#[derive(Args, Debug)]
+pub struct LabelArgs {
+    /// Task file with the prompt (tasks/imdb.toml, ...).
+    #[arg(long)]
+    task: String,
+    /// JSONL with {"id", "text"} per line, or plain text lines; `-` for stdin.
+    #[arg(long, default_value = "-")]
+    input: String,
+    /// JSONL output, one record per input line; `-` for stdout.
+    #[arg(long, default_value = "-")]
+    output: String,
+    /// Expert settings as TOML (the fields of the chat-completions expert);
+    /// flags below override it.
+    #[arg(long)]
+    expert_config: Option<PathBuf>,
+    /// OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1.
+    #[arg(long)]
+    base_url: Option<String>,
+    #[arg(long)]
+    model: Option<String>,
+    /// Environment variable holding the API key (never logged).
+    #[arg(long)]
+    api_key_env: Option<String>,
+    /// Requests in flight at once.
+    #[arg(long)]
+    concurrency: Option<usize>,
+    #[arg(long)]
+    requests_per_minute: Option<u32>,
+    #[arg(long)]
+    tokens_per_minute: Option<u32>,
+    /// Per-request timeout in seconds.
+    #[arg(long)]
+    timeout: Option<f64>,
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// Ask for logprobs and report a probability per label.
+    #[arg(long)]
+    logprobs: bool,
+    /// Response cache (append-only JSONL). Default: .cache/responses/<model>.jsonl.
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Lines handed to the expert at once (memory bound; order is kept).
+    #[arg(long, default_value_t = 256)]
+    chunk: usize,
+}
+
+/// One input line, parsed.
+struct InputItem {
+    line: usize,
+    id: Value,
+    text: String,
+}
+
+/// JSON with a non-empty `text` (and any `id`), or a plain text line.
+fn parse_line(line: usize, raw: &str) -> Result<InputItem, String> {
+    let trimmed = raw.trim_end_matches(['\r', '\n']);
+    if trimmed.trim_start().starts_with('{') {
+        let value: Value =
+            serde_json::from_str(trimmed).map_err(|e| format!("invalid JSON: {e}"))?;
+        let text = value
+            .get("text")
+            .and_then(Value::as_str)
+            .ok_or("no string field `text`")?;
+        if text.trim().is_empty() {
+            return Err("empty `text`".into());
+        }
+        let id = value.get("id").cloned().unwrap_or(json!(line));
+        Ok(InputItem {
+            line,
+            id,
+            text: text.to_string(),
+        })
+    } else if trimmed.trim().is_empty() {
+        Err("empty line".into())
+    } else {
+        Ok(InputItem {
+            line,
+            id: json!(line),
+            text: trimmed.to_string(),
+        })
+    }
+}
+
+fn expert_config(args: &LabelArgs) -> Result<OpenAiConfig> {
+    let mut config = match &args.expert_config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str::<OpenAiConfig>(&text)
+                .with_context(|| format!("in {}", path.display()))?
+        }
+        None => OpenAiConfig::new(
+            args.base_url
+                .clone()
+                .context("--base-url is required (or --expert-config)")?,
+            args.model
+                .clone()
+                .context("--model is required (or --expert-config)")?,
+        ),
+    };
+    if let Some(v) = &args.base_url {
+        config.base_url = v.clone();
+    }
+    if let Some(v) = &args.model {
+        config.model = v.clone();
+    }
+    if let Some(v) = &args.api_key_env {
+        config.api_key_env = v.clone();
+    }
+    if let Some(v) = args.concurrency {
+        config.concurrency = v;
+    }
+    if let Some(v) = args.requests_per_minute {
+        config.requests_per_minute = Some(v);
+    }
+    if let Some(v) = args.tokens_per_minute {
+        config.tokens_per_minute = Some(v);
+    }
+    if let Some(v) = args.timeout {
+        config.timeout_secs = v;
+    }
+    if let Some(v) = args.max_attempts {
+        config.max_attempts = v;
+    }
+    config.logprobs |= args.logprobs;
+    if let Some(v) = &args.cache {
+        config.cache = Some(v.clone());
+    }
+    if config.cache.is_none() {
+        let name: String = config
+            .model
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        config.cache = Some(PathBuf::from(".cache/responses").join(format!("{name}.jsonl")));
+    }
+    Ok(config)
+}
+
+pub fn run(args: &LabelArgs) -> Result<()> {
+    let task = Task::load(&args.task)?;
+    let config = expert_config(args)?;
+    let expert = OpenAiExpert::new(config, task.clone())?;
+    let input: Box<dyn BufRead> = match args.input.as_str() {
+        "-" => Box::new(std::io::stdin().lock()),
+        path => Box::new(std::io::BufReader::new(
+            std::fs::File::open(path).with_context(|| format!("opening {path}"))?,
+        )),
+    };
+    let mut lines: Vec<Vec<u8>> = input
+        .split(b'\n')
+        .collect::<std::io::Result<_>>()
+        .context("reading the input")?;
+    // A trailing newline leaves one empty last piece: not a line.
+    if lines.last().is_some_and(|l| l.is_empty()) {
+        lines.pop();
+    }
+    let mut output: Box<dyn Write> = match args.output.as_str() {
+        "-" => Box::new(BufWriter::new(std::io::stdout().lock())),
+        path => Box::new(BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {path}"))?,
+        )),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let mut progress = Progress::new(lines.len() as u64, "lines labelled");
+    let (mut ok, mut failed) = (0u64, 0u64);
+    for (chunk_index, chunk) in lines.chunks(args.chunk.max(1)).enumerate() {
+        let parsed: Vec<Result<InputItem, String>> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, raw)| {
+                let line = chunk_index * args.chunk.max(1) + i + 1;
+                match std::str::from_utf8(raw) {
+                    Ok(text) => parse_line(line, text),
+                    Err(_) => Err("invalid UTF-8".into()),
+                }
+            })
+            .collect();
+        let texts: Vec<String> = parsed
+            .iter()
+            .filter_map(|p| p.as_ref().ok().map(|item| item.text.clone()))
+            .collect();
+        let mut answers = runtime.block_on(expert.label_batch(&texts)).into_iter();
+        for (i, item) in parsed.into_iter().enumerate() {
+            let line = chunk_index * args.chunk.max(1) + i + 1;
+            let record = match item {
+                Err(reason) => {
+                    failed += 1;
+                    json!({"line": line, "id": null, "label": null, "status": "bad_input", "error": reason})
+                }
+                Ok(item) => match answers.next() {
+                    Some(Ok(answer)) => {
+                        ok += 1;
+                        json!({"line": item.line, "id": item.id, "label": task.labels()[answer.label],
+                               "probs": answer.probs, "status": "ok", "cached": answer.cached})
+                    }
+                    Some(Err(e)) => {
+                        failed += 1;
+                        json!({"line": item.line, "id": item.id, "label": null, "status": "error", "error": e.to_string()})
+                    }
+                    None => anyhow::bail!("the expert returned fewer answers than items"),
+                },
+            };
+            serde_json::to_writer(&mut output, &record)?;
+            output.write_all(b"\n")?;
+            progress.inc(1);
+        }
+        output.flush()?;
+        let usage = expert.usage();
+        progress.set_message(format!(
+            "{} requests, {} cached, {} retries",
+            usage.requests, usage.cache_hits, usage.retries
+        ));
+    }
+    progress.finish();
+    let usage = expert.usage();
+    eprintln!(
+        "{ok} labelled, {failed} without a label; {} requests ({} retries), {} from the cache, {} prompt + {} completion tokens",
+        usage.requests, usage.retries, usage.cache_hits, usage.prompt_tokens, usage.completion_tokens
+    );
+    Ok(())
+}

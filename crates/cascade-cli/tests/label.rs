@@ -1,0 +1,127 @@
+//! `cascade label` against the misbehaving test server: one output record per
+//! input line, bad lines reported, a re-run served from the response cache.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use cascade_expert::testing::start_server;
+use serde_json::Value;
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn label(url: &str, input: &Path, output: &Path, cache: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_cascade"))
+        .args([
+            "label",
+            "--task",
+            "tasks/imdb.toml",
+            "--base-url",
+            url,
+            "--model",
+            "m",
+        ])
+        .args(["--max-attempts", "2", "--timeout", "0.6", "--logprobs"])
+        .arg("--input")
+        .arg(input)
+        .arg("--output")
+        .arg(output)
+        .arg("--cache")
+        .arg(cache)
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stderr}");
+    stderr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_line_gets_one_record_and_a_rerun_pays_nothing() {
+    let (url, log) = start_server().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let mut bytes = Vec::new();
+    for line in [
+        r#"{"id": "a", "text": "a ok"}"#,
+        r#"{"id": 7, "text": "b 503 ok"}"#,
+        "c ok",
+        r#"{"id": "d", "text": "#,
+        r#"{"id": "e"}"#,
+        r#"{"id": "f", "text": "  "}"#,
+        r#"{"id": "g", "text": "g nolabel"}"#,
+        r#"{"id": "h", "text": "h 500 500 500"}"#,
+    ] {
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.push(b'\n');
+    }
+    bytes.extend_from_slice(b"\xff\xfe not utf-8\n");
+    std::fs::write(&input, bytes).unwrap();
+    let output = dir.path().join("out.jsonl");
+    let cache = dir.path().join("cache.jsonl");
+    let url2 = url.clone();
+    let (i, o, c) = (input.clone(), output.clone(), cache.clone());
+    // The binary blocks; the server runs on this test's runtime.
+    tokio::task::spawn_blocking(move || label(&url2, &i, &o, &c))
+        .await
+        .unwrap();
+
+    let records: Vec<Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 9, "one record per input line");
+    let status: Vec<&str> = records
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        status,
+        [
+            "ok",
+            "ok",
+            "ok",
+            "bad_input",
+            "bad_input",
+            "bad_input",
+            "error",
+            "error",
+            "bad_input"
+        ]
+    );
+    for (k, r) in records.iter().enumerate() {
+        assert_eq!(r["line"], k + 1);
+    }
+    assert_eq!(records[0]["id"], "a");
+    assert_eq!(records[1]["id"], 7);
+    assert_eq!(records[0]["label"], "pos");
+    assert!(records[0]["probs"][1].as_f64().unwrap() > 0.85);
+    assert!(records[3]["error"]
+        .as_str()
+        .unwrap()
+        .contains("invalid JSON"));
+    assert!(records[4]["error"].as_str().unwrap().contains("text"));
+    assert!(records[8]["error"].as_str().unwrap().contains("UTF-8"));
+    assert!(records[6]["error"].as_str().unwrap().contains("no label"));
+    assert!(records[7]["error"].as_str().unwrap().contains("2 attempts"));
+
+    // A re-run asks again only for what got no answer: a, b, c and g's answer
+    // ("I cannot tell") come from the cache; h's server has recovered by its
+    // fourth attempt, so h is labelled now.
+    let before = log.total();
+    let o = output.clone();
+    let stderr = tokio::task::spawn_blocking(move || label(&url, &input, &o, &cache))
+        .await
+        .unwrap();
+    assert!(stderr.contains("4 from the cache"), "{stderr}");
+    assert_eq!(log.total() - before, 2, "h: one more 500, then ok");
+    let again: Vec<Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(again[7]["status"], "ok");
+    assert_eq!(again[6]["status"], "error");
+}

@@ -1,0 +1,163 @@
+//! An OpenAI-compatible chat-completions server that misbehaves on request,
+//! for tests (ours and users'). The item's text (what follows "review: " in the
+//! last message, up to the line's end) is a script: its first word names the
+//! item, each next word is what the server does on that attempt: `ok`,
+//! `nolabel` (an answer with no label word), `nonjson`, `429` (with
+//! `Retry-After: 1`), `500`, `503`, `400`, `reset` (drop the connection
+//! unanswered) or `slow` (answer after [`TIMEOUT`] × 3). Past the script it
+//! answers `ok` ("Positive", with logprobs).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What the server saw.
+#[derive(Default)]
+pub struct ServerLog {
+    /// Attempts per item text, with the time each began.
+    pub attempts: Mutex<HashMap<String, Vec<Instant>>>,
+    pub in_flight: AtomicUsize,
+    pub max_in_flight: AtomicUsize,
+}
+
+impl ServerLog {
+    pub fn attempts(&self, text: &str) -> usize {
+        self.attempts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(text)
+            .map_or(0, Vec::len)
+    }
+    pub fn total(&self) -> usize {
+        self.attempts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+}
+
+/// The client timeout the `slow` action outlasts (three times over).
+pub const TIMEOUT: Duration = Duration::from_millis(600);
+
+async fn serve(listener: TcpListener, log: Arc<ServerLog>) {
+    loop {
+        let Ok((socket, _)) = listener.accept().await else {
+            return;
+        };
+        let log = log.clone();
+        tokio::spawn(async move {
+            let now = log.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            log.max_in_flight.fetch_max(now, Ordering::SeqCst);
+            handle(socket, &log).await;
+            log.in_flight.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+}
+
+/// Reads one request; returns the item text (the user message after "review: ").
+async fn read_request(socket: &mut TcpStream) -> Option<String> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = socket.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + length {
+                let body: serde_json::Value =
+                    serde_json::from_slice(&buf[end + 4..end + 4 + length]).ok()?;
+                let user = body["messages"].as_array()?.last()?["content"].as_str()?;
+                let after = user.split("review: ").nth(1)?;
+                return Some(after.lines().next()?.to_string());
+            }
+        }
+    }
+}
+
+async fn handle(mut socket: TcpStream, log: &ServerLog) {
+    let Some(text) = read_request(&mut socket).await else {
+        return;
+    };
+    let attempt = {
+        let mut attempts = log.attempts.lock().unwrap_or_else(|e| e.into_inner());
+        let list = attempts.entry(text.clone()).or_default();
+        list.push(Instant::now());
+        list.len()
+    };
+    // The script is the text's words after the first (the item's name).
+    let script: Vec<&str> = text.split_whitespace().skip(1).collect();
+    let action = script.get(attempt - 1).copied().unwrap_or("ok");
+    let ok_body = |content: &str| {
+        serde_json::json!({
+            "choices": [{
+                "message": {"role": "assistant", "content": content},
+                "logprobs": {"content": [{
+                    "token": "Positive", "logprob": -0.105,
+                    "top_logprobs": [
+                        {"token": "Positive", "logprob": -0.105},
+                        {"token": " negative", "logprob": -2.303},
+                        {"token": "The", "logprob": -5.0}
+                    ]
+                }]}
+            }],
+            "usage": {"prompt_tokens": 40, "completion_tokens": 1}
+        })
+        .to_string()
+    };
+    let (status, extra, body) = match action {
+        "ok" => ("200 OK", "", ok_body("Positive")),
+        "nolabel" => ("200 OK", "", ok_body("I cannot tell")),
+        "nonjson" => ("200 OK", "", "<html>gateway</html>".to_string()),
+        "429" => ("429 Too Many Requests", "Retry-After: 1\r\n", "{}".into()),
+        "500" => ("500 Internal Server Error", "", "oops".into()),
+        "503" => ("503 Service Unavailable", "", "busy".into()),
+        "400" => ("400 Bad Request", "", "{\"error\": \"bad\"}".into()),
+        "reset" => return, // dropped without an answer
+        "slow" => {
+            // Answers after the client's timeout, unless the client hangs up first.
+            let mut probe = [0u8; 1];
+            tokio::select! {
+                _ = tokio::time::sleep(TIMEOUT * 3) => {}
+                _ = socket.read(&mut probe) => return,
+            }
+            ("200 OK", "", ok_body("Positive"))
+        }
+        _ => (
+            "400 Bad Request",
+            "",
+            "{\"error\": \"unknown script action\"}".into(),
+        ),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n{body}",
+        body.len()
+    );
+    let _ = socket.write_all(response.as_bytes()).await;
+    let _ = socket.shutdown().await;
+}
+
+/// Starts the server on a free port; returns its base URL and its log.
+pub async fn start_server() -> std::io::Result<(String, Arc<ServerLog>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/v1", listener.local_addr()?);
+    let log = Arc::new(ServerLog::default());
+    tokio::spawn(serve(listener, log.clone()));
+    Ok((url, log))
+}
