@@ -32,6 +32,10 @@ pub struct ReproduceArgs {
     /// Only these datasets (comma-separated).
     #[arg(long, value_delimiter = ',')]
     datasets: Vec<String>,
+    /// Only these kinds of run (comma-separated: llm-only, cascade, larger,
+    /// distilled-lr, distilled-transformer, online-ensemble, mu-sweep, shift).
+    #[arg(long, value_delimiter = ',', value_enum)]
+    kinds: Vec<RunKind>,
     /// The recorded answer field that plays the LLM (any annotation column).
     #[arg(long, default_value = "gpt35")]
     expert_field: String,
@@ -99,7 +103,7 @@ pub const GRID: [DatasetSpec; 3] = [
         paper_recall: None,
         cascade_config: "isear.toml",
         larger_config: "isear-3level.toml",
-        larger_budgets: &[1],
+        larger_budgets: &[0, 1, 2],
         ensemble_config: "isear-embed.toml",
         distilled_transformer: ("isear-embed.toml", "embed"),
         mu_sweep: &[1.4e-3, 1.6e-3],
@@ -111,7 +115,7 @@ pub const GRID: [DatasetSpec; 3] = [
 const QUICK_ITEMS: usize = 200;
 
 /// What a grid run is, as the table and figures group them.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum RunKind {
     LlmOnly,
@@ -182,9 +186,13 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         total_wall_seconds: 0.0,
         runs: Vec::new(),
     };
-    // Re-running some datasets keeps the others' runs from an earlier grid.
+    // Re-running some datasets or kinds keeps the other runs of an earlier grid.
+    let selected = |dataset: &str, kind: RunKind| {
+        specs.iter().any(|s| s.name == dataset)
+            && (args.kinds.is_empty() || args.kinds.contains(&kind))
+    };
     let mut earlier_seconds = 0.0;
-    if !args.datasets.is_empty() {
+    if !args.datasets.is_empty() || !args.kinds.is_empty() {
         if let Ok(text) = std::fs::read_to_string(&json_path) {
             let earlier: GridResults = serde_json::from_str(&text)
                 .with_context(|| format!("parsing {}", json_path.display()))?;
@@ -192,7 +200,7 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
                 results.runs = earlier
                     .runs
                     .into_iter()
-                    .filter(|r| !specs.iter().any(|s| s.name == r.dataset))
+                    .filter(|r| !selected(&r.dataset, r.kind))
                     .collect();
                 earlier_seconds = results.runs.iter().map(|r| r.report.wall_seconds).sum();
             }
@@ -200,7 +208,11 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
     }
     let mut plan = Vec::new();
     for spec in &specs {
-        plan.extend(plan_runs(spec, args)?.into_iter().map(|p| (*spec, p)));
+        let runs = plan_runs(spec, args)?.into_iter();
+        plan.extend(
+            runs.filter(|p| selected(spec.name, p.kind))
+                .map(|p| (*spec, p)),
+        );
     }
     for (index, (spec, planned)) in plan.iter().enumerate() {
         eprintln!(
