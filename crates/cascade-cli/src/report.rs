@@ -362,6 +362,13 @@ fn shortfall(run: &GridRun) -> String {
             "The budget ran out {forced} items before the end; those went to the deepest student whatever its gate said. "
         );
     }
+    if let (Some(recall), Some(paper)) = (s.recall, run.paper_recall) {
+        let _ = write!(
+            why,
+            "Recall of label 1 is {} against the paper's {paper:.2}. ",
+            pct(Some(recall))
+        );
+    }
     if let (Some(llm), Some(all)) = (llm, s.llm_accuracy) {
         let hard = if llm.accuracy.unwrap_or(1.0) < all {
             ": the deferred items are the hard ones"
@@ -489,6 +496,13 @@ where
         .x_label_formatter(&|x| format!("{x:.0}"))
         .label_style(("sans-serif", 15))
         .draw()?;
+    // The paper's points first, so ours are drawn over them.
+    if !paper.is_empty() {
+        chart
+            .draw_series(paper.iter().map(|&p| Cross::new(p, 7, RED.stroke_width(3))))?
+            .label("paper (GPT-3.5, BERT-base)")
+            .legend(|(x, y)| Cross::new((x + 10, y), 6, RED.stroke_width(3)));
+    }
     let kinds = [
         RunKind::Cascade,
         RunKind::Larger,
@@ -526,12 +540,6 @@ where
             .draw_series(std::iter::once(TriangleMarker::new(llm, 7, BLACK.filled())))?
             .label("LLM only")
             .legend(|(x, y)| TriangleMarker::new((x + 10, y), 6, BLACK.filled()));
-    }
-    if !paper.is_empty() {
-        chart
-            .draw_series(paper.iter().map(|&p| Cross::new(p, 7, RED.stroke_width(3))))?
-            .label("paper (GPT-3.5, BERT-base)")
-            .legend(|(x, y)| Cross::new((x + 10, y), 6, RED.stroke_width(3)));
     }
     finish(chart, root, SeriesLabelPosition::LowerRight)
 }
