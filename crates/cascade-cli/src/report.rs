@@ -44,12 +44,7 @@ pub fn write_all(results: &GridResults, out: &Path) -> Result<()> {
     std::fs::write(&table, table_markdown(results))
         .with_context(|| format!("writing {}", table.display()))?;
     let font = register_font()?;
-    for dataset in datasets(results) {
-        let runs: Vec<&GridRun> = results
-            .runs
-            .iter()
-            .filter(|r| r.dataset == dataset)
-            .collect();
+    for (dataset, runs) in by_dataset(results) {
         let curve = out.join(format!("{dataset}-curve"));
         let case = out.join(format!("{dataset}-case"));
         let (svg, png) = (curve.with_extension("svg"), curve.with_extension("png"));
@@ -85,14 +80,16 @@ pub fn write_all(results: &GridResults, out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn datasets(results: &GridResults) -> Vec<String> {
-    let mut names: Vec<String> = Vec::new();
+/// Each dataset's runs, datasets in order of first appearance.
+fn by_dataset(results: &GridResults) -> Vec<(String, Vec<&GridRun>)> {
+    let mut groups: Vec<(String, Vec<&GridRun>)> = Vec::new();
     for run in &results.runs {
-        if !names.contains(&run.dataset) {
-            names.push(run.dataset.clone());
+        match groups.iter_mut().find(|(name, _)| *name == run.dataset) {
+            Some((_, runs)) => runs.push(run),
+            None => groups.push((run.dataset.clone(), vec![run])),
         }
     }
-    names
+    groups
 }
 
 fn pct(x: Option<f64>) -> String {
@@ -119,12 +116,7 @@ fn table_markdown(results: &GridResults) -> String {
         },
         results.expert_field,
     );
-    for dataset in datasets(results) {
-        let runs: Vec<&GridRun> = results
-            .runs
-            .iter()
-            .filter(|r| r.dataset == dataset)
-            .collect();
+    for (dataset, runs) in by_dataset(results) {
         dataset_section(&mut md, &dataset, &runs);
     }
     md
