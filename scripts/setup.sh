@@ -6,7 +6,7 @@
 #   scripts/setup.sh            # all default models
 #   scripts/setup.sh minilm     # only the MiniLM encoder
 #   scripts/setup.sh font       # only the figures' font
-#   scripts/setup.sh gemma      # Gemma 3 270M GGUF (~250 MB; not in `all` yet)
+#   scripts/setup.sh gemma      # only Gemma 3 270M GGUF (~250 MB)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -136,7 +136,7 @@ setup_gemma() {
 
 what=${1:-all}
 case "$what" in
-    all) setup_minilm; setup_font ;;
+    all) setup_minilm; setup_font; setup_gemma ;;
     minilm) setup_minilm ;;
     font) setup_font ;;
     gemma) setup_gemma ;;

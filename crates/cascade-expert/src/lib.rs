@@ -6,6 +6,7 @@ pub mod cache;
 pub mod expert;
 pub mod openai;
 pub mod replay;
+pub mod sentencepiece;
 pub mod testing;
 
 pub use expert::{Answer, Expert, ExpertError, Usage};
