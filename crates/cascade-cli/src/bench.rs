@@ -371,6 +371,14 @@ fn read_config(spec: &Replay) -> Result<(CascadeConfig, &Path)> {
     if let Some(seed) = spec.seed {
         config.seed = seed;
     }
+    // A budget on the command line replaces the config's, whichever kind.
+    if spec.llm_budget.is_some() || spec.llm_rate.is_some() {
+        config.llm_budget = spec.llm_budget;
+        config.llm_rate = spec.llm_rate;
+    }
+    config
+        .validate()
+        .with_context(|| format!("{} with the command line's settings", path.display()))?;
     for level in &mut config.levels {
         level.resolve_model(&spec.models);
     }
@@ -392,25 +400,15 @@ fn build_cascade(spec: &Replay, task: &Task, stream: &[&Item]) -> Result<Cascade
     };
     let mut cascade = Cascade::new(&config, task.num_labels(), routing)
         .with_context(|| format!("in {}", path.display()))?;
-    let calls_over_stream = |calls| Budget::Calls {
-        calls,
-        stream_length: stream.len() as u64,
-    };
-    let budget = match (spec.llm_budget, spec.llm_rate) {
-        (Some(calls), _) => Some(calls_over_stream(calls)),
+    let budget = match (config.llm_budget, config.llm_rate) {
+        (Some(calls), _) => Some(Budget::Calls {
+            calls,
+            stream_length: stream.len() as u64,
+        }),
         (None, Some(rate)) => Some(Budget::Rate(rate)),
-        (None, None) => match (config.llm_budget, config.llm_rate) {
-            (Some(calls), _) => Some(calls_over_stream(calls)),
-            (None, Some(rate)) => Some(Budget::Rate(rate)),
-            (None, None) => None,
-        },
+        (None, None) => None,
     };
     if let Some(budget) = budget {
-        if let Budget::Rate(rate) = budget {
-            if !(rate > 0.0 && rate <= 1.0) {
-                bail!("--llm-rate must be in (0, 1], got {rate}");
-            }
-        }
         cascade.set_budget(budget, config.budget_step, config.budget_pacing);
     }
     let corpus: Vec<&str> = stream.iter().map(|item| item.text.as_str()).collect();

@@ -251,14 +251,14 @@ impl Cascade {
     /// Decides who answers `text`. Only the levels the item reaches are evaluated.
     pub fn route(&mut self, text: &str) -> Result<Routed, CascadeError> {
         let warmup = self.in_warmup();
-        let routed = self.decide(text)?;
+        let routed = self.decide(text, warmup)?;
         if let Some(budget) = &mut self.budget {
             budget.record(matches!(routed.outcome, Outcome::Deferred(_)), warmup);
         }
         Ok(routed)
     }
 
-    fn decide(&mut self, text: &str) -> Result<Routed, CascadeError> {
+    fn decide(&mut self, text: &str, warmup: bool) -> Result<Routed, CascadeError> {
         for level in &mut self.levels {
             level.student.observe(text);
         }
@@ -272,7 +272,7 @@ impl Cascade {
             .budget
             .as_ref()
             .map_or(Allowance::Free, BudgetController::allowance);
-        if self.in_warmup() {
+        if warmup {
             if allowance == Allowance::MustAnswer {
                 // The budget is smaller than the warm-up: the deepest student answers.
                 let (label, _) = self.evaluate(n - 1, text, &mut routed)?;
@@ -446,15 +446,17 @@ impl Cascade {
 
 impl Level {
     fn train_on_cache(&mut self) -> Result<(), StudentError> {
-        let mut examples: Vec<(String, usize)> = self.cache.clone();
-        if self.replay > 0 && !self.history.is_empty() {
-            for _ in 0..self.replay {
-                let pick = self.replay_rng.random_range(0..self.history.len());
-                examples.push(self.history[pick].clone());
-            }
-        }
-        let demos: Vec<Demonstration> = examples
+        let replayed: Vec<usize> = if self.history.is_empty() {
+            Vec::new()
+        } else {
+            (0..self.replay)
+                .map(|_| self.replay_rng.random_range(0..self.history.len()))
+                .collect()
+        };
+        let demos: Vec<Demonstration> = self
+            .cache
             .iter()
+            .chain(replayed.iter().map(|&i| &self.history[i]))
             .map(|(text, label)| Demonstration {
                 text,
                 label: *label,
