@@ -20,8 +20,32 @@ use tokio::net::{TcpListener, TcpStream};
 pub struct ServerLog {
     /// Attempts per item text, with the time each began.
     pub attempts: Mutex<HashMap<String, Vec<Instant>>>,
+    /// Requests read and not yet settled. A request counts from the moment it
+    /// is fully read until the server writes its answer or drops it: the
+    /// client cannot finish it before then, so this never over-counts the
+    /// client's concurrency (a count that ends when the socket closes would:
+    /// the client may already be sending its next request). A `slow` request
+    /// stops counting when the server decides to stall it, since only the
+    /// client's timeout settles it.
     pub in_flight: AtomicUsize,
     pub max_in_flight: AtomicUsize,
+}
+
+/// Counts one request in flight until dropped.
+struct InFlight<'a>(&'a ServerLog);
+
+impl<'a> InFlight<'a> {
+    fn start(log: &'a ServerLog) -> Self {
+        let now = log.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        log.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(log)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl ServerLog {
@@ -42,6 +66,9 @@ impl ServerLog {
     }
 }
 
+/// How long the server works on each request before it answers.
+pub const WORK: Duration = Duration::from_millis(25);
+
 /// The client timeout the `slow` action outlasts (three times over).
 pub const TIMEOUT: Duration = Duration::from_millis(600);
 
@@ -51,12 +78,7 @@ async fn serve(listener: TcpListener, log: Arc<ServerLog>) {
             return;
         };
         let log = log.clone();
-        tokio::spawn(async move {
-            let now = log.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-            log.max_in_flight.fetch_max(now, Ordering::SeqCst);
-            handle(socket, &log).await;
-            log.in_flight.fetch_sub(1, Ordering::SeqCst);
-        });
+        tokio::spawn(async move { handle(socket, &log).await });
     }
 }
 
@@ -95,6 +117,10 @@ async fn handle(mut socket: TcpStream, log: &ServerLog) {
     let Some(text) = read_request(&mut socket).await else {
         return;
     };
+    let mut in_flight = Some(InFlight::start(log));
+    // A real server takes a while to answer; without it requests rarely overlap
+    // and the concurrency limit would go unexercised.
+    tokio::time::sleep(WORK).await;
     let attempt = {
         let mut attempts = log.attempts.lock().unwrap_or_else(|e| e.into_inner());
         let list = attempts.entry(text.clone()).or_default();
@@ -132,6 +158,7 @@ async fn handle(mut socket: TcpStream, log: &ServerLog) {
         "reset" => return, // dropped without an answer
         "slow" => {
             // Answers after the client's timeout, unless the client hangs up first.
+            in_flight = None;
             let mut probe = [0u8; 1];
             tokio::select! {
                 _ = tokio::time::sleep(TIMEOUT * 3) => {}
@@ -149,6 +176,7 @@ async fn handle(mut socket: TcpStream, log: &ServerLog) {
         "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n{body}",
         body.len()
     );
+    drop(in_flight);
     let _ = socket.write_all(response.as_bytes()).await;
     let _ = socket.shutdown().await;
 }
