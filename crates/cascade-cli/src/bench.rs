@@ -10,7 +10,8 @@ use cascade::{
     AnsweredBy, Budget, Cascade, CascadeConfig, Demonstration, Metrics, Outcome, Routing, Summary,
     Task,
 };
-use cascade_expert::{read_labels, Dataset, Item, StreamOrder};
+use cascade_expert::local::DEFAULT_MODEL;
+use cascade_expert::{read_labels, Dataset, Item, LocalConfig, LocalExpert, StreamOrder};
 use clap::{Args, ValueEnum};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -33,6 +34,22 @@ pub struct BenchArgs {
     /// The recorded answer field that plays the LLM.
     #[arg(long, default_value = "gpt35")]
     expert_field: String,
+    /// Who plays the LLM: the recorded answers (`--expert-field`), or a local
+    /// GGUF model run live on every deferred item.
+    #[arg(long, value_enum, default_value = "recorded")]
+    expert: ExpertKind,
+    /// Local expert: the GGUF file. Default: the Gemma 3 270M that
+    /// scripts/setup.sh fetches into the models folder.
+    #[arg(long)]
+    local_model: Option<PathBuf>,
+    /// Local expert: texts are cut to this many tokens.
+    #[arg(long, default_value_t = 384)]
+    max_text_tokens: usize,
+    /// Local expert: response cache. An LLM-only run fills it; a cascade run
+    /// reads it after the stream (off the clock) to report agreement with the
+    /// expert alone on every item. Deferred items are always computed live.
+    #[arg(long)]
+    expert_cache: Option<PathBuf>,
     /// Cascade config (TOML). Not needed for `--baseline llm-only`.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -80,6 +97,14 @@ pub struct BenchArgs {
     models: PathBuf,
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+pub enum ExpertKind {
+    /// The dataset's recorded LLM answers.
+    Recorded,
+    /// A local GGUF model (Gemma 3), run on the CPU.
+    Local,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Baseline {
@@ -99,6 +124,8 @@ pub struct Replay {
     pub stream: String,
     pub limit: Option<usize>,
     pub expert_field: String,
+    /// A local model plays the LLM instead of the recorded answers.
+    pub local_expert: Option<LocalConfig>,
     pub config: Option<PathBuf>,
     pub task: Option<String>,
     pub mu: Option<f64>,
@@ -121,6 +148,7 @@ impl Replay {
             stream: "test".into(),
             limit: None,
             expert_field: "gpt35".into(),
+            local_expert: None,
             config,
             task: None,
             mu: None,
@@ -144,6 +172,14 @@ impl From<&BenchArgs> for Replay {
             stream: a.stream.clone(),
             limit: a.limit,
             expert_field: a.expert_field.clone(),
+            local_expert: (a.expert == ExpertKind::Local).then(|| LocalConfig {
+                model: a
+                    .local_model
+                    .clone()
+                    .unwrap_or_else(|| default_local_model(&a.models)),
+                max_text_tokens: a.max_text_tokens,
+                cache: a.expert_cache.clone(),
+            }),
             config: a.config.clone(),
             task: a.task.clone(),
             mu: a.mu,
@@ -196,12 +232,31 @@ pub struct Report {
     /// LLM calls spent before the stream (the distilled baseline's train labels).
     #[serde(default)]
     pub offline_llm_calls: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_expert: Option<LiveExpertReport>,
     #[serde(flatten)]
     pub summary: Summary,
     /// Who answered over the stream, in windows of equal length.
     #[serde(default)]
     pub timeline: Vec<Window>,
     pub wall_seconds: f64,
+}
+
+/// What a live expert cost in a run.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LiveExpertReport {
+    pub model: String,
+    /// Prompts the model ran on the stream (the run's LLM calls).
+    pub prompts: u64,
+    pub prompt_tokens: u64,
+    /// Time inside the model on the stream.
+    pub model_seconds: f64,
+    pub prompt_tokens_per_second: f64,
+    pub labels_per_second: f64,
+    /// Items whose expert-alone label came from the response cache, or was
+    /// computed after the stream, to measure agreement.
+    pub reference_items: u64,
+    pub peak_rss_mb: f64,
 }
 
 impl Report {
@@ -226,7 +281,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 /// Runs one replay and prints its table when `print` is set.
 pub fn replay(spec: &Replay, print: bool) -> Result<Report> {
     let started = Instant::now();
-    let task = load_task(&spec.data, spec.task.as_deref())?;
+    // A live expert needs the task file's prompt, which the built-in presets lack.
+    let task_name = match (&spec.task, &spec.local_expert) {
+        (None, Some(_)) => task_file_for(&spec.data),
+        (name, _) => name.clone(),
+    };
+    let task = load_task(&spec.data, task_name.as_deref())?;
     let dataset = Dataset::load(&spec.data, &task, &spec.expert_field)?;
     let mut stream = dataset.stream(&StreamOrder::parse(&spec.stream))?;
     if let Some(limit) = spec.limit {
@@ -235,6 +295,17 @@ pub fn replay(spec: &Replay, print: bool) -> Result<Report> {
     if stream.is_empty() {
         bail!("the stream `{}` has no items", spec.stream);
     }
+    let teacher = match &spec.local_expert {
+        None => Teacher::Recorded,
+        Some(config) => {
+            if spec.baseline == Some(Baseline::Distilled) {
+                bail!("--baseline distilled trains on recorded labels; it does not run with --expert local");
+            }
+            let expert = LocalExpert::load(config, task.clone())
+                .with_context(|| format!("loading the local expert {}", config.model.display()))?;
+            Teacher::Local(Box::new(expert))
+        }
+    };
     let (answerers, offline_calls) = match spec.baseline {
         Some(Baseline::LlmOnly) => (Answerers::Llm, 0),
         Some(Baseline::Distilled) => {
@@ -257,10 +328,17 @@ pub fn replay(spec: &Replay, print: bool) -> Result<Report> {
     let mut timeline = Vec::new();
     let mut in_window = vec![0u64; level_names.len() + 1];
 
+    let mut predictions = Vec::with_capacity(stream.len());
     let mut progress = Progress::new(stream.len() as u64, "items");
     for (position, item) in stream.iter().enumerate() {
-        let record = answerers.answer(item)?;
-        metrics.record(record.by, record.prediction, item.gold, Some(item.expert));
+        let record = answerers.answer(item, &teacher)?;
+        metrics.record(
+            record.by,
+            record.prediction,
+            item.gold,
+            teacher.recorded_label(item),
+        );
+        predictions.push((record.by, record.prediction));
         in_window[match record.by {
             AnsweredBy::Level(j) => j,
             AnsweredBy::Llm => level_names.len(),
@@ -286,7 +364,18 @@ pub fn replay(spec: &Replay, print: bool) -> Result<Report> {
         log.finish()?;
     }
 
-    let summary = metrics.summary();
+    let mut summary = metrics.summary();
+    let wall_seconds = started.elapsed().as_secs_f64();
+    let live_expert = match &teacher {
+        Teacher::Recorded => None,
+        Teacher::Local(expert) => Some(measure_local_expert(
+            expert,
+            spec,
+            &stream,
+            &predictions,
+            &mut summary,
+        )?),
+    };
     if print {
         print_table(&spec.data, &summary);
         if offline_calls > 0 {
@@ -313,11 +402,15 @@ pub fn replay(spec: &Replay, print: bool) -> Result<Report> {
             .and_then(|c| c.budget())
             .map(|b| b.forced_deferrals()),
         offline_llm_calls: offline_calls,
+        live_expert,
         summary,
         timeline,
-        wall_seconds: started.elapsed().as_secs_f64(),
+        wall_seconds,
     };
     if print {
+        if let Some(live) = &report.live_expert {
+            print_live_expert(live, &report.summary);
+        }
         println!("wall time: {:.2} s", report.wall_seconds);
     }
     Ok(report)
@@ -340,10 +433,14 @@ impl Answerers {
         }
     }
 
-    fn answer(&mut self, item: &Item) -> Result<ItemRecord> {
+    fn answer(&mut self, item: &Item, teacher: &Teacher) -> Result<ItemRecord> {
         Ok(match self {
-            Self::Llm => ItemRecord::llm(item),
-            Self::Cascade(cascade) => step(cascade, item)?,
+            Self::Llm => ItemRecord {
+                by: AnsweredBy::Llm,
+                prediction: teacher.ask(item)?,
+                gate_outputs: Vec::new(),
+            },
+            Self::Cascade(cascade) => step(cascade, item, teacher)?,
             Self::Alone(student) => {
                 let probs = student.predict_proba(&[&item.text])?;
                 ItemRecord {
@@ -538,24 +635,41 @@ struct ItemRecord {
     gate_outputs: Vec<Option<f32>>,
 }
 
-impl ItemRecord {
-    fn llm(item: &Item) -> Self {
-        Self {
-            by: AnsweredBy::Llm,
-            prediction: item.expert,
-            gate_outputs: Vec::new(),
+/// Who plays the LLM for deferred items.
+enum Teacher {
+    /// The recorded answers of `--expert-field`.
+    Recorded,
+    /// A local model, run live.
+    Local(Box<LocalExpert>),
+}
+
+impl Teacher {
+    /// The LLM's label for an item sent to it (paid for).
+    fn ask(&self, item: &Item) -> Result<Option<usize>> {
+        match self {
+            Self::Recorded => Ok(item.expert),
+            Self::Local(expert) => Ok(Some(expert.label_now(&item.text, false)?.label)),
+        }
+    }
+
+    /// The LLM's label for metrics, when known without paying for it.
+    fn recorded_label(&self, item: &Item) -> Option<Option<usize>> {
+        match self {
+            Self::Recorded => Some(item.expert),
+            Self::Local(_) => None,
         }
     }
 }
 
-/// Routes one item; a deferred item is answered at once by the recorded LLM.
-fn step(cascade: &mut Cascade, item: &Item) -> Result<ItemRecord> {
+/// Routes one item; a deferred item is answered at once by the LLM.
+fn step(cascade: &mut Cascade, item: &Item, teacher: &Teacher) -> Result<ItemRecord> {
     let routed = cascade.route(&item.text)?;
     let (by, prediction) = match routed.outcome {
         Outcome::Answered { level, label } => (AnsweredBy::Level(level), Some(label)),
         Outcome::Deferred(deferred) => {
-            cascade.learn(deferred, item.expert)?;
-            (AnsweredBy::Llm, item.expert)
+            let label = teacher.ask(item)?;
+            cascade.learn(deferred, label)?;
+            (AnsweredBy::Llm, label)
         }
     };
     Ok(ItemRecord {
@@ -657,6 +771,108 @@ fn print_table(data: &Path, s: &Summary) {
             level.answered,
             100.0 * level.answered as f64 / s.items.max(1) as f64,
             fmt(level.accuracy)
+        );
+    }
+}
+
+/// `tasks/<dataset folder>.toml`, when it exists.
+fn task_file_for(data: &Path) -> Option<String> {
+    let folder = data.file_name()?.to_string_lossy();
+    let path = Path::new("tasks").join(format!("{folder}.toml"));
+    path.is_file().then(|| path.display().to_string())
+}
+
+fn default_local_model(models: &Path) -> PathBuf {
+    models.join(
+        Path::new(DEFAULT_MODEL)
+            .strip_prefix("models")
+            .unwrap_or(Path::new(DEFAULT_MODEL)),
+    )
+}
+
+/// The local expert's cost on the stream and, where its label of every item
+/// is known (an LLM-only run, or a cascade run with `--expert-cache` after an
+/// LLM-only run filled it), the expert alone's accuracy and the run's
+/// agreement with it. Labels missing from the cache are computed here, after
+/// the stream and outside its wall time.
+fn measure_local_expert(
+    expert: &LocalExpert,
+    spec: &Replay,
+    stream: &[&Item],
+    predictions: &[(AnsweredBy, Option<usize>)],
+    summary: &mut Summary,
+) -> Result<LiveExpertReport> {
+    let compute = expert.compute_time();
+    let peak_rss_mb = crate::bench_encoder::peak_rss_mb();
+    let has_cache = spec
+        .local_expert
+        .as_ref()
+        .is_some_and(|c| c.cache.is_some());
+    let all_deferred = predictions.iter().all(|(by, _)| *by == AnsweredBy::Llm);
+    let mut reference_items = 0;
+    if has_cache || all_deferred {
+        let mut progress = Progress::new(stream.len() as u64, "expert-alone labels");
+        let (mut agree, mut expert_correct, mut with_gold) = (0u64, 0u64, 0u64);
+        for (item, (by, prediction)) in stream.iter().zip(predictions) {
+            let reference = match by {
+                AnsweredBy::Llm => *prediction,
+                AnsweredBy::Level(_) => {
+                    reference_items += 1;
+                    Some(expert.label_now(&item.text, true)?.label)
+                }
+            };
+            agree += u64::from(reference == *prediction);
+            if let Some(gold) = item.gold {
+                with_gold += 1;
+                expert_correct += u64::from(reference == Some(gold));
+            }
+            progress.inc(1);
+        }
+        progress.finish();
+        summary.agreement_with_llm = Some(agree as f64 / stream.len().max(1) as f64);
+        summary.llm_accuracy = (with_gold > 0).then(|| expert_correct as f64 / with_gold as f64);
+    }
+    let seconds = compute.elapsed.as_secs_f64();
+    let per_second = |n: u64| {
+        if seconds > 0.0 {
+            n as f64 / seconds
+        } else {
+            0.0
+        }
+    };
+    Ok(LiveExpertReport {
+        model: spec
+            .local_expert
+            .as_ref()
+            .map(|c| c.model.display().to_string())
+            .unwrap_or_default(),
+        prompts: compute.prompts,
+        prompt_tokens: compute.prompt_tokens,
+        model_seconds: seconds,
+        prompt_tokens_per_second: per_second(compute.prompt_tokens),
+        labels_per_second: per_second(compute.prompts),
+        reference_items,
+        peak_rss_mb,
+    })
+}
+
+fn print_live_expert(live: &LiveExpertReport, summary: &Summary) {
+    println!(
+        "local expert {}: {} prompts, {} prompt tokens in {:.1} s ({:.0} tokens/s, {:.2} labels/s), peak RSS {:.0} MB",
+        live.model,
+        live.prompts,
+        live.prompt_tokens,
+        live.model_seconds,
+        live.prompt_tokens_per_second,
+        live.labels_per_second,
+        live.peak_rss_mb
+    );
+    if summary.agreement_with_llm.is_none() {
+        println!("agreement with the expert alone: not measured (give --expert-cache filled by an LLM-only run)");
+    } else if live.reference_items > 0 {
+        println!(
+            "agreement and LLM-alone accuracy use the expert's labels of {} student-answered items, from --expert-cache or computed after the stream",
+            live.reference_items
         );
     }
 }

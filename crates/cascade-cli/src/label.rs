@@ -7,8 +7,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use cascade::Task;
-use cascade_expert::{Expert, OpenAiConfig, OpenAiExpert};
-use clap::Args;
+use cascade_expert::local::DEFAULT_MODEL;
+use cascade_expert::{Expert, LocalConfig, LocalExpert, OpenAiConfig, OpenAiExpert};
+use clap::{Args, ValueEnum};
 use serde_json::{json, Value};
 
 use crate::progress::Progress;
@@ -24,6 +25,16 @@ pub struct LabelArgs {
     /// JSONL output, one record per input line; `-` for stdout.
     #[arg(long, default_value = "-")]
     output: String,
+    /// `openai`: an OpenAI-compatible chat-completions API. `local`: a GGUF
+    /// model (Gemma 3) on this machine, asked with the task's few-shot prompt.
+    #[arg(long, value_enum, default_value = "openai")]
+    expert: LabelExpert,
+    /// Local expert: the GGUF file.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    local_model: PathBuf,
+    /// Local expert: texts are cut to this many tokens.
+    #[arg(long, default_value_t = 384)]
+    max_text_tokens: usize,
     /// Expert settings as TOML (the fields of the chat-completions expert);
     /// flags below override it.
     #[arg(long)]
@@ -57,6 +68,12 @@ pub struct LabelArgs {
     /// Lines handed to the expert at once (memory bound; order is kept).
     #[arg(long, default_value_t = 256)]
     chunk: usize,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum LabelExpert {
+    Openai,
+    Local,
 }
 
 /// One input line, parsed.
@@ -142,26 +159,58 @@ fn expert_config(args: &LabelArgs) -> Result<OpenAiConfig> {
         config.cache = Some(v.clone());
     }
     if config.cache.is_none() {
-        let name: String = config
-            .model
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        config.cache = Some(PathBuf::from(".cache/responses").join(format!("{name}.jsonl")));
+        config.cache = Some(default_cache(&config.model));
     }
     Ok(config)
 }
 
+/// .cache/responses/<model, as a file name>.jsonl
+fn default_cache(model: &str) -> PathBuf {
+    let name: String = model
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    PathBuf::from(".cache/responses").join(format!("{name}.jsonl"))
+}
+
 pub fn run(args: &LabelArgs) -> Result<()> {
     let task = Task::load(&args.task)?;
-    let config = expert_config(args)?;
-    let expert = OpenAiExpert::new(config, task.clone())?;
+    match args.expert {
+        LabelExpert::Openai => {
+            let expert = OpenAiExpert::new(expert_config(args)?, task.clone())?;
+            label_stream(args, &task, &expert)
+        }
+        LabelExpert::Local => {
+            let model_name = args
+                .local_model
+                .file_name()
+                .map(|n| format!("local-{}", n.to_string_lossy()))
+                .unwrap_or_else(|| "local".into());
+            let config = LocalConfig {
+                model: args.local_model.clone(),
+                max_text_tokens: args.max_text_tokens,
+                cache: Some(
+                    args.cache
+                        .clone()
+                        .unwrap_or_else(|| default_cache(&model_name)),
+                ),
+            };
+            let expert = LocalExpert::load(&config, task.clone()).with_context(|| {
+                format!("loading the local expert {}", args.local_model.display())
+            })?;
+            label_stream(args, &task, &expert)
+        }
+    }
+}
+
+/// Labels the input with `expert` and writes one record per input line.
+fn label_stream<E: Expert>(args: &LabelArgs, task: &Task, expert: &E) -> Result<()> {
     let input: Box<dyn BufRead> = match args.input.as_str() {
         "-" => Box::new(std::io::stdin().lock()),
         path => Box::new(std::io::BufReader::new(

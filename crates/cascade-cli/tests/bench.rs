@@ -324,3 +324,61 @@ fn distilled_baseline_needs_a_budget() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--llm-budget"));
 }
+
+/// The real Gemma 3 270M GGUF, which `scripts/setup.sh` fetches.
+fn local_model() -> PathBuf {
+    let path = repo_root().join("models/gemma-3-270m/gemma-3-270m-q4_k_m.gguf");
+    assert!(path.is_file(), "{}: run scripts/setup.sh", path.display());
+    path
+}
+
+#[test]
+fn a_local_expert_plays_the_llm_live() {
+    let imdb = shared_data("imdb");
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("local.jsonl");
+    let model = local_model();
+    let live = [
+        "--expert",
+        "local",
+        "--local-model",
+        model.to_str().unwrap(),
+        "--max-text-tokens",
+        "48",
+        "--expert-cache",
+        cache.to_str().unwrap(),
+        "--limit",
+        "12",
+    ];
+    // The expert alone: every item is a prompt, and it fills the cache.
+    let mut flags = live.to_vec();
+    flags.extend(["--baseline", "llm-only"]);
+    let alone = bench(&imdb, &flags);
+    assert_eq!(number(&alone, "llm_calls"), 12.0);
+    assert_eq!(alone["live_expert"]["prompts"], 12);
+    assert_eq!(number(&alone, "agreement_with_llm"), 1.0);
+    assert_eq!(number(&alone, "accuracy"), number(&alone, "llm_accuracy"));
+    assert_eq!(std::fs::read_to_string(&cache).unwrap().lines().count(), 12);
+
+    // A cascade: only deferred items run the model; agreement with the expert
+    // alone comes from the cache, not from new prompts.
+    let mut flags = live.to_vec();
+    flags.extend(["--config", "configs/imdb-lr.toml", "--llm-budget", "6"]);
+    let cascade = bench(&imdb, &flags);
+    let calls = number(&cascade, "llm_calls");
+    assert!(calls < 12.0, "{cascade}");
+    assert_eq!(number(&cascade["live_expert"], "prompts"), calls);
+    assert_eq!(
+        number(&cascade["live_expert"], "reference_items"),
+        12.0 - calls
+    );
+    assert!(cascade["agreement_with_llm"].is_number(), "{cascade}");
+    assert_eq!(
+        number(&cascade, "llm_accuracy"),
+        number(&alone, "llm_accuracy")
+    );
+    assert_eq!(
+        std::fs::read_to_string(&cache).unwrap().lines().count(),
+        12 + calls as usize
+    );
+}

@@ -125,3 +125,53 @@ async fn every_line_gets_one_record_and_a_rerun_pays_nothing() {
     assert_eq!(again[7]["status"], "ok");
     assert_eq!(again[6]["status"], "error");
 }
+
+#[test]
+fn the_local_expert_labels_a_stream_offline() {
+    let model = repo_root().join("models/gemma-3-270m/gemma-3-270m-q4_k_m.gguf");
+    assert!(model.is_file(), "{}: run scripts/setup.sh", model.display());
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let output = dir.path().join("out.jsonl");
+    std::fs::write(
+        &input,
+        "{\"id\": 1, \"text\": \"A wonderful, moving film. I loved it.\"}\nDreadful and boring; I walked out.\n{\"id\": 3}\n",
+    )
+    .unwrap();
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_cascade"))
+            .args(["label", "--task", "tasks/imdb.toml", "--expert", "local"])
+            .arg("--local-model")
+            .arg(&model)
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(&output)
+            .arg("--cache")
+            .arg(dir.path().join("cache.jsonl"))
+            .current_dir(repo_root())
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let records: Vec<Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 3);
+    assert_eq!(records[0]["label"], "pos");
+    assert_eq!(records[1]["label"], "neg");
+    assert_eq!(records[2]["status"], "bad_input");
+    assert_eq!(records[0]["cached"], false);
+    // A re-run is served from the cache.
+    let second = run();
+    assert!(second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("0 requests"), "{stderr}");
+}

@@ -4,11 +4,14 @@
 
 pub mod cache;
 pub mod expert;
+pub mod gemma;
+pub mod local;
 pub mod openai;
 pub mod replay;
 pub mod sentencepiece;
 pub mod testing;
 
 pub use expert::{Answer, Expert, ExpertError, Usage};
+pub use local::{LocalConfig, LocalError, LocalExpert};
 pub use openai::{OpenAiConfig, OpenAiExpert, SetupError};
 pub use replay::{read_labels, Dataset, Item, ReplayError, StreamOrder};
