@@ -27,7 +27,7 @@ pub enum CascadeError {
 }
 
 /// How levels decide to answer.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Routing {
     /// The paper's learned gates with decaying exploration.
     Gated,
@@ -97,6 +97,29 @@ pub struct Cascade {
     /// budget left when warm-up ends.
     fixed_from_budget: bool,
     rng: ChaCha8Rng,
+}
+
+/// What [`Cascade::save_state`] writes.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CascadeState {
+    levels: Vec<LevelState>,
+    gates: Vec<Gate>,
+    labels: usize,
+    mu: f64,
+    routing: Routing,
+    budget: Option<BudgetController>,
+    fixed_from_budget: bool,
+    rng: ChaCha8Rng,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LevelState {
+    name: String,
+    student: Vec<u8>,
+    cache: Vec<(String, usize)>,
+    history: Vec<(String, usize)>,
+    replay_rng: ChaCha8Rng,
+    updates: u64,
 }
 
 /// Gates train during warm-up once every level has trained more than this often.
@@ -238,6 +261,74 @@ impl Cascade {
         for level in &mut self.levels {
             level.student.precompute(texts)?;
         }
+        Ok(())
+    }
+
+    /// Everything the cascade has learned, as bytes: students, gates, caches,
+    /// replay histories, counters, the budget controller and every RNG. A
+    /// cascade built from the same config and given these bytes by
+    /// [`Cascade::load_state`] makes the same decisions as this one from here on.
+    pub fn save_state(&self) -> Result<Vec<u8>, CascadeError> {
+        let levels = self
+            .levels
+            .iter()
+            .map(|level| {
+                Ok(LevelState {
+                    name: level.name.clone(),
+                    student: level.student.save_state()?,
+                    cache: level.cache.clone(),
+                    history: level.history.clone(),
+                    replay_rng: level.replay_rng.clone(),
+                    updates: level.updates,
+                })
+            })
+            .collect::<Result<_, CascadeError>>()?;
+        let state = CascadeState {
+            levels,
+            gates: self.gates.clone(),
+            labels: self.labels,
+            mu: self.mu,
+            routing: self.routing.clone(),
+            budget: self.budget.clone(),
+            fixed_from_budget: self.fixed_from_budget,
+            rng: self.rng.clone(),
+        };
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&state, &mut bytes)
+            .map_err(|e| CascadeError::Invalid(format!("encoding the cascade's state: {e}")))?;
+        Ok(bytes)
+    }
+
+    /// Restores [`Cascade::save_state`]'s bytes into a cascade built from the
+    /// same config. After an error, build a fresh cascade: this one may be
+    /// partly restored.
+    pub fn load_state(&mut self, bytes: &[u8]) -> Result<(), CascadeError> {
+        let state: CascadeState = ciborium::from_reader(bytes)
+            .map_err(|e| CascadeError::Invalid(format!("the saved state is unreadable: {e}")))?;
+        let names: Vec<&str> = state.levels.iter().map(|l| l.name.as_str()).collect();
+        if names != self.level_names() || state.labels != self.labels {
+            return Err(CascadeError::Invalid(format!(
+                "the saved state has levels {names:?} and {} labels; this cascade has {:?} and {}",
+                state.labels,
+                self.level_names(),
+                self.labels
+            )));
+        }
+        for (level, saved) in self.levels.iter_mut().zip(&state.levels) {
+            level.student.load_state(&saved.student)?;
+        }
+        for (level, saved) in self.levels.iter_mut().zip(state.levels) {
+            level.cache = saved.cache;
+            level.history = saved.history;
+            level.replay_rng = saved.replay_rng;
+            level.updates = saved.updates;
+        }
+        self.gates = state.gates;
+        self.mu = state.mu;
+        self.routing = state.routing;
+        self.budget = state.budget;
+        self.fixed_from_budget = state.fixed_from_budget;
+        self.rng = state.rng;
         Ok(())
     }
 

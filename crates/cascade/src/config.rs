@@ -4,7 +4,7 @@
 //! one `[[levels]]` table per student with its cache, cost, training schedule
 //! and gate (the authors' "wrapper") settings.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -117,7 +117,7 @@ pub struct GateConfig {
     pub hidden: usize,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Optimizer {
     Adagrad,
@@ -125,7 +125,7 @@ pub enum Optimizer {
     Ftrl,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum IdfMode {
     /// Document frequencies of the texts seen so far (no look-ahead).

@@ -24,7 +24,7 @@ const ADAM_EPSILON: f32 = 1e-8;
 const MIN_PROBABILITY: f32 = 1e-7;
 
 /// `Linear(inputs, hidden) → ReLU → Linear(hidden, 1) → Sigmoid`, trained with Adam.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Gate {
     inputs: usize,
     hidden: usize,

@@ -187,3 +187,99 @@ fn budgeted_runs_are_deterministic() {
     };
     assert_eq!(run(), run());
 }
+
+/// Two levels with replay, under a budget: every kind of state a checkpoint holds.
+fn stateful_config(seed: u64) -> CascadeConfig {
+    CascadeConfig::from_toml(&format!(
+        r#"
+        mu = 5e-4
+        seed = {seed}
+        warmup_updates = 5
+        combine_levels = true
+        [[levels]]
+        name = "small"
+        kind = "logreg"
+        cost = 10
+        cache_size = 4
+        replay = 8
+        [levels.gate]
+        decaying_factor = 0.95
+        calibration = 0.3
+        [levels.logreg]
+        buckets = 4096
+        ngrams = 1
+        [[levels]]
+        name = "big"
+        kind = "logreg"
+        cost = 1182
+        cache_size = 8
+        replay = 16
+        [levels.gate]
+        decaying_factor = 0.95
+        calibration = 0.3
+        [levels.logreg]
+        buckets = 16384
+        optimizer = "adam"
+        lr = 0.05
+        "#
+    ))
+    .unwrap()
+}
+
+#[test]
+fn save_restore_continue_equals_never_stopping() {
+    // Property over random streams and random checkpoint points.
+    let mut rng = ChaCha8Rng::seed_from_u64(99);
+    for case in 0..6 {
+        let len = rng.random_range(200..900);
+        let stream = synthetic_stream(len, 100 + case);
+        let seed = rng.random_range(0..1000);
+        let build = || {
+            let mut cascade = Cascade::new(&stateful_config(seed), LABELS, Routing::Gated).unwrap();
+            if case % 2 == 0 {
+                let calls = len as u64 / 3;
+                cascade.set_budget(
+                    Budget::Calls {
+                        calls,
+                        stream_length: len as u64,
+                    },
+                    0.01,
+                    0.7,
+                );
+            }
+            cascade
+        };
+        let (_, uninterrupted) = replay(&mut build(), &stream);
+        let mut stops: Vec<usize> = (0..3).map(|_| rng.random_range(0..len)).collect();
+        stops.sort();
+        let mut trace = Vec::new();
+        let mut state: Option<Vec<u8>> = None;
+        let mut start = 0;
+        for &stop in stops.iter().chain([&len]) {
+            // A fresh cascade from the config, then the saved state: as after a restart.
+            let mut cascade = build();
+            if let Some(bytes) = &state {
+                cascade.load_state(bytes).unwrap();
+            }
+            trace.extend(replay(&mut cascade, &stream[start..stop]).1);
+            state = Some(cascade.save_state().unwrap());
+            start = stop;
+        }
+        assert_eq!(trace, uninterrupted, "case {case}: stops at {stops:?}");
+        // And the state itself: saving the restored cascade gives the same bytes.
+        let mut restored = build();
+        restored.load_state(state.as_ref().unwrap()).unwrap();
+        assert_eq!(&restored.save_state().unwrap(), state.as_ref().unwrap());
+    }
+}
+
+#[test]
+fn a_state_from_another_config_is_refused() {
+    let cascade = Cascade::new(&stateful_config(1), LABELS, Routing::Gated).unwrap();
+    let state = cascade.save_state().unwrap();
+    let mut other = Cascade::new(&config(1), LABELS, Routing::Gated).unwrap();
+    let err = other.load_state(&state).unwrap_err().to_string();
+    assert!(err.contains("levels"), "{err}");
+    let err = other.load_state(b"not a state").unwrap_err().to_string();
+    assert!(err.contains("unreadable"), "{err}");
+}

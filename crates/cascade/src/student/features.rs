@@ -8,7 +8,7 @@
 /// A sparse, L2-normalised feature vector: (bucket, value), buckets ascending and distinct.
 pub type SparseVector = Vec<(u32, f32)>;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct HashedTfidf {
     mask: u64,
     max_ngram: usize,

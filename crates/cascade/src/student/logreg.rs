@@ -3,7 +3,7 @@
 
 use super::features::HashedTfidf;
 use super::softmax_regression::SoftmaxRegression;
-use super::{Demonstration, Student, StudentError};
+use super::{decode_state, encode_state, Demonstration, Student, StudentError};
 use crate::config::{IdfMode, LogRegConfig};
 
 pub struct LogReg {
@@ -72,6 +72,23 @@ impl Student for LogReg {
         if self.idf == IdfMode::Prefit {
             self.features.prefit(corpus);
         }
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>, StudentError> {
+        encode_state(&self.name, &(&self.features, &self.model))
+    }
+
+    fn load_state(&mut self, state: &[u8]) -> Result<(), StudentError> {
+        let (features, model): (HashedTfidf, SoftmaxRegression) = decode_state(&self.name, state)?;
+        if features.buckets() != self.features.buckets() || !model.same_shape(&self.model) {
+            return Err(StudentError::Failed {
+                student: self.name.clone(),
+                reason: "the checkpoint was written with other buckets or labels".into(),
+            });
+        }
+        self.features = features;
+        self.model = model;
+        Ok(())
     }
 }
 

@@ -51,6 +51,47 @@ pub trait Student: Send {
     fn precompute(&mut self, _texts: &[&str]) -> Result<(), StudentError> {
         Ok(())
     }
+
+    /// Everything the student has learned (weights, optimiser moments, corpus
+    /// statistics), for checkpoints; caches that can be recomputed are left out.
+    fn save_state(&self) -> Result<Vec<u8>, StudentError> {
+        Err(StudentError::Failed {
+            student: self.name().to_string(),
+            reason: "this kind of student cannot be checkpointed yet".into(),
+        })
+    }
+
+    /// Restores what `save_state` wrote, into a student built from the same config.
+    fn load_state(&mut self, _state: &[u8]) -> Result<(), StudentError> {
+        Err(StudentError::Failed {
+            student: self.name().to_string(),
+            reason: "this kind of student cannot be checkpointed yet".into(),
+        })
+    }
+}
+
+/// Encodes a student's state (CBOR).
+pub(crate) fn encode_state<T: serde::Serialize>(
+    student: &str,
+    state: &T,
+) -> Result<Vec<u8>, StudentError> {
+    let mut bytes = Vec::new();
+    ciborium::into_writer(state, &mut bytes).map_err(|e| StudentError::Failed {
+        student: student.to_string(),
+        reason: format!("encoding its state: {e}"),
+    })?;
+    Ok(bytes)
+}
+
+/// Decodes a student's state written by [`encode_state`].
+pub(crate) fn decode_state<T: serde::de::DeserializeOwned>(
+    student: &str,
+    bytes: &[u8],
+) -> Result<T, StudentError> {
+    ciborium::from_reader(bytes).map_err(|e| StudentError::Failed {
+        student: student.to_string(),
+        reason: format!("its checkpointed state is unreadable: {e}"),
+    })
 }
 
 /// Builds the student a level's config describes.

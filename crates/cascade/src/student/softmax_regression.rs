@@ -5,6 +5,7 @@
 use super::features::SparseVector;
 use crate::config::Optimizer;
 
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SoftmaxRegression {
     inputs: usize,
     labels: usize,
@@ -42,6 +43,11 @@ impl SoftmaxRegression {
             state_b: vec![0.0; state_b_size],
             steps: 0,
         }
+    }
+
+    /// Same inputs, labels and optimiser: a checkpoint of one fits the other.
+    pub fn same_shape(&self, other: &Self) -> bool {
+        (self.inputs, self.labels, self.optimizer) == (other.inputs, other.labels, other.optimizer)
     }
 
     pub fn probabilities(&self, x: &SparseVector) -> Vec<f32> {

@@ -158,6 +158,23 @@ impl Student for EmbeddingHead {
     fn precompute(&mut self, texts: &[&str]) -> Result<(), StudentError> {
         self.fill_cache(texts)
     }
+
+    /// The head only: the encoder is frozen and the embeddings can be recomputed.
+    fn save_state(&self) -> Result<Vec<u8>, StudentError> {
+        crate::student::encode_state(&self.name, &self.head)
+    }
+
+    fn load_state(&mut self, state: &[u8]) -> Result<(), StudentError> {
+        let head: SoftmaxRegression = crate::student::decode_state(&self.name, state)?;
+        if !head.same_shape(&self.head) {
+            return Err(StudentError::Failed {
+                student: self.name.clone(),
+                reason: "the checkpoint was written for another encoder or labels".into(),
+            });
+        }
+        self.head = head;
+        Ok(())
+    }
 }
 
 /// A file name per model folder and length limit.
