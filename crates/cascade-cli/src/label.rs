@@ -10,8 +10,9 @@ use cascade::Task;
 use cascade_expert::local::DEFAULT_MODEL;
 use cascade_expert::{Expert, LocalConfig, LocalExpert, OpenAiConfig, OpenAiExpert};
 use clap::{Args, ValueEnum};
-use serde_json::{json, Value};
+use serde_json::json;
 
+use crate::input::{read_item, InputItem, RawLine};
 use crate::progress::Progress;
 
 #[derive(Args, Debug)]
@@ -74,43 +75,6 @@ pub struct LabelArgs {
 enum LabelExpert {
     Openai,
     Local,
-}
-
-/// One input line, parsed.
-struct InputItem {
-    line: usize,
-    id: Value,
-    text: String,
-}
-
-/// JSON with a non-empty `text` (and any `id`), or a plain text line.
-fn parse_line(line: usize, raw: &str) -> Result<InputItem, String> {
-    let trimmed = raw.trim_end_matches(['\r', '\n']);
-    if trimmed.trim_start().starts_with('{') {
-        let value: Value =
-            serde_json::from_str(trimmed).map_err(|e| format!("invalid JSON: {e}"))?;
-        let text = value
-            .get("text")
-            .and_then(Value::as_str)
-            .ok_or("no string field `text`")?;
-        if text.trim().is_empty() {
-            return Err("empty `text`".into());
-        }
-        let id = value.get("id").cloned().unwrap_or(json!(line));
-        Ok(InputItem {
-            line,
-            id,
-            text: text.to_string(),
-        })
-    } else if trimmed.trim().is_empty() {
-        Err("empty line".into())
-    } else {
-        Ok(InputItem {
-            line,
-            id: json!(line),
-            text: trimmed.to_string(),
-        })
-    }
 }
 
 fn expert_config(args: &LabelArgs) -> Result<OpenAiConfig> {
@@ -243,10 +207,7 @@ fn label_stream<E: Expert>(args: &LabelArgs, task: &Task, expert: &E) -> Result<
             .enumerate()
             .map(|(i, raw)| {
                 let line = chunk_index * args.chunk.max(1) + i + 1;
-                match std::str::from_utf8(raw) {
-                    Ok(text) => parse_line(line, text),
-                    Err(_) => Err("invalid UTF-8".into()),
-                }
+                read_item(line, RawLine::Bytes(raw.clone()), usize::MAX)
             })
             .collect();
         let texts: Vec<String> = parsed

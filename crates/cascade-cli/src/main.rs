@@ -2,10 +2,12 @@
 
 mod bench;
 mod bench_encoder;
+mod input;
 mod label;
 mod progress;
 mod report;
 mod reproduce;
+mod run;
 
 use std::process::ExitCode;
 
@@ -33,6 +35,8 @@ enum Command {
     Reproduce(reproduce::ReproduceArgs),
     /// Regenerate table1.md and the figures from a grid's results.json.
     Report(report::ReportArgs),
+    /// Run a cascade over a JSONL stream: one record per line, checkpoints, resume.
+    Run(run::RunArgs),
 }
 
 /// glibc hands large freed blocks back to the OS and page-faults fresh ones in
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
         Command::Label(args) => label::run(&args),
         Command::Reproduce(args) => reproduce::run(&args),
         Command::Report(args) => report::run(&args),
+        Command::Run(args) => run::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

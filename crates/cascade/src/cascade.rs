@@ -332,6 +332,13 @@ impl Cascade {
         Ok(())
     }
 
+    /// The deepest student's level and probabilities, for when the LLM gives
+    /// no label. Changes nothing the cascade has learned.
+    pub fn fallback(&mut self, text: &str) -> Result<(usize, Vec<f32>), CascadeError> {
+        let level = self.levels.len() - 1;
+        Ok((level, self.predict(level, text)?))
+    }
+
     /// Fits corpus statistics of students configured to look ahead (`idf = "prefit"`).
     pub fn prefit(&mut self, corpus: &[&str]) {
         for level in &mut self.levels {

@@ -1,0 +1,320 @@
+//! `cascade run` end to end: SIGKILL at random points and resume gives the
+//! uninterrupted run's output exactly; bad lines and expert failures each get
+//! the right record and never stop the stream.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use cascade::Task;
+use cascade_expert::{Dataset, StreamOrder};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::Value;
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn imdb() -> PathBuf {
+    repo_root().join("../shared/data/imdb")
+}
+
+/// LR → LLM with a small hashing space, so a test run is quick.
+const CONFIG: &str = r#"
+mu = 4.25e-4
+seed = 42
+warmup_updates = 10
+[[levels]]
+name = "lr"
+kind = "logreg"
+cost = 1182
+cache_size = 8
+replay = 16
+[levels.gate]
+lr = 7e-4
+regularization = 1e-4
+decaying_factor = 0.97
+calibration = 0.40
+[levels.logreg]
+buckets = 65536
+ngrams = 2
+optimizer = "adagrad"
+lr = 0.5
+"#;
+
+/// Writes the first `n` IMDB test items as JSONL and the config; returns their paths.
+fn setup(dir: &Path, n: usize) -> (PathBuf, PathBuf) {
+    let task = Task::preset("imdb").unwrap();
+    let dataset = Dataset::load(&imdb(), &task, "gpt35").unwrap();
+    let stream = dataset.stream(&StreamOrder::Test).unwrap();
+    let input = dir.join("in.jsonl");
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&input).unwrap());
+    for item in stream.iter().take(n) {
+        let line = serde_json::json!({"id": item.id, "text": item.text});
+        writeln!(file, "{line}").unwrap();
+    }
+    file.flush().unwrap();
+    let config = dir.join("config.toml");
+    std::fs::write(&config, CONFIG).unwrap();
+    (input, config)
+}
+
+fn run_command(input: &Path, output: &Path, config: &Path, extra: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cascade"));
+    command
+        .args([
+            "run",
+            "--task",
+            "imdb",
+            "--expert",
+            "replay",
+            "--replay-data",
+        ])
+        .arg(imdb())
+        .arg("--config")
+        .arg(config)
+        .arg("--input")
+        .arg(input)
+        .arg("--output")
+        .arg(output)
+        .args(extra)
+        .current_dir(repo_root());
+    command
+}
+
+fn records(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn succeed(output: Output) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert!(output.status.success(), "{stderr}");
+    stderr
+}
+
+/// Kills `cascade run --state` with SIGKILL at random points, resuming each
+/// time, and compares the final output with an uninterrupted run's.
+/// `CASCADE_CRASH_FULL=1`: the whole IMDB test stream and ≥ 20 kills.
+#[test]
+fn killed_and_resumed_runs_equal_an_uninterrupted_run() {
+    let full = std::env::var("CASCADE_CRASH_FULL").is_ok_and(|v| v == "1");
+    let (items, kills_wanted, delay_ms) = if full {
+        (12_500, 20, "1")
+    } else {
+        (2_500, 6, "1")
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (input, config) = setup(dir.path(), items);
+    let reference = dir.path().join("reference.jsonl");
+    let started = Instant::now();
+    succeed(
+        run_command(
+            &input,
+            &reference,
+            &config,
+            &["--replay-delay-ms", delay_ms],
+        )
+        .output()
+        .unwrap(),
+    );
+    let uninterrupted = started.elapsed();
+
+    let output = dir.path().join("out.jsonl");
+    let state = dir.path().join("state");
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let (mut kills, mut attempts) = (0, 0);
+    loop {
+        attempts += 1;
+        assert!(attempts < 200, "no progress after {attempts} attempts");
+        let mut extra = vec!["--replay-delay-ms", delay_ms, "--checkpoint-every", "100"];
+        extra.extend(["--state", state.to_str().unwrap()]);
+        if state.join("checkpoint.cbor").exists() {
+            extra.push("--resume");
+        }
+        let mut child = run_command(&input, &output, &config, &extra)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let wait = if kills < kills_wanted {
+            rng.random_range(0.05..1.0) * uninterrupted.as_secs_f64() / kills_wanted as f64 * 2.0
+        } else {
+            f64::INFINITY
+        };
+        let deadline = Instant::now() + Duration::from_secs_f64(wait.min(600.0));
+        let finished = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if Instant::now() >= deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        match finished {
+            Some(status) => {
+                let out = child.wait_with_output().unwrap();
+                assert!(status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                break;
+            }
+            None => {
+                child.kill().unwrap(); // SIGKILL
+                child.wait().unwrap();
+                kills += 1;
+            }
+        }
+    }
+    assert!(kills >= kills_wanted, "{kills} kills");
+    let (got, want) = (records(&output), records(&reference));
+    assert_eq!(got.len(), items, "one record per input line");
+    let lines: Vec<u64> = got.iter().map(|r| r["line"].as_u64().unwrap()).collect();
+    assert_eq!(lines, (1..=items as u64).collect::<Vec<_>>());
+    assert_eq!(got, want, "same decisions as the uninterrupted run");
+    let llm = want.iter().filter(|r| r["answered_by"] == "llm").count();
+    assert!(llm > items / 10 && llm < items, "{llm} LLM answers");
+    eprintln!("{kills} kills in {attempts} starts; uninterrupted {uninterrupted:?}");
+}
+
+#[test]
+fn bad_lines_get_error_records_and_the_rest_is_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (good, config) = setup(dir.path(), 40);
+    let good = std::fs::read_to_string(good).unwrap();
+    let good: Vec<&str> = good.lines().collect();
+    let mut bytes = Vec::new();
+    let bad: [&[u8]; 7] = [
+        b"{\"id\": 1, \"text\": ",
+        b"{\"id\": 2}",
+        b"{\"id\": 3, \"text\": \"   \"}",
+        b"\xff\xfe\xfd",
+        b"",
+        b"{\"id\": 4, \"text\": [1, 2]}",
+        &[b'x'; 30_000],
+    ];
+    for (i, line) in good.iter().enumerate() {
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.push(b'\n');
+        if let Some(bad) = bad.get(i) {
+            bytes.extend_from_slice(bad);
+            bytes.push(b'\n');
+        }
+    }
+    let input = dir.path().join("mixed.jsonl");
+    std::fs::write(&input, bytes).unwrap();
+    let output = dir.path().join("out.jsonl");
+    let stderr = succeed(
+        run_command(&input, &output, &config, &["--max-line-bytes", "20000"])
+            .output()
+            .unwrap(),
+    );
+    let out = records(&output);
+    assert_eq!(out.len(), good.len() + bad.len());
+    let reasons = [
+        "invalid JSON",
+        "no string field `text`",
+        "empty `text`",
+        "invalid UTF-8",
+        "empty line",
+        "no string field `text`",
+        "max-line-bytes",
+    ];
+    for (i, reason) in reasons.iter().enumerate() {
+        let record = &out[2 * i + 1];
+        assert_eq!(record["status"], "bad_input", "{record}");
+        assert_eq!(record["line"], 2 * i as u64 + 2);
+        assert!(
+            record["error"].as_str().unwrap().contains(reason),
+            "{record}"
+        );
+    }
+    // Good lines are answered; the few whose recorded GPT-3.5 answer holds no
+    // label get the deepest student's answer instead.
+    let answered: Vec<&Value> = out.iter().filter(|r| r["status"] != "bad_input").collect();
+    assert_eq!(answered.len(), good.len());
+    assert!(answered
+        .iter()
+        .all(|r| r["status"] == "ok" || r["status"] == "expert_unavailable"));
+    assert!(answered
+        .iter()
+        .all(|r| r["label"] == "pos" || r["label"] == "neg"));
+    assert!(stderr.contains("7 bad input"), "{stderr}");
+}
+
+#[test]
+fn expert_failures_fall_back_to_the_deepest_student_or_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, config) = setup(dir.path(), 1);
+    // Ids the replay data does not know: the expert cannot answer them.
+    let input = dir.path().join("unknown.jsonl");
+    let lines: Vec<String> = (0..30)
+        .map(|i| format!("{{\"id\": \"x{i}\", \"text\": \"a film review number {i}\"}}"))
+        .collect();
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let output = dir.path().join("out.jsonl");
+    succeed(run_command(&input, &output, &config, &[]).output().unwrap());
+    let out = records(&output);
+    assert_eq!(out.len(), 30);
+    for record in &out {
+        assert_eq!(record["status"], "expert_unavailable", "{record}");
+        assert_eq!(record["answered_by"], "lr");
+        assert!(record["label"].is_string());
+        assert!(record["error"].as_str().unwrap().contains("not an item id"));
+    }
+    succeed(
+        run_command(&input, &output, &config, &["--on-expert-failure", "error"])
+            .output()
+            .unwrap(),
+    );
+    let out = records(&output);
+    assert_eq!(out.len(), 30);
+    assert!(out
+        .iter()
+        .all(|r| r["status"] == "error" && r["label"].is_null()));
+}
+
+#[test]
+fn state_misuse_is_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, config) = setup(dir.path(), 50);
+    let output = dir.path().join("out.jsonl");
+    let state = dir.path().join("state");
+    let state_args = ["--state", state.to_str().unwrap()];
+    succeed(
+        run_command(&input, &output, &config, &state_args)
+            .output()
+            .unwrap(),
+    );
+    // A finished run leaves its checkpoint: starting over must be explicit.
+    let again = run_command(&input, &output, &config, &state_args)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
+    // Resuming a finished run adds nothing.
+    let before = records(&output);
+    let mut resume = state_args.to_vec();
+    resume.push("--resume");
+    succeed(
+        run_command(&input, &output, &config, &resume)
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(records(&output), before);
+    // Another config cannot resume this state.
+    let other = dir.path().join("other.toml");
+    std::fs::write(&other, CONFIG.replace("seed = 42", "seed = 43")).unwrap();
+    let wrong = run_command(&input, &output, &other, &resume)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("another config"));
+    // Checkpoints need files to re-read and cut back.
+    let stdout = run_command(&input, Path::new("-"), &config, &state_args)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&stdout.stderr).contains("--state needs"));
+}
