@@ -4,6 +4,7 @@ mod bench;
 mod bench_encoder;
 mod input;
 mod label;
+mod live;
 mod progress;
 mod report;
 mod reproduce;

@@ -18,20 +18,19 @@ use std::io::{BufRead, BufReader, BufWriter, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use cascade::{Cascade, CascadeConfig, Outcome, Routing, Task};
-use cascade_expert::local::DEFAULT_MODEL;
-use cascade_expert::{Dataset, LocalConfig, LocalExpert, StreamOrder};
+use cascade::{Cascade, Outcome, Task};
 use clap::{Args, ValueEnum};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use crate::input::{read_item, InputItem, LineReader};
+use crate::live::{
+    fingerprint, load_cascade, read_checkpoint, write_checkpoint, Checkpoint, Counts, ExpertArgs,
+    LiveExpert, CHECKPOINT,
+};
 use crate::progress::Progress;
 
 #[derive(Args, Debug)]
@@ -42,25 +41,8 @@ pub struct RunArgs {
     /// Cascade config (TOML).
     #[arg(long)]
     config: PathBuf,
-    /// Who answers deferred items: `replay` (recorded answers, by item id) or
-    /// `local` (a GGUF model on this machine).
-    #[arg(long, value_enum, default_value = "replay")]
-    expert: RunExpert,
-    /// Replay expert: the data folder whose recorded answers play the LLM.
-    #[arg(long)]
-    replay_data: Option<PathBuf>,
-    /// Replay expert: the recorded answer field.
-    #[arg(long, default_value = "gpt35")]
-    expert_field: String,
-    /// Replay expert: delay per call in milliseconds (load and crash tests).
-    #[arg(long, default_value_t = 0)]
-    replay_delay_ms: u64,
-    /// Local expert: the GGUF file.
-    #[arg(long, default_value = DEFAULT_MODEL)]
-    local_model: PathBuf,
-    /// Local expert: texts are cut to this many tokens.
-    #[arg(long, default_value_t = 384)]
-    max_text_tokens: usize,
+    #[command(flatten)]
+    expert: ExpertArgs,
     /// JSONL with {"id", "text"} per line, or plain text lines; `-` for stdin.
     #[arg(long, default_value = "-")]
     input: String,
@@ -93,95 +75,14 @@ pub struct RunArgs {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
-enum RunExpert {
-    Replay,
-    Local,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
 enum OnExpertFailure {
     Student,
     Error,
 }
 
-/// Who answers deferred items.
-enum Expert {
-    Replay {
-        labels: std::collections::HashMap<u64, Option<usize>>,
-        delay: Duration,
-    },
-    Local(Box<LocalExpert>),
-}
-
-impl Expert {
-    /// The expert's label, or why there is none.
-    fn ask(&self, item: &InputItem) -> std::result::Result<usize, String> {
-        match self {
-            Self::Replay { labels, delay } => {
-                if !delay.is_zero() {
-                    std::thread::sleep(*delay);
-                }
-                let id = item
-                    .id
-                    .as_u64()
-                    .or_else(|| item.id.as_str().and_then(|s| s.parse().ok()))
-                    .ok_or_else(|| {
-                        format!("id {} is not an item id of the replay data", item.id)
-                    })?;
-                match labels.get(&id) {
-                    Some(Some(label)) => Ok(*label),
-                    Some(None) => Err("the recorded answer holds no label".into()),
-                    None => Err(format!("id {id} is not in the replay data")),
-                }
-            }
-            Self::Local(expert) => expert
-                .label_now(&item.text, true)
-                .map(|a| a.label)
-                .map_err(|e| e.to_string()),
-        }
-    }
-}
-
-/// Counters of a run; checkpointed with it.
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
-struct Counts {
-    lines: u64,
-    answered: Vec<u64>,
-    llm: u64,
-    bad_input: u64,
-    expert_unavailable: u64,
-    errors: u64,
-    audits: u64,
-    audit_agreements: u64,
-}
-
-#[derive(Serialize, Deserialize)]
-struct Checkpoint {
-    /// Hash of the config, task and expert settings the state belongs to.
-    fingerprint: String,
-    /// Input lines fully handled.
-    lines_done: u64,
-    /// Output bytes after those lines' records.
-    output_bytes: u64,
-    counts: Counts,
-    audit_rng: ChaCha8Rng,
-    cascade: Vec<u8>,
-}
-
-const CHECKPOINT: &str = "checkpoint.cbor";
-
 pub fn run(args: &RunArgs) -> Result<()> {
     let task = Task::load(&args.task)?;
-    let config_text = std::fs::read_to_string(&args.config)
-        .with_context(|| format!("reading {}", args.config.display()))?;
-    let mut config = CascadeConfig::from_toml(&config_text)
-        .with_context(|| format!("in {}", args.config.display()))?;
-    config
-        .validate()
-        .with_context(|| format!("in {}", args.config.display()))?;
-    for level in &mut config.levels {
-        level.resolve_model(&args.models);
-    }
+    let (mut cascade, config, config_text) = load_cascade(&args.config, &task, &args.models)?;
     if !(0.0..=1.0).contains(&args.audit_rate) {
         bail!("--audit-rate must be in [0, 1], got {}", args.audit_rate);
     }
@@ -191,21 +92,20 @@ pub fn run(args: &RunArgs) -> Result<()> {
     if args.state.is_some() && (args.input == "-" || args.output == "-") {
         bail!("--state needs --input and --output files (a resumed run re-reads the input and cuts the output back)");
     }
-    let expert = build_expert(args, &task)?;
-    let mut cascade = Cascade::new(&config, task.num_labels(), Routing::Gated)
-        .with_context(|| format!("in {}", args.config.display()))?;
+    let expert = LiveExpert::build(&args.expert, &task)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     let level_names: Vec<String> = cascade
         .level_names()
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let fingerprint = fingerprint(&config_text, &task, args);
+    let fingerprint = fingerprint(&config_text, &task, &args.expert, args.audit_rate);
 
     let checkpoint_path = args.state.as_ref().map(|dir| dir.join(CHECKPOINT));
-    let mut counts = Counts {
-        answered: vec![0; level_names.len()],
-        ..Counts::default()
-    };
+    let mut counts = Counts::new(level_names.len());
     let mut audit_rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0xa0d1);
     let mut lines_done = 0;
     let mut output_bytes = 0;
@@ -217,16 +117,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             ),
             (false, true) => bail!("--resume: no checkpoint at {}", path.display()),
             (true, true) => {
-                let bytes =
-                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-                let saved: Checkpoint = ciborium::from_reader(bytes.as_slice())
-                    .with_context(|| format!("{} is not a readable checkpoint", path.display()))?;
-                if saved.fingerprint != fingerprint {
-                    bail!(
-                        "{} was written with another config, task or expert",
-                        path.display()
-                    );
-                }
+                let saved = read_checkpoint(path, &fingerprint)?;
                 cascade
                     .load_state(&saved.cascade)
                     .with_context(|| format!("restoring {}", path.display()))?;
@@ -297,7 +188,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             }
             Ok(item) => handle(
                 &mut cascade,
-                &expert,
+                &|item: &InputItem| runtime.block_on(expert.ask(&item.id, &item.text)),
                 &item,
                 &task,
                 &level_names,
@@ -310,7 +201,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         counts.lines += 1;
         progress.inc(1);
         if counts.lines % 256 == 0 {
-            progress.set_message(status_line(&counts));
+            progress.set_message(counts.status_line());
         }
         if input.lines % args.checkpoint_every == 0 {
             save(&cascade, &counts, &audit_rng, &mut output, input.lines)?;
@@ -318,7 +209,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         if stop.load(Ordering::Relaxed) {
             save(&cascade, &counts, &audit_rng, &mut output, input.lines)?;
             progress.finish();
-            eprintln!("{}", status_line(&counts));
+            eprintln!("{}", counts.status_line());
             bail!(
                 "interrupted after input line {}; {}",
                 input.lines,
@@ -332,7 +223,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
     save(&cascade, &counts, &audit_rng, &mut output, input.lines)?;
     progress.finish();
-    eprintln!("{}", status_line(&counts));
+    eprintln!("{}", counts.status_line());
     Ok(())
 }
 
@@ -340,7 +231,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
 #[allow(clippy::too_many_arguments)]
 fn handle(
     cascade: &mut Cascade,
-    expert: &Expert,
+    ask: &dyn Fn(&InputItem) -> std::result::Result<usize, String>,
     item: &InputItem,
     task: &Task,
     level_names: &[String],
@@ -358,13 +249,13 @@ fn handle(
             record["probs"] = json!(routed.level_probs[level]);
             record["status"] = json!("ok");
             if audit_rng.random::<f64>() < args.audit_rate {
-                if let Ok(reference) = expert.ask(item) {
+                if let Ok(reference) = ask(item) {
                     counts.audits += 1;
                     counts.audit_agreements += u64::from(reference == label);
                 }
             }
         }
-        Outcome::Deferred(deferred) => match expert.ask(item) {
+        Outcome::Deferred(deferred) => match ask(item) {
             Ok(label) => {
                 cascade.learn(deferred, Some(label))?;
                 counts.llm += 1;
@@ -397,84 +288,6 @@ fn handle(
         },
     }
     Ok(record)
-}
-
-fn build_expert(args: &RunArgs, task: &Task) -> Result<Expert> {
-    Ok(match args.expert {
-        RunExpert::Replay => {
-            let dir = args
-                .replay_data
-                .as_ref()
-                .context("--expert replay needs --replay-data DIR")?;
-            let dataset = Dataset::load(dir, task, &args.expert_field)?;
-            let labels = dataset
-                .stream(&StreamOrder::All)?
-                .into_iter()
-                .map(|item| (item.id, item.expert))
-                .collect();
-            Expert::Replay {
-                labels,
-                delay: Duration::from_millis(args.replay_delay_ms),
-            }
-        }
-        RunExpert::Local => {
-            let config = LocalConfig {
-                model: args.local_model.clone(),
-                max_text_tokens: args.max_text_tokens,
-                cache: None,
-            };
-            let expert = LocalExpert::load(&config, task.clone()).with_context(|| {
-                format!("loading the local expert {}", args.local_model.display())
-            })?;
-            Expert::Local(Box::new(expert))
-        }
-    })
-}
-
-/// What a checkpoint must match to be resumed.
-fn fingerprint(config_text: &str, task: &Task, args: &RunArgs) -> String {
-    let mut hash = Sha256::new();
-    hash.update(config_text.as_bytes());
-    hash.update(format!(
-        "|{}|{:?}|{:?}|{:?}|{}|{}",
-        task.name(),
-        task.labels(),
-        args.expert,
-        args.replay_data,
-        args.expert_field,
-        args.audit_rate
-    ));
-    format!("{:x}", hash.finalize())
-}
-
-fn status_line(c: &Counts) -> String {
-    let items = c.lines - c.bad_input;
-    let share = |n: u64| 100.0 * n as f64 / items.max(1) as f64;
-    let mut line = format!(
-        "{} lines: {} bad input, LLM {:.1}%, expert unavailable {}, errors {}",
-        c.lines,
-        c.bad_input,
-        share(c.llm),
-        c.expert_unavailable,
-        c.errors
-    );
-    if c.audits > 0 {
-        let (p, half) = wilson(c.audit_agreements, c.audits);
-        line += &format!(
-            "; audited agreement {:.3} ± {:.3} ({} audits)",
-            p, half, c.audits
-        );
-    }
-    line
-}
-
-/// Wilson score interval at 95%: (centre, half-width).
-fn wilson(successes: u64, n: u64) -> (f64, f64) {
-    let (n, p, z) = (n as f64, successes as f64 / n as f64, 1.96f64);
-    let denominator = 1.0 + z * z / n;
-    let centre = (p + z * z / (2.0 * n)) / denominator;
-    let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / denominator;
-    (centre, half)
 }
 
 fn count_lines(path: &Path) -> Result<u64> {
@@ -553,38 +366,5 @@ impl Output {
                 Ok(0)
             }
         }
-    }
-}
-
-/// Temp file, fsync, rename, fsync the folder: a crash leaves the old
-/// checkpoint or the new one, never a torn one.
-fn write_checkpoint(path: &Path, checkpoint: &Checkpoint) -> Result<()> {
-    let temp = path.with_extension("cbor.tmp");
-    let mut file = BufWriter::new(
-        File::create(&temp).with_context(|| format!("creating {}", temp.display()))?,
-    );
-    ciborium::into_writer(checkpoint, &mut file).context("encoding the checkpoint")?;
-    let file = file.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all()?;
-    std::fs::rename(&temp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    if let Some(dir) = path.parent() {
-        File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wilson_interval_is_centred_and_shrinks() {
-        let (p, half) = wilson(90, 100);
-        assert!(
-            (p - 0.8852).abs() < 1e-3 && (half - 0.0596).abs() < 1e-3,
-            "{p} {half}"
-        );
-        let (_, wide) = wilson(9, 10);
-        assert!(wide > half);
     }
 }

@@ -1,0 +1,350 @@
+//! What `cascade run` and `cascade serve` share: the expert that answers
+//! deferred items, the run's counters, and checkpoints of the learner.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use cascade::{Cascade, CascadeConfig, Task};
+use cascade_expert::local::DEFAULT_MODEL;
+use cascade_expert::{
+    Dataset, Expert, LocalConfig, LocalExpert, OpenAiConfig, OpenAiExpert, StreamOrder, Usage,
+};
+use clap::{Args, ValueEnum};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+#[derive(Args, Debug, Clone)]
+pub struct ExpertArgs {
+    /// Who answers deferred items: `replay` (recorded answers, by item id),
+    /// `local` (a GGUF model on this machine) or `openai` (an OpenAI-compatible API).
+    #[arg(long, value_enum, default_value = "replay")]
+    pub expert: ExpertKind,
+    /// Replay expert: the data folder whose recorded answers play the LLM.
+    #[arg(long)]
+    pub replay_data: Option<PathBuf>,
+    /// Replay expert: the recorded answer field.
+    #[arg(long, default_value = "gpt35")]
+    pub expert_field: String,
+    /// Replay expert: delay per call in milliseconds (load and crash tests).
+    #[arg(long, default_value_t = 0)]
+    pub replay_delay_ms: u64,
+    /// Local expert: the GGUF file.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub local_model: PathBuf,
+    /// Local expert: texts are cut to this many tokens.
+    #[arg(long, default_value_t = 384)]
+    pub max_text_tokens: usize,
+    /// OpenAI expert: settings as TOML (the fields of the chat-completions expert).
+    #[arg(long)]
+    pub expert_config: Option<PathBuf>,
+    /// OpenAI expert: endpoint, e.g. http://127.0.0.1:8080/v1 (overrides --expert-config).
+    #[arg(long)]
+    pub base_url: Option<String>,
+    /// OpenAI expert: model name (overrides --expert-config).
+    #[arg(long)]
+    pub model: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+pub enum ExpertKind {
+    Replay,
+    Local,
+    Openai,
+}
+
+/// Who answers deferred items.
+#[derive(Clone)]
+pub enum LiveExpert {
+    Replay {
+        labels: Arc<HashMap<u64, Option<usize>>>,
+        delay: Duration,
+    },
+    Local(Arc<LocalExpert>),
+    OpenAi(Arc<OpenAiExpert>),
+}
+
+impl LiveExpert {
+    pub fn build(args: &ExpertArgs, task: &Task) -> Result<Self> {
+        Ok(match args.expert {
+            ExpertKind::Replay => {
+                let dir = args
+                    .replay_data
+                    .as_ref()
+                    .context("--expert replay needs --replay-data DIR")?;
+                let dataset = Dataset::load(dir, task, &args.expert_field)?;
+                let labels = dataset
+                    .stream(&StreamOrder::All)?
+                    .into_iter()
+                    .map(|item| (item.id, item.expert))
+                    .collect();
+                Self::Replay {
+                    labels: Arc::new(labels),
+                    delay: Duration::from_millis(args.replay_delay_ms),
+                }
+            }
+            ExpertKind::Local => {
+                let config = LocalConfig {
+                    model: args.local_model.clone(),
+                    max_text_tokens: args.max_text_tokens,
+                    cache: None,
+                };
+                let expert = LocalExpert::load(&config, task.clone()).with_context(|| {
+                    format!("loading the local expert {}", args.local_model.display())
+                })?;
+                Self::Local(Arc::new(expert))
+            }
+            ExpertKind::Openai => {
+                let mut config = match &args.expert_config {
+                    Some(path) => {
+                        let text = std::fs::read_to_string(path)
+                            .with_context(|| format!("reading {}", path.display()))?;
+                        toml::from_str::<OpenAiConfig>(&text)
+                            .with_context(|| format!("in {}", path.display()))?
+                    }
+                    None => OpenAiConfig::new(
+                        args.base_url
+                            .clone()
+                            .context("--expert openai needs --base-url (or --expert-config)")?,
+                        args.model
+                            .clone()
+                            .context("--expert openai needs --model (or --expert-config)")?,
+                    ),
+                };
+                if let Some(v) = &args.base_url {
+                    config.base_url = v.clone();
+                }
+                if let Some(v) = &args.model {
+                    config.model = v.clone();
+                }
+                Self::OpenAi(Arc::new(OpenAiExpert::new(config, task.clone())?))
+            }
+        })
+    }
+
+    /// The expert's label for an item, or why there is none (after the
+    /// expert's own bounded retries).
+    pub async fn ask(&self, id: &Value, text: &str) -> std::result::Result<usize, String> {
+        match self {
+            Self::Replay { labels, delay } => {
+                if !delay.is_zero() {
+                    tokio::time::sleep(*delay).await;
+                }
+                let key = id
+                    .as_u64()
+                    .or_else(|| id.as_str().and_then(|s| s.parse().ok()))
+                    .ok_or_else(|| format!("id {id} is not an item id of the replay data"))?;
+                match labels.get(&key) {
+                    Some(Some(label)) => Ok(*label),
+                    Some(None) => Err("the recorded answer holds no label".into()),
+                    None => Err(format!("id {key} is not in the replay data")),
+                }
+            }
+            Self::Local(expert) => {
+                // The forward pass is CPU-bound: keep it off the async workers.
+                let (expert, text) = (Arc::clone(expert), text.to_string());
+                tokio::task::spawn_blocking(move || expert.label_now(&text, true))
+                    .await
+                    .map_err(|e| format!("local expert task failed: {e}"))?
+                    .map(|a| a.label)
+                    .map_err(|e| e.to_string())
+            }
+            Self::OpenAi(expert) => expert
+                .label(text)
+                .await
+                .map(|a| a.label)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    pub fn usage(&self) -> Usage {
+        match self {
+            Self::Replay { .. } => Usage::default(),
+            Self::Local(expert) => expert.usage(),
+            Self::OpenAi(expert) => expert.usage(),
+        }
+    }
+}
+
+/// Reads, validates and resolves a cascade config; builds the cascade.
+pub fn load_cascade(
+    path: &Path,
+    task: &Task,
+    models: &Path,
+) -> Result<(Cascade, CascadeConfig, String)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut config =
+        CascadeConfig::from_toml(&text).with_context(|| format!("in {}", path.display()))?;
+    config
+        .validate()
+        .with_context(|| format!("in {}", path.display()))?;
+    for level in &mut config.levels {
+        level.resolve_model(models);
+    }
+    let cascade = Cascade::new(&config, task.num_labels(), cascade::Routing::Gated)
+        .with_context(|| format!("in {}", path.display()))?;
+    Ok((cascade, config, text))
+}
+
+/// Counters of a run or a service; checkpointed with it.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Counts {
+    pub lines: u64,
+    pub answered: Vec<u64>,
+    pub llm: u64,
+    pub bad_input: u64,
+    pub expert_unavailable: u64,
+    pub errors: u64,
+    pub audits: u64,
+    pub audit_agreements: u64,
+}
+
+impl Counts {
+    pub fn new(levels: usize) -> Self {
+        Self {
+            answered: vec![0; levels],
+            ..Self::default()
+        }
+    }
+
+    pub fn status_line(&self) -> String {
+        let items = self.lines - self.bad_input;
+        let share = |n: u64| 100.0 * n as f64 / items.max(1) as f64;
+        let mut line = format!(
+            "{} lines: {} bad input, LLM {:.1}%, expert unavailable {}, errors {}",
+            self.lines,
+            self.bad_input,
+            share(self.llm),
+            self.expert_unavailable,
+            self.errors
+        );
+        if let Some((p, half)) = self.audited_agreement() {
+            line += &format!(
+                "; audited agreement {p:.3} ± {half:.3} ({} audits)",
+                self.audits
+            );
+        }
+        line
+    }
+
+    /// Agreement with the LLM on audited items: Wilson 95% (centre, half-width).
+    pub fn audited_agreement(&self) -> Option<(f64, f64)> {
+        (self.audits > 0).then(|| wilson(self.audit_agreements, self.audits))
+    }
+}
+
+/// Wilson score interval at 95%: (centre, half-width).
+pub fn wilson(successes: u64, n: u64) -> (f64, f64) {
+    let (n, p, z) = (n as f64, successes as f64 / n as f64, 1.96f64);
+    let denominator = 1.0 + z * z / n;
+    let centre = (p + z * z / (2.0 * n)) / denominator;
+    let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / denominator;
+    (centre, half)
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Hash of the config, task and expert settings the state belongs to.
+    pub fingerprint: String,
+    /// Input lines fully handled (`run`), or requests served (`serve`).
+    pub lines_done: u64,
+    /// Output bytes after those lines' records (`run`).
+    pub output_bytes: u64,
+    pub counts: Counts,
+    pub audit_rng: ChaCha8Rng,
+    pub cascade: Vec<u8>,
+}
+
+pub const CHECKPOINT: &str = "checkpoint.cbor";
+
+/// What a checkpoint must match to be resumed.
+pub fn fingerprint(config_text: &str, task: &Task, expert: &ExpertArgs, audit_rate: f64) -> String {
+    let mut hash = Sha256::new();
+    hash.update(config_text.as_bytes());
+    hash.update(format!(
+        "|{}|{:?}|{:?}|{:?}|{}|{:?}|{}",
+        task.name(),
+        task.labels(),
+        expert.expert,
+        expert.replay_data,
+        expert.expert_field,
+        expert.model,
+        audit_rate
+    ));
+    format!("{:x}", hash.finalize())
+}
+
+/// Reads a checkpoint and checks it belongs to this config.
+pub fn read_checkpoint(path: &Path, fingerprint: &str) -> Result<Checkpoint> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let saved: Checkpoint = ciborium::from_reader(bytes.as_slice())
+        .with_context(|| format!("{} is not a readable checkpoint", path.display()))?;
+    if saved.fingerprint != fingerprint {
+        bail!(
+            "{} was written with another config, task or expert",
+            path.display()
+        );
+    }
+    Ok(saved)
+}
+
+/// Temp file, fsync, rename, fsync the folder: a crash leaves the old
+/// checkpoint or the new one, never a torn one.
+pub fn write_checkpoint(path: &Path, checkpoint: &Checkpoint) -> Result<()> {
+    let temp = path.with_extension("cbor.tmp");
+    let mut file = BufWriter::new(
+        File::create(&temp).with_context(|| format!("creating {}", temp.display()))?,
+    );
+    ciborium::into_writer(checkpoint, &mut file).context("encoding the checkpoint")?;
+    let file = file.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    std::fs::rename(&temp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wilson_interval_is_centred_and_shrinks() {
+        let (p, half) = wilson(90, 100);
+        assert!(
+            (p - 0.8852).abs() < 1e-3 && (half - 0.0596).abs() < 1e-3,
+            "{p} {half}"
+        );
+        let (_, wide) = wilson(9, 10);
+        assert!(wide > half);
+    }
+
+    #[test]
+    fn a_torn_or_foreign_checkpoint_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CHECKPOINT);
+        std::fs::write(&path, b"\x00\x01torn").unwrap();
+        let err = read_checkpoint(&path, "x").err().unwrap().to_string();
+        assert!(err.contains("not a readable checkpoint"), "{err}");
+        let checkpoint = Checkpoint {
+            fingerprint: "a".into(),
+            lines_done: 3,
+            output_bytes: 10,
+            counts: Counts::new(1),
+            audit_rng: rand::SeedableRng::seed_from_u64(1),
+            cascade: vec![1, 2, 3],
+        };
+        write_checkpoint(&path, &checkpoint).unwrap();
+        assert_eq!(read_checkpoint(&path, "a").unwrap().lines_done, 3);
+        let err = read_checkpoint(&path, "b").err().unwrap().to_string();
+        assert!(err.contains("another config"), "{err}");
+    }
+}
