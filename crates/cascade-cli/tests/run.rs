@@ -318,3 +318,88 @@ fn state_misuse_is_refused_with_a_reason() {
         .unwrap();
     assert!(String::from_utf8_lossy(&stdout.stderr).contains("--state needs"));
 }
+
+/// An OpenAI-compatible test server that fails every attempt for a stretch of
+/// the stream: those items fall back to the student, none is lost, and the
+/// LLM answers again once the server recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expert_outage_loses_nothing_and_recovers() {
+    let (url, log) = cascade_expert::testing::start_server().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, config) = setup(dir.path(), 1);
+    let expert_config = dir.path().join("expert.toml");
+    std::fs::write(
+        &expert_config,
+        format!(
+            "base_url = \"{url}\"\nmodel = \"m\"\nmax_attempts = 3\nbackoff_base_ms = 1\nbackoff_max_ms = 5\ntimeout_secs = 2.0\napi_key_env = \"CASCADE_TEST_NO_KEY\"\n"
+        ),
+    )
+    .unwrap();
+    // The text after the item's name scripts the server: an outage for items 40..80.
+    let lines: Vec<String> = (0..120)
+        .map(|i| {
+            let script = if (40..80).contains(&i) {
+                "503 503 503"
+            } else {
+                "ok"
+            };
+            format!("{{\"id\": {i}, \"text\": \"item{i} {script}\"}}")
+        })
+        .collect();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let output = dir.path().join("out.jsonl");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cascade"));
+    command
+        .args([
+            "run",
+            "--task",
+            "tasks/imdb.toml",
+            "--expert",
+            "openai",
+            "--expert-config",
+        ])
+        .arg(&expert_config)
+        .arg("--config")
+        .arg(&config)
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .current_dir(repo_root());
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    succeed(out);
+    let out = records(&output);
+    assert_eq!(out.len(), 120, "one record per line");
+    for (i, record) in out.iter().enumerate() {
+        assert_eq!(record["id"], i as u64);
+        assert!(record["label"].is_string(), "{record}");
+        let status = record["status"].as_str().unwrap();
+        if (40..80).contains(&i) {
+            // The student answers, or the server failed and the student stood in.
+            assert!(
+                status == "ok" && record["answered_by"] == "lr" || status == "expert_unavailable",
+                "{record}"
+            );
+        } else {
+            assert_eq!(status, "ok", "{record}");
+        }
+    }
+    let unavailable = out
+        .iter()
+        .filter(|r| r["status"] == "expert_unavailable")
+        .count();
+    assert!(unavailable > 0, "the outage was felt");
+    // Bounded retries: 3 attempts per failed item.
+    for record in out.iter().filter(|r| r["status"] == "expert_unavailable") {
+        let i = record["id"].as_u64().unwrap();
+        assert_eq!(log.attempts(&format!("item{i} 503 503 503")), 3);
+    }
+    let llm_after = out[80..]
+        .iter()
+        .filter(|r| r["answered_by"] == "llm")
+        .count();
+    assert!(llm_after > 0, "the LLM answers again after the outage");
+}
