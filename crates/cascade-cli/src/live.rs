@@ -17,7 +17,7 @@ use cascade_expert::{
 use clap::{Args, ValueEnum};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 #[derive(Args, Debug, Clone)]
@@ -193,6 +193,111 @@ pub fn load_cascade(
     Ok((cascade, config, text))
 }
 
+/// What to do when the expert gives no label.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+pub enum OnExpertFailure {
+    /// The deepest student answers, with `status: "expert_unavailable"`.
+    Student,
+    /// The item gets an error record.
+    Error,
+}
+
+/// How one item ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Settled {
+    Student {
+        level: usize,
+        label: usize,
+        probs: Option<Vec<f32>>,
+    },
+    Llm {
+        label: usize,
+    },
+    /// The expert gave no label; the deepest student answered.
+    Fallback {
+        level: usize,
+        label: usize,
+        probs: Vec<f32>,
+        reason: String,
+    },
+    Failed {
+        reason: String,
+    },
+    BadInput {
+        reason: String,
+    },
+}
+
+impl Settled {
+    /// A deferred item whose expert call failed: the label (none) is handed
+    /// to the cascade, then the failure policy decides the answer.
+    pub fn expert_failed(
+        cascade: &mut Cascade,
+        deferred: cascade::Deferred,
+        text: &str,
+        reason: String,
+        policy: OnExpertFailure,
+    ) -> Result<Self> {
+        cascade.learn(deferred, None)?;
+        Ok(match policy {
+            OnExpertFailure::Student => {
+                let (level, probs) = cascade.fallback(text)?;
+                Self::Fallback {
+                    level,
+                    label: cascade::gate::argmax(&probs),
+                    probs,
+                    reason,
+                }
+            }
+            OnExpertFailure::Error => Self::Failed { reason },
+        })
+    }
+
+    /// The output record (`line` is omitted when `None`).
+    pub fn record(&self, line: Option<usize>, id: &Value, task: &Task, levels: &[String]) -> Value {
+        let label = |l: &usize| json!(task.labels()[*l]);
+        let (label, by, probs, status, error) = match self {
+            Self::Student {
+                level,
+                label: l,
+                probs,
+            } => (label(l), json!(levels[*level]), json!(probs), "ok", None),
+            Self::Llm { label: l } => (label(l), json!("llm"), Value::Null, "ok", None),
+            Self::Fallback {
+                level,
+                label: l,
+                probs,
+                reason,
+            } => (
+                label(l),
+                json!(levels[*level]),
+                json!(probs),
+                "expert_unavailable",
+                Some(reason),
+            ),
+            Self::Failed { reason } => {
+                (Value::Null, Value::Null, Value::Null, "error", Some(reason))
+            }
+            Self::BadInput { reason } => (
+                Value::Null,
+                Value::Null,
+                Value::Null,
+                "bad_input",
+                Some(reason),
+            ),
+        };
+        let mut record =
+            json!({"id": id, "label": label, "answered_by": by, "probs": probs, "status": status});
+        if let Some(line) = line {
+            record["line"] = json!(line);
+        }
+        if let Some(error) = error {
+            record["error"] = json!(error);
+        }
+        record
+    }
+}
+
 /// Counters of a run or a service; checkpointed with it.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Counts {
@@ -212,6 +317,22 @@ impl Counts {
             answered: vec![0; levels],
             ..Self::default()
         }
+    }
+
+    pub fn add(&mut self, settled: &Settled) {
+        self.lines += 1;
+        match settled {
+            Settled::Student { level, .. } => self.answered[*level] += 1,
+            Settled::Llm { .. } => self.llm += 1,
+            Settled::Fallback { .. } => self.expert_unavailable += 1,
+            Settled::Failed { .. } => self.errors += 1,
+            Settled::BadInput { .. } => self.bad_input += 1,
+        }
+    }
+
+    pub fn add_audit(&mut self, agreed: bool) {
+        self.audits += 1;
+        self.audit_agreements += u64::from(agreed);
     }
 
     pub fn status_line(&self) -> String {

@@ -21,15 +21,15 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use cascade::{Cascade, Outcome, Task};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::input::{read_item, InputItem, LineReader};
 use crate::live::{
     fingerprint, load_cascade, read_checkpoint, write_checkpoint, Checkpoint, Counts, ExpertArgs,
-    LiveExpert, CHECKPOINT,
+    LiveExpert, OnExpertFailure, Settled, CHECKPOINT,
 };
 use crate::progress::Progress;
 
@@ -72,12 +72,6 @@ pub struct RunArgs {
     /// Folder of the models named in configs (`scripts/setup.sh` fills it).
     #[arg(long, env = "CASCADE_MODELS", default_value = "models")]
     models: PathBuf,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
-enum OnExpertFailure {
-    Student,
-    Error,
 }
 
 pub fn run(args: &RunArgs) -> Result<()> {
@@ -180,25 +174,17 @@ pub fn run(args: &RunArgs) -> Result<()> {
 
     while let Some(raw) = input.next_line()? {
         let line = input.lines as usize;
-        let record = match read_item(line, raw, args.max_line_bytes) {
-            Err(reason) => {
-                counts.bad_input += 1;
-                json!({"line": line, "id": null, "label": null, "answered_by": null, "probs": null,
-                       "status": "bad_input", "error": reason})
+        let (id, settled) = match read_item(line, raw, args.max_line_bytes) {
+            Err(reason) => (Value::Null, Settled::BadInput { reason }),
+            Ok(item) => {
+                let ask = |item: &InputItem| runtime.block_on(expert.ask(&item.id, &item.text));
+                let settled = handle(&mut cascade, &ask, &item, args, &mut counts, &mut audit_rng)?;
+                (item.id, settled)
             }
-            Ok(item) => handle(
-                &mut cascade,
-                &|item: &InputItem| runtime.block_on(expert.ask(&item.id, &item.text)),
-                &item,
-                &task,
-                &level_names,
-                args,
-                &mut counts,
-                &mut audit_rng,
-            )?,
         };
+        counts.add(&settled);
+        let record = settled.record(Some(line), &id, &task, &level_names);
         output.write(&record)?;
-        counts.lines += 1;
         progress.inc(1);
         if counts.lines % 256 == 0 {
             progress.set_message(counts.status_line());
@@ -227,67 +213,44 @@ pub fn run(args: &RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// Routes one item and returns its output record.
-#[allow(clippy::too_many_arguments)]
+/// Routes one item; a deferred one waits for the expert. Audits send a share
+/// of student answers to the expert as well.
 fn handle(
     cascade: &mut Cascade,
     ask: &dyn Fn(&InputItem) -> std::result::Result<usize, String>,
     item: &InputItem,
-    task: &Task,
-    level_names: &[String],
     args: &RunArgs,
     counts: &mut Counts,
     audit_rng: &mut ChaCha8Rng,
-) -> Result<Value> {
+) -> Result<Settled> {
     let routed = cascade.route(&item.text)?;
-    let mut record = json!({"line": item.line, "id": item.id});
-    match routed.outcome {
+    Ok(match routed.outcome {
         Outcome::Answered { level, label } => {
-            counts.answered[level] += 1;
-            record["label"] = json!(task.labels()[label]);
-            record["answered_by"] = json!(level_names[level]);
-            record["probs"] = json!(routed.level_probs[level]);
-            record["status"] = json!("ok");
             if audit_rng.random::<f64>() < args.audit_rate {
                 if let Ok(reference) = ask(item) {
-                    counts.audits += 1;
-                    counts.audit_agreements += u64::from(reference == label);
+                    counts.add_audit(reference == label);
                 }
+            }
+            Settled::Student {
+                level,
+                label,
+                probs: routed.level_probs[level].clone(),
             }
         }
         Outcome::Deferred(deferred) => match ask(item) {
             Ok(label) => {
                 cascade.learn(deferred, Some(label))?;
-                counts.llm += 1;
-                record["label"] = json!(task.labels()[label]);
-                record["answered_by"] = json!("llm");
-                record["probs"] = Value::Null;
-                record["status"] = json!("ok");
+                Settled::Llm { label }
             }
-            Err(reason) => {
-                cascade.learn(deferred, None)?;
-                match args.on_expert_failure {
-                    OnExpertFailure::Student => {
-                        let (level, probs) = cascade.fallback(&item.text)?;
-                        counts.expert_unavailable += 1;
-                        record["label"] = json!(task.labels()[cascade::gate::argmax(&probs)]);
-                        record["answered_by"] = json!(level_names[level]);
-                        record["probs"] = json!(probs);
-                        record["status"] = json!("expert_unavailable");
-                    }
-                    OnExpertFailure::Error => {
-                        counts.errors += 1;
-                        record["label"] = Value::Null;
-                        record["answered_by"] = Value::Null;
-                        record["probs"] = Value::Null;
-                        record["status"] = json!("error");
-                    }
-                }
-                record["error"] = json!(reason);
-            }
+            Err(reason) => Settled::expert_failed(
+                cascade,
+                deferred,
+                &item.text,
+                reason,
+                args.on_expert_failure,
+            )?,
         },
-    }
-    Ok(record)
+    })
 }
 
 fn count_lines(path: &Path) -> Result<u64> {
