@@ -5,10 +5,12 @@ mod bench_encoder;
 mod input;
 mod label;
 mod live;
+mod load_test;
 mod progress;
 mod report;
 mod reproduce;
 mod run;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -38,6 +40,10 @@ enum Command {
     Report(report::ReportArgs),
     /// Run a cascade over a JSONL stream: one record per line, checkpoints, resume.
     Run(run::RunArgs),
+    /// Serve the cascade over HTTP: POST /v1/classify, GET /healthz, GET /metrics.
+    Serve(serve::ServeArgs),
+    /// Send a recorded stream to a running `cascade serve`; report requests/s and latency.
+    LoadTest(load_test::LoadTestArgs),
 }
 
 /// glibc hands large freed blocks back to the OS and page-faults fresh ones in
@@ -62,6 +68,8 @@ fn main() -> ExitCode {
         Command::Reproduce(args) => reproduce::run(&args),
         Command::Report(args) => report::run(&args),
         Command::Run(args) => run::run(&args),
+        Command::Serve(args) => serve::run(&args),
+        Command::LoadTest(args) => load_test::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

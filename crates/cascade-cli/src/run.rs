@@ -186,10 +186,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
         let record = settled.record(Some(line), &id, &task, &level_names);
         output.write(&record)?;
         progress.inc(1);
-        if counts.lines % 256 == 0 {
+        if counts.lines.is_multiple_of(256) {
             progress.set_message(counts.status_line());
         }
-        if input.lines % args.checkpoint_every == 0 {
+        if input.lines.is_multiple_of(args.checkpoint_every) {
             save(&cascade, &counts, &audit_rng, &mut output, input.lines)?;
         }
         if stop.load(Ordering::Relaxed) {
