@@ -12,7 +12,7 @@ use cascade_expert::{Expert, LocalConfig, LocalExpert, OpenAiConfig, OpenAiExper
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
-use crate::input::{read_item, InputItem, RawLine};
+use cascade_expert::input::{read_item, InputItem, RawLine};
 use crate::progress::Progress;
 
 #[derive(Args, Debug)]

@@ -2,7 +2,6 @@
 
 mod bench;
 mod bench_encoder;
-mod input;
 mod label;
 mod live;
 mod load_test;

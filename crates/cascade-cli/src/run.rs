@@ -26,7 +26,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 
-use crate::input::{read_item, InputItem, LineReader};
+use cascade_expert::input::{read_item, InputItem, LineReader};
 use crate::live::{
     fingerprint, load_cascade, read_checkpoint, write_checkpoint, Checkpoint, Counts, ExpertArgs,
     LiveExpert, OnExpertFailure, Settled, CHECKPOINT,
@@ -125,6 +125,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
         }
     }
 
+    if checkpoint_path.is_some() {
+        // Fail now rather than at the first checkpoint, lines later.
+        cascade
+            .save_state()
+            .context("--state: this cascade cannot be checkpointed")?;
+    }
     let mut input: LineReader<Box<dyn BufRead>> = LineReader::new(
         match args.input.as_str() {
             "-" => Box::new(std::io::stdin().lock()),

@@ -157,6 +157,12 @@ pub fn run(args: &ServeArgs) -> Result<()> {
                 .with_context(|| format!("creating {}", dir.display()))?,
         }
     }
+    if checkpoint_path.is_some() {
+        // Fail now rather than at the first checkpoint.
+        cascade
+            .save_state()
+            .context("--state: this cascade cannot be checkpointed")?;
+    }
     let service = Arc::new(Service {
         cascade: Mutex::new(cascade),
         expert,

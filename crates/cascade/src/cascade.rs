@@ -314,6 +314,30 @@ impl Cascade {
                 self.labels
             )));
         }
+        let invalid = |what: &str| {
+            CascadeError::Invalid(format!("the saved state does not fit this cascade: {what}"))
+        };
+        if state.gates.len() != self.gates.len()
+            || !self.gates.iter().zip(&state.gates).all(|(g, s)| g.same_shape(s))
+        {
+            return Err(invalid("gates"));
+        }
+        let labels_in_range = |items: &[(String, usize)]| items.iter().all(|(_, l)| *l < self.labels);
+        if !state
+            .levels
+            .iter()
+            .all(|l| labels_in_range(&l.cache) && labels_in_range(&l.history))
+        {
+            return Err(invalid("a cached label is out of range"));
+        }
+        if let Routing::Fixed(probs) = &state.routing {
+            if probs.len() != self.levels.len() || !probs.iter().all(|p| (0.0..=1.0).contains(p)) {
+                return Err(invalid("routing probabilities"));
+            }
+        }
+        if !state.mu.is_finite() {
+            return Err(invalid("mu"));
+        }
         for (level, saved) in self.levels.iter_mut().zip(&state.levels) {
             level.student.load_state(&saved.student)?;
         }

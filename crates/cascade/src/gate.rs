@@ -79,6 +79,14 @@ impl Gate {
         }
     }
 
+    /// Same inputs, hidden size and parameter sizes: a checkpoint of one fits the other.
+    pub fn same_shape(&self, other: &Self) -> bool {
+        (self.inputs, self.hidden) == (other.inputs, other.hidden)
+            && other.params.len() == self.params.len()
+            && other.adam_m.len() == self.params.len()
+            && other.adam_v.len() == self.params.len()
+    }
+
     pub fn forward(&self, probs: &[f32]) -> GateForward {
         debug_assert_eq!(probs.len(), self.inputs);
         let (w1, rest) = self.params.split_at(self.hidden * self.inputs);

@@ -35,6 +35,12 @@ impl HashedTfidf {
         self.doc_freq.len()
     }
 
+    /// Same hashing space and n-grams: a checkpoint of one fits the other.
+    pub fn same_shape(&self, other: &Self) -> bool {
+        (self.mask, self.max_ngram, self.doc_freq.len())
+            == (other.mask, other.max_ngram, other.doc_freq.len())
+    }
+
     /// Counts the text's distinct buckets towards the document frequencies.
     /// Does nothing once the statistics were prefit.
     pub fn observe(&mut self, text: &str) {

@@ -80,7 +80,7 @@ impl Student for LogReg {
 
     fn load_state(&mut self, state: &[u8]) -> Result<(), StudentError> {
         let (features, model): (HashedTfidf, SoftmaxRegression) = decode_state(&self.name, state)?;
-        if features.buckets() != self.features.buckets() || !model.same_shape(&self.model) {
+        if !features.same_shape(&self.features) || !model.same_shape(&self.model) {
             return Err(StudentError::Failed {
                 student: self.name.clone(),
                 reason: "the checkpoint was written with other buckets or labels".into(),

@@ -45,9 +45,12 @@ impl SoftmaxRegression {
         }
     }
 
-    /// Same inputs, labels and optimiser: a checkpoint of one fits the other.
+    /// Same inputs, labels, optimiser and parameter sizes: a checkpoint of one
+    /// fits the other.
     pub fn same_shape(&self, other: &Self) -> bool {
         (self.inputs, self.labels, self.optimizer) == (other.inputs, other.labels, other.optimizer)
+            && (self.weights.len(), self.state_a.len(), self.state_b.len())
+                == (other.weights.len(), other.state_a.len(), other.state_b.len())
     }
 
     pub fn probabilities(&self, x: &SparseVector) -> Vec<f32> {
