@@ -12,8 +12,8 @@ use cascade_expert::{Expert, LocalConfig, LocalExpert, OpenAiConfig, OpenAiExper
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
-use cascade_expert::input::{read_item, InputItem, RawLine};
 use crate::progress::Progress;
+use cascade_expert::input::{read_item, InputItem, RawLine};
 
 #[derive(Args, Debug)]
 pub struct LabelArgs {

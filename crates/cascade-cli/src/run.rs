@@ -26,12 +26,12 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 
-use cascade_expert::input::{read_item, InputItem, LineReader};
 use crate::live::{
     fingerprint, load_cascade, read_checkpoint, write_checkpoint, Checkpoint, Counts, ExpertArgs,
     LiveExpert, OnExpertFailure, Settled, CHECKPOINT,
 };
 use crate::progress::Progress;
+use cascade_expert::input::{read_item, InputItem, LineReader};
 
 #[derive(Args, Debug)]
 pub struct RunArgs {

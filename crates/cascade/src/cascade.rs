@@ -318,11 +318,16 @@ impl Cascade {
             CascadeError::Invalid(format!("the saved state does not fit this cascade: {what}"))
         };
         if state.gates.len() != self.gates.len()
-            || !self.gates.iter().zip(&state.gates).all(|(g, s)| g.same_shape(s))
+            || !self
+                .gates
+                .iter()
+                .zip(&state.gates)
+                .all(|(g, s)| g.same_shape(s))
         {
             return Err(invalid("gates"));
         }
-        let labels_in_range = |items: &[(String, usize)]| items.iter().all(|(_, l)| *l < self.labels);
+        let labels_in_range =
+            |items: &[(String, usize)]| items.iter().all(|(_, l)| *l < self.labels);
         if !state
             .levels
             .iter()

@@ -50,7 +50,11 @@ impl SoftmaxRegression {
     pub fn same_shape(&self, other: &Self) -> bool {
         (self.inputs, self.labels, self.optimizer) == (other.inputs, other.labels, other.optimizer)
             && (self.weights.len(), self.state_a.len(), self.state_b.len())
-                == (other.weights.len(), other.state_a.len(), other.state_b.len())
+                == (
+                    other.weights.len(),
+                    other.state_a.len(),
+                    other.state_b.len(),
+                )
     }
 
     pub fn probabilities(&self, x: &SparseVector) -> Vec<f32> {
