@@ -78,28 +78,11 @@ enum LabelExpert {
 }
 
 fn expert_config(args: &LabelArgs) -> Result<OpenAiConfig> {
-    let mut config = match &args.expert_config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            toml::from_str::<OpenAiConfig>(&text)
-                .with_context(|| format!("in {}", path.display()))?
-        }
-        None => OpenAiConfig::new(
-            args.base_url
-                .clone()
-                .context("--base-url is required (or --expert-config)")?,
-            args.model
-                .clone()
-                .context("--model is required (or --expert-config)")?,
-        ),
-    };
-    if let Some(v) = &args.base_url {
-        config.base_url = v.clone();
-    }
-    if let Some(v) = &args.model {
-        config.model = v.clone();
-    }
+    let mut config = crate::live::openai_config(
+        args.expert_config.as_deref(),
+        args.base_url.as_deref(),
+        args.model.as_deref(),
+    )?;
     if let Some(v) = &args.api_key_env {
         config.api_key_env = v.clone();
     }

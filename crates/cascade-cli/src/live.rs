@@ -101,28 +101,11 @@ impl LiveExpert {
                 Self::Local(Arc::new(expert))
             }
             ExpertKind::Openai => {
-                let mut config = match &args.expert_config {
-                    Some(path) => {
-                        let text = std::fs::read_to_string(path)
-                            .with_context(|| format!("reading {}", path.display()))?;
-                        toml::from_str::<OpenAiConfig>(&text)
-                            .with_context(|| format!("in {}", path.display()))?
-                    }
-                    None => OpenAiConfig::new(
-                        args.base_url
-                            .clone()
-                            .context("--expert openai needs --base-url (or --expert-config)")?,
-                        args.model
-                            .clone()
-                            .context("--expert openai needs --model (or --expert-config)")?,
-                    ),
-                };
-                if let Some(v) = &args.base_url {
-                    config.base_url = v.clone();
-                }
-                if let Some(v) = &args.model {
-                    config.model = v.clone();
-                }
+                let config = openai_config(
+                    args.expert_config.as_deref(),
+                    args.base_url.as_deref(),
+                    args.model.as_deref(),
+                )?;
                 Self::OpenAi(Arc::new(OpenAiExpert::new(config, task.clone())?))
             }
         })
@@ -170,6 +153,34 @@ impl LiveExpert {
             Self::OpenAi(expert) => expert.usage(),
         }
     }
+}
+
+/// The chat-completions expert's settings: a TOML file (the fields of
+/// `OpenAiConfig`), with the endpoint and model given on the command line on top.
+pub fn openai_config(
+    file: Option<&Path>,
+    base_url: Option<&str>,
+    model: Option<&str>,
+) -> Result<OpenAiConfig> {
+    let mut config = match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str::<OpenAiConfig>(&text)
+                .with_context(|| format!("in {}", path.display()))?
+        }
+        None => OpenAiConfig::new(
+            base_url.context("--base-url is required (or --expert-config)")?,
+            model.context("--model is required (or --expert-config)")?,
+        ),
+    };
+    if let Some(v) = base_url {
+        config.base_url = v.to_string();
+    }
+    if let Some(v) = model {
+        config.model = v.to_string();
+    }
+    Ok(config)
 }
 
 /// Reads, validates and resolves a cascade config; builds the cascade.
@@ -400,6 +411,45 @@ pub fn fingerprint(config_text: &str, task: &Task, expert: &ExpertArgs, audit_ra
         audit_rate
     ));
     format!("{:x}", hash.finalize())
+}
+
+/// Opens `--state DIR` for a run or a service: refuses a checkpoint left there
+/// without `--resume` (and `--resume` without one), restores the cascade from
+/// it, and checks up front that this cascade can be checkpointed at all.
+/// Returns the restored checkpoint, if any.
+pub fn open_state(
+    state: Option<&Path>,
+    resume: bool,
+    fingerprint: &str,
+    cascade: &mut Cascade,
+) -> Result<Option<Checkpoint>> {
+    let Some(dir) = state else {
+        return Ok(None);
+    };
+    let path = dir.join(CHECKPOINT);
+    let saved = match (path.exists(), resume) {
+        (true, false) => bail!(
+            "{} holds a checkpoint: pass --resume to continue it, or remove it to start over",
+            path.display()
+        ),
+        (false, true) => bail!("--resume: no checkpoint at {}", path.display()),
+        (true, true) => {
+            let saved = read_checkpoint(&path, fingerprint)?;
+            cascade
+                .load_state(&saved.cascade)
+                .with_context(|| format!("restoring {}", path.display()))?;
+            Some(saved)
+        }
+        (false, false) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            None
+        }
+    };
+    // Fail now rather than at the first checkpoint.
+    cascade
+        .save_state()
+        .context("--state: this cascade cannot be checkpointed")?;
+    Ok(saved)
 }
 
 /// Reads a checkpoint and checks it belongs to this config.

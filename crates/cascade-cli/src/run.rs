@@ -27,7 +27,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 
 use crate::live::{
-    fingerprint, load_cascade, read_checkpoint, write_checkpoint, Checkpoint, Counts, ExpertArgs,
+    fingerprint, load_cascade, open_state, write_checkpoint, Checkpoint, Counts, ExpertArgs,
     LiveExpert, OnExpertFailure, Settled, CHECKPOINT,
 };
 use crate::progress::Progress;
@@ -103,33 +103,16 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let mut audit_rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0xa0d1);
     let mut lines_done = 0;
     let mut output_bytes = 0;
-    if let Some(path) = &checkpoint_path {
-        match (path.exists(), args.resume) {
-            (true, false) => bail!(
-                "{} holds a checkpoint: pass --resume to continue it, or remove it to start over",
-                path.display()
-            ),
-            (false, true) => bail!("--resume: no checkpoint at {}", path.display()),
-            (true, true) => {
-                let saved = read_checkpoint(path, &fingerprint)?;
-                cascade
-                    .load_state(&saved.cascade)
-                    .with_context(|| format!("restoring {}", path.display()))?;
-                counts = saved.counts;
-                audit_rng = saved.audit_rng;
-                lines_done = saved.lines_done;
-                output_bytes = saved.output_bytes;
-            }
-            (false, false) => std::fs::create_dir_all(args.state.as_ref().unwrap_or(path))
-                .with_context(|| "creating the state folder".to_string())?,
-        }
-    }
-
-    if checkpoint_path.is_some() {
-        // Fail now rather than at the first checkpoint, lines later.
-        cascade
-            .save_state()
-            .context("--state: this cascade cannot be checkpointed")?;
+    if let Some(saved) = open_state(
+        args.state.as_deref(),
+        args.resume,
+        &fingerprint,
+        &mut cascade,
+    )? {
+        counts = saved.counts;
+        audit_rng = saved.audit_rng;
+        lines_done = saved.lines_done;
+        output_bytes = saved.output_bytes;
     }
     let mut input: LineReader<Box<dyn BufRead>> = LineReader::new(
         match args.input.as_str() {

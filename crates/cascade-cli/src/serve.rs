@@ -30,7 +30,7 @@ use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
 use crate::live::{
-    fingerprint, load_cascade, read_checkpoint, write_checkpoint, Checkpoint, Counts, ExpertArgs,
+    fingerprint, load_cascade, open_state, write_checkpoint, Checkpoint, Counts, ExpertArgs,
     LiveExpert, OnExpertFailure, Settled, CHECKPOINT,
 };
 
@@ -137,31 +137,15 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     let mut counts = Counts::new(levels.len());
     let mut audit_rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0xa0d1);
     let mut served = 0;
-    if let (Some(path), Some(dir)) = (&checkpoint_path, &args.state) {
-        match (path.exists(), args.resume) {
-            (true, false) => bail!(
-                "{} holds a checkpoint: pass --resume to continue it, or remove it to start over",
-                path.display()
-            ),
-            (false, true) => bail!("--resume: no checkpoint at {}", path.display()),
-            (true, true) => {
-                let saved = read_checkpoint(path, &fingerprint)?;
-                cascade
-                    .load_state(&saved.cascade)
-                    .with_context(|| format!("restoring {}", path.display()))?;
-                counts = saved.counts;
-                audit_rng = saved.audit_rng;
-                served = saved.lines_done;
-            }
-            (false, false) => std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating {}", dir.display()))?,
-        }
-    }
-    if checkpoint_path.is_some() {
-        // Fail now rather than at the first checkpoint.
-        cascade
-            .save_state()
-            .context("--state: this cascade cannot be checkpointed")?;
+    if let Some(saved) = open_state(
+        args.state.as_deref(),
+        args.resume,
+        &fingerprint,
+        &mut cascade,
+    )? {
+        counts = saved.counts;
+        audit_rng = saved.audit_rng;
+        served = saved.lines_done;
     }
     let service = Arc::new(Service {
         cascade: Mutex::new(cascade),

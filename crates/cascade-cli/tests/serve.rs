@@ -24,9 +24,10 @@ impl Drop for Server {
     }
 }
 
-/// Starts `cascade serve` on a free port with the replay expert.
-fn serve(extra: &[&str]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cascade"))
+/// `cascade serve` on a free port with the replay expert.
+fn serve_command(extra: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cascade"));
+    command
         .args([
             "serve",
             "--task",
@@ -42,10 +43,13 @@ fn serve(extra: &[&str]) -> Server {
         ])
         .args(extra)
         .env("CASCADE_TEST_TOKEN", "s3cret")
-        .current_dir(repo_root())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .current_dir(repo_root());
+    command
+}
+
+/// Starts the server and waits for its address.
+fn serve(extra: &[&str]) -> Server {
+    let mut child = serve_command(extra).stderr(Stdio::piped()).spawn().unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
     stderr.read_line(&mut line).unwrap();
@@ -199,24 +203,7 @@ async fn sigterm_writes_a_checkpoint_that_a_restart_resumes() {
     assert!(status.success(), "{status}");
     assert!(state.join("checkpoint.cbor").exists());
     // Without --resume the checkpoint is not silently overwritten.
-    let refused = Command::new(env!("CARGO_BIN_EXE_cascade"))
-        .args([
-            "serve",
-            "--task",
-            "imdb",
-            "--config",
-            "configs/imdb-lr.toml",
-        ])
-        .args([
-            "--replay-data",
-            "../shared/data/imdb",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--state", &state_arg])
-        .current_dir(repo_root())
-        .output()
-        .unwrap();
+    let refused = serve_command(&["--state", &state_arg]).output().unwrap();
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--resume"));
     let resumed = serve(&["--state", &state_arg, "--resume"]);
     let metrics = reqwest::get(format!("{}/metrics", resumed.url))
