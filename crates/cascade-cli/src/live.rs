@@ -183,6 +183,23 @@ pub fn openai_config(
     Ok(config)
 }
 
+/// The share of student answers audited: as given, or by default the deepest
+/// level's floor of exploration, `1 − decaying_factor` (0.03 for the authors'
+/// 0.97): where exploration fades, a small permanent share stays.
+pub fn audit_rate(given: Option<f64>, config: &CascadeConfig) -> Result<f64> {
+    let rate = match given {
+        Some(rate) => rate,
+        None => config
+            .levels
+            .last()
+            .map_or(0.0, |level| 1.0 - level.gate.decaying_factor),
+    };
+    if !(0.0..=1.0).contains(&rate) {
+        bail!("--audit-rate must be in [0, 1], got {rate}");
+    }
+    Ok(rate)
+}
+
 /// Reads, validates and resolves a cascade config; builds the cascade.
 pub fn load_cascade(
     path: &Path,
@@ -496,6 +513,17 @@ mod tests {
         );
         let (_, wide) = wilson(9, 10);
         assert!(wide > half);
+    }
+
+    #[test]
+    fn the_audit_rate_defaults_to_the_exploration_floor() {
+        let config = CascadeConfig::from_toml(
+            "mu = 1e-4\n[[levels]]\nkind = \"logreg\"\ncost = 1\ncache_size = 4\n[levels.gate]\ndecaying_factor = 0.97\ncalibration = 0.4\n",
+        )
+        .unwrap();
+        assert!((audit_rate(None, &config).unwrap() - 0.03).abs() < 1e-12);
+        assert_eq!(audit_rate(Some(0.5), &config).unwrap(), 0.5);
+        assert!(audit_rate(Some(1.5), &config).is_err());
     }
 
     #[test]

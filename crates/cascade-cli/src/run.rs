@@ -27,8 +27,8 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 
 use crate::live::{
-    fingerprint, load_cascade, open_state, write_checkpoint, Checkpoint, Counts, ExpertArgs,
-    LiveExpert, OnExpertFailure, Settled, CHECKPOINT,
+    audit_rate, fingerprint, load_cascade, open_state, write_checkpoint, Checkpoint, Counts,
+    ExpertArgs, LiveExpert, OnExpertFailure, Settled, CHECKPOINT,
 };
 use crate::progress::Progress;
 use cascade_expert::input::{read_item, InputItem, LineReader};
@@ -66,9 +66,10 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "student")]
     on_expert_failure: OnExpertFailure,
     /// Share of student-answered items also sent to the expert, to estimate
-    /// agreement with it without bias. They do not train the cascade.
-    #[arg(long, default_value_t = 0.02)]
-    audit_rate: f64,
+    /// agreement with it without bias; they do not train the cascade.
+    /// Default: 1 − the deepest level's decaying_factor.
+    #[arg(long)]
+    audit_rate: Option<f64>,
     /// Folder of the models named in configs (`scripts/setup.sh` fills it).
     #[arg(long, env = "CASCADE_MODELS", default_value = "models")]
     models: PathBuf,
@@ -77,9 +78,7 @@ pub struct RunArgs {
 pub fn run(args: &RunArgs) -> Result<()> {
     let task = Task::load(&args.task)?;
     let (mut cascade, config, config_text) = load_cascade(&args.config, &task, &args.models)?;
-    if !(0.0..=1.0).contains(&args.audit_rate) {
-        bail!("--audit-rate must be in [0, 1], got {}", args.audit_rate);
-    }
+    let audit_rate = audit_rate(args.audit_rate, &config)?;
     if args.checkpoint_every == 0 {
         bail!("--checkpoint-every must be at least 1");
     }
@@ -96,7 +95,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let fingerprint = fingerprint(&config_text, &task, &args.expert, args.audit_rate);
+    let fingerprint = fingerprint(&config_text, &task, &args.expert, audit_rate);
 
     let checkpoint_path = args.state.as_ref().map(|dir| dir.join(CHECKPOINT));
     let mut counts = Counts::new(level_names.len());
@@ -167,7 +166,15 @@ pub fn run(args: &RunArgs) -> Result<()> {
             Err(reason) => (Value::Null, Settled::BadInput { reason }),
             Ok(item) => {
                 let ask = |item: &InputItem| runtime.block_on(expert.ask(&item.id, &item.text));
-                let settled = handle(&mut cascade, &ask, &item, args, &mut counts, &mut audit_rng)?;
+                let settled = handle(
+                    &mut cascade,
+                    &ask,
+                    &item,
+                    args,
+                    audit_rate,
+                    &mut counts,
+                    &mut audit_rng,
+                )?;
                 (item.id, settled)
             }
         };
@@ -209,13 +216,14 @@ fn handle(
     ask: &dyn Fn(&InputItem) -> std::result::Result<usize, String>,
     item: &InputItem,
     args: &RunArgs,
+    audit_rate: f64,
     counts: &mut Counts,
     audit_rng: &mut ChaCha8Rng,
 ) -> Result<Settled> {
     let routed = cascade.route(&item.text)?;
     Ok(match routed.outcome {
         Outcome::Answered { level, label } => {
-            if audit_rng.random::<f64>() < args.audit_rate {
+            if audit_rng.random::<f64>() < audit_rate {
                 if let Ok(reference) = ask(item) {
                     counts.add_audit(reference == label);
                 }

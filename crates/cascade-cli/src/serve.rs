@@ -30,8 +30,8 @@ use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
 use crate::live::{
-    fingerprint, load_cascade, open_state, write_checkpoint, Checkpoint, Counts, ExpertArgs,
-    LiveExpert, OnExpertFailure, Settled, CHECKPOINT,
+    audit_rate, fingerprint, load_cascade, open_state, write_checkpoint, Checkpoint, Counts,
+    ExpertArgs, LiveExpert, OnExpertFailure, Settled, CHECKPOINT,
 };
 
 #[derive(Args, Debug)]
@@ -70,9 +70,10 @@ pub struct ServeArgs {
     max_batch: usize,
     #[arg(long, value_enum, default_value = "student")]
     on_expert_failure: OnExpertFailure,
-    /// Share of student-answered items also sent to the expert (agreement estimate).
-    #[arg(long, default_value_t = 0.02)]
-    audit_rate: f64,
+    /// Share of student-answered items also sent to the expert (agreement
+    /// estimate). Default: 1 − the deepest level's decaying_factor.
+    #[arg(long)]
+    audit_rate: Option<f64>,
     /// Folder of the models named in configs (`scripts/setup.sh` fills it).
     #[arg(long, env = "CASCADE_MODELS", default_value = "models")]
     models: PathBuf,
@@ -109,9 +110,7 @@ struct Latency {
 pub fn run(args: &ServeArgs) -> Result<()> {
     let task = Task::load(&args.task)?;
     let (mut cascade, config, config_text) = load_cascade(&args.config, &task, &args.models)?;
-    if !(0.0..=1.0).contains(&args.audit_rate) {
-        bail!("--audit-rate must be in [0, 1], got {}", args.audit_rate);
-    }
+    let audit_rate = audit_rate(args.audit_rate, &config)?;
     if args.max_pending == 0 || args.max_batch == 0 {
         bail!("--max-pending and --max-batch must be at least 1");
     }
@@ -132,7 +131,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let fingerprint = fingerprint(&config_text, &task, &args.expert, args.audit_rate);
+    let fingerprint = fingerprint(&config_text, &task, &args.expert, audit_rate);
     let checkpoint_path = args.state.as_ref().map(|dir| dir.join(CHECKPOINT));
     let mut counts = Counts::new(levels.len());
     let mut audit_rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0xa0d1);
@@ -158,7 +157,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         pending: Semaphore::new(args.max_pending),
         token,
         max_batch: args.max_batch,
-        audit_rate: args.audit_rate,
+        audit_rate,
         on_failure: args.on_expert_failure,
         requests: std::sync::atomic::AtomicU64::new(served),
     });
