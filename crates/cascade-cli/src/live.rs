@@ -326,6 +326,66 @@ impl Settled {
     }
 }
 
+/// Where a run or a service starts: the cascade (restored from `--state`
+/// when resuming), its expert, and the counters.
+pub struct Start {
+    pub cascade: Cascade,
+    pub expert: LiveExpert,
+    pub level_names: Vec<String>,
+    /// What a checkpoint must match (config, task, expert, audit rate).
+    pub fingerprint: String,
+    pub audit_rate: f64,
+    pub counts: Counts,
+    pub audit_rng: ChaCha8Rng,
+    /// From the checkpoint: lines (or requests) done, output bytes.
+    pub lines_done: u64,
+    pub output_bytes: u64,
+}
+
+impl Start {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        task: &Task,
+        config_path: &Path,
+        models: &Path,
+        expert: &ExpertArgs,
+        audit_rate: Option<f64>,
+        state: Option<&Path>,
+        resume: bool,
+    ) -> Result<Self> {
+        let (mut cascade, config, config_text) = load_cascade(config_path, task, models)?;
+        let audit_rate = self::audit_rate(audit_rate, &config)?;
+        let fingerprint = fingerprint(&config_text, task, expert, audit_rate);
+        let level_names: Vec<String> = cascade
+            .level_names()
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let expert = LiveExpert::build(expert, task)?;
+        let mut counts = Counts::new(level_names.len());
+        // Its own stream, so audits never move the cascade's coins.
+        let mut audit_rng: ChaCha8Rng = rand::SeedableRng::seed_from_u64(config.seed ^ 0xa0d1);
+        let (mut lines_done, mut output_bytes) = (0, 0);
+        if let Some(saved) = open_state(state, resume, &fingerprint, &mut cascade)? {
+            counts = saved.counts;
+            audit_rng = saved.audit_rng;
+            lines_done = saved.lines_done;
+            output_bytes = saved.output_bytes;
+        }
+        Ok(Self {
+            cascade,
+            expert,
+            level_names,
+            fingerprint,
+            audit_rate,
+            counts,
+            audit_rng,
+            lines_done,
+            output_bytes,
+        })
+    }
+}
+
 /// Counters of a run or a service; checkpointed with it.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Counts {

@@ -22,13 +22,12 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use cascade::{Cascade, Outcome, Task};
 use clap::Args;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 
 use crate::live::{
-    audit_rate, fingerprint, load_cascade, open_state, write_checkpoint, Checkpoint, Counts,
-    ExpertArgs, LiveExpert, OnExpertFailure, Settled, CHECKPOINT,
+    write_checkpoint, Checkpoint, Counts, ExpertArgs, OnExpertFailure, Settled, Start, CHECKPOINT,
 };
 use crate::progress::Progress;
 use cascade_expert::input::{read_item, InputItem, LineReader};
@@ -77,42 +76,36 @@ pub struct RunArgs {
 
 pub fn run(args: &RunArgs) -> Result<()> {
     let task = Task::load(&args.task)?;
-    let (mut cascade, config, config_text) = load_cascade(&args.config, &task, &args.models)?;
-    let audit_rate = audit_rate(args.audit_rate, &config)?;
     if args.checkpoint_every == 0 {
         bail!("--checkpoint-every must be at least 1");
     }
     if args.state.is_some() && (args.input == "-" || args.output == "-") {
         bail!("--state needs --input and --output files (a resumed run re-reads the input and cuts the output back)");
     }
-    let expert = LiveExpert::build(&args.expert, &task)?;
+    let Start {
+        mut cascade,
+        expert,
+        level_names,
+        fingerprint,
+        audit_rate,
+        mut counts,
+        mut audit_rng,
+        lines_done,
+        output_bytes,
+    } = Start::new(
+        &task,
+        &args.config,
+        &args.models,
+        &args.expert,
+        args.audit_rate,
+        args.state.as_deref(),
+        args.resume,
+    )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let level_names: Vec<String> = cascade
-        .level_names()
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let fingerprint = fingerprint(&config_text, &task, &args.expert, audit_rate);
-
     let checkpoint_path = args.state.as_ref().map(|dir| dir.join(CHECKPOINT));
-    let mut counts = Counts::new(level_names.len());
-    let mut audit_rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0xa0d1);
-    let mut lines_done = 0;
-    let mut output_bytes = 0;
-    if let Some(saved) = open_state(
-        args.state.as_deref(),
-        args.resume,
-        &fingerprint,
-        &mut cascade,
-    )? {
-        counts = saved.counts;
-        audit_rng = saved.audit_rng;
-        lines_done = saved.lines_done;
-        output_bytes = saved.output_bytes;
-    }
     let mut input: LineReader<Box<dyn BufRead>> = LineReader::new(
         match args.input.as_str() {
             "-" => Box::new(std::io::stdin().lock()),

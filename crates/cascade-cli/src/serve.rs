@@ -24,14 +24,14 @@ use axum::routing::{get, post};
 use axum::Router;
 use cascade::{Cascade, Outcome, Task};
 use clap::Args;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
 use crate::live::{
-    audit_rate, fingerprint, load_cascade, open_state, write_checkpoint, Checkpoint, Counts,
-    ExpertArgs, LiveExpert, OnExpertFailure, Settled, CHECKPOINT,
+    write_checkpoint, Checkpoint, Counts, ExpertArgs, LiveExpert, OnExpertFailure, Settled, Start,
+    CHECKPOINT,
 };
 
 #[derive(Args, Debug)]
@@ -109,8 +109,6 @@ struct Latency {
 
 pub fn run(args: &ServeArgs) -> Result<()> {
     let task = Task::load(&args.task)?;
-    let (mut cascade, config, config_text) = load_cascade(&args.config, &task, &args.models)?;
-    let audit_rate = audit_rate(args.audit_rate, &config)?;
     if args.max_pending == 0 || args.max_batch == 0 {
         bail!("--max-pending and --max-batch must be at least 1");
     }
@@ -125,27 +123,26 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let expert = runtime.block_on(async { LiveExpert::build(&args.expert, &task) })?;
-    let levels: Vec<String> = cascade
-        .level_names()
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let fingerprint = fingerprint(&config_text, &task, &args.expert, audit_rate);
-    let checkpoint_path = args.state.as_ref().map(|dir| dir.join(CHECKPOINT));
-    let mut counts = Counts::new(levels.len());
-    let mut audit_rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0xa0d1);
-    let mut served = 0;
-    if let Some(saved) = open_state(
+    let Start {
+        cascade,
+        expert,
+        level_names: levels,
+        fingerprint,
+        audit_rate,
+        counts,
+        audit_rng,
+        lines_done: served,
+        ..
+    } = Start::new(
+        &task,
+        &args.config,
+        &args.models,
+        &args.expert,
+        args.audit_rate,
         args.state.as_deref(),
         args.resume,
-        &fingerprint,
-        &mut cascade,
-    )? {
-        counts = saved.counts;
-        audit_rng = saved.audit_rng;
-        served = saved.lines_done;
-    }
+    )?;
+    let checkpoint_path = args.state.as_ref().map(|dir| dir.join(CHECKPOINT));
     let service = Arc::new(Service {
         cascade: Mutex::new(cascade),
         expert,
