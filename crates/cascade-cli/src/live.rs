@@ -326,9 +326,41 @@ impl Settled {
     }
 }
 
+/// The settings `run` and `serve` share: task, config, expert, state, policies.
+#[derive(Args, Debug)]
+pub struct SessionArgs {
+    /// Task file with the prompt and parser (tasks/imdb.toml, ...), or a preset name.
+    #[arg(long)]
+    pub task: String,
+    /// Cascade config (TOML).
+    #[arg(long)]
+    pub config: PathBuf,
+    #[command(flatten)]
+    pub expert: ExpertArgs,
+    /// Checkpoint folder (`run`: needs file input and output).
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// Continue from the checkpoint in --state.
+    #[arg(long, requires = "state")]
+    pub resume: bool,
+    /// When the expert gives no label: the deepest student answers
+    /// (`status: "expert_unavailable"`), or the item gets an error record.
+    #[arg(long, value_enum, default_value = "student")]
+    pub on_expert_failure: OnExpertFailure,
+    /// Share of student-answered items also sent to the expert, to estimate
+    /// agreement with it without bias; they do not train the cascade.
+    /// Default: 1 − the deepest level's decaying_factor.
+    #[arg(long)]
+    pub audit_rate: Option<f64>,
+    /// Folder of the models named in configs (`scripts/setup.sh` fills it).
+    #[arg(long, env = "CASCADE_MODELS", default_value = "models")]
+    pub models: PathBuf,
+}
+
 /// Where a run or a service starts: the cascade (restored from `--state`
 /// when resuming), its expert, and the counters.
 pub struct Start {
+    pub task: Task,
     pub cascade: Cascade,
     pub expert: LiveExpert,
     pub level_names: Vec<String>,
@@ -343,36 +375,34 @@ pub struct Start {
 }
 
 impl Start {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        task: &Task,
-        config_path: &Path,
-        models: &Path,
-        expert: &ExpertArgs,
-        audit_rate: Option<f64>,
-        state: Option<&Path>,
-        resume: bool,
-    ) -> Result<Self> {
-        let (mut cascade, config, config_text) = load_cascade(config_path, task, models)?;
-        let audit_rate = self::audit_rate(audit_rate, &config)?;
-        let fingerprint = fingerprint(&config_text, task, expert, audit_rate);
+    pub fn new(args: &SessionArgs) -> Result<Self> {
+        let task = Task::load(&args.task)?;
+        let (mut cascade, config, config_text) = load_cascade(&args.config, &task, &args.models)?;
+        let audit_rate = self::audit_rate(args.audit_rate, &config)?;
+        let fingerprint = fingerprint(&config_text, &task, &args.expert, audit_rate);
         let level_names: Vec<String> = cascade
             .level_names()
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let expert = LiveExpert::build(expert, task)?;
+        let expert = LiveExpert::build(&args.expert, &task)?;
         let mut counts = Counts::new(level_names.len());
         // Its own stream, so audits never move the cascade's coins.
         let mut audit_rng: ChaCha8Rng = rand::SeedableRng::seed_from_u64(config.seed ^ 0xa0d1);
         let (mut lines_done, mut output_bytes) = (0, 0);
-        if let Some(saved) = open_state(state, resume, &fingerprint, &mut cascade)? {
+        if let Some(saved) = open_state(
+            args.state.as_deref(),
+            args.resume,
+            &fingerprint,
+            &mut cascade,
+        )? {
             counts = saved.counts;
             audit_rng = saved.audit_rng;
             lines_done = saved.lines_done;
             output_bytes = saved.output_bytes;
         }
         Ok(Self {
+            task,
             cascade,
             expert,
             level_names,

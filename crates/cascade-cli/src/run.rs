@@ -15,74 +15,48 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Seek, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use cascade::{Cascade, Outcome, Task};
+use cascade::{Cascade, Outcome};
 use clap::Args;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 
-use crate::live::{
-    write_checkpoint, Checkpoint, Counts, ExpertArgs, OnExpertFailure, Settled, Start, CHECKPOINT,
-};
+use crate::live::{write_checkpoint, Checkpoint, Counts, SessionArgs, Settled, Start, CHECKPOINT};
 use crate::progress::Progress;
 use cascade_expert::input::{read_item, InputItem, LineReader};
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Task file with the prompt and parser (tasks/imdb.toml, ...), or a preset name.
-    #[arg(long)]
-    task: String,
-    /// Cascade config (TOML).
-    #[arg(long)]
-    config: PathBuf,
     #[command(flatten)]
-    expert: ExpertArgs,
+    session: SessionArgs,
     /// JSONL with {"id", "text"} per line, or plain text lines; `-` for stdin.
     #[arg(long, default_value = "-")]
     input: String,
     /// JSONL output, one record per input line; `-` for stdout.
     #[arg(long, default_value = "-")]
     output: String,
-    /// Checkpoint folder. Needs file input and output.
-    #[arg(long)]
-    state: Option<PathBuf>,
-    /// Continue from the checkpoint in --state.
-    #[arg(long, requires = "state")]
-    resume: bool,
     /// Input lines between checkpoints.
     #[arg(long, default_value_t = 1000)]
     checkpoint_every: u64,
     /// Longer lines get an error record.
     #[arg(long, default_value_t = 1 << 20)]
     max_line_bytes: usize,
-    /// When the expert gives no label: the deepest student answers
-    /// (`status: "expert_unavailable"`), or the item gets an error record.
-    #[arg(long, value_enum, default_value = "student")]
-    on_expert_failure: OnExpertFailure,
-    /// Share of student-answered items also sent to the expert, to estimate
-    /// agreement with it without bias; they do not train the cascade.
-    /// Default: 1 − the deepest level's decaying_factor.
-    #[arg(long)]
-    audit_rate: Option<f64>,
-    /// Folder of the models named in configs (`scripts/setup.sh` fills it).
-    #[arg(long, env = "CASCADE_MODELS", default_value = "models")]
-    models: PathBuf,
 }
 
 pub fn run(args: &RunArgs) -> Result<()> {
-    let task = Task::load(&args.task)?;
     if args.checkpoint_every == 0 {
         bail!("--checkpoint-every must be at least 1");
     }
-    if args.state.is_some() && (args.input == "-" || args.output == "-") {
+    if args.session.state.is_some() && (args.input == "-" || args.output == "-") {
         bail!("--state needs --input and --output files (a resumed run re-reads the input and cuts the output back)");
     }
     let Start {
+        task,
         mut cascade,
         expert,
         level_names,
@@ -92,20 +66,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
         mut audit_rng,
         lines_done,
         output_bytes,
-    } = Start::new(
-        &task,
-        &args.config,
-        &args.models,
-        &args.expert,
-        args.audit_rate,
-        args.state.as_deref(),
-        args.resume,
-    )?;
+    } = Start::new(&args.session)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let checkpoint_path = args.state.as_ref().map(|dir| dir.join(CHECKPOINT));
+    let checkpoint_path = args.session.state.as_ref().map(|dir| dir.join(CHECKPOINT));
     let mut input: LineReader<Box<dyn BufRead>> = LineReader::new(
         match args.input.as_str() {
             "-" => Box::new(std::io::stdin().lock()),
@@ -115,7 +81,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         },
         args.max_line_bytes,
     );
-    let mut output = Output::open(&args.output, args.resume.then_some(output_bytes))?;
+    let mut output = Output::open(&args.output, args.session.resume.then_some(output_bytes))?;
     // Skip what the checkpoint covers.
     while input.lines < lines_done {
         if input.next_line()?.is_none() {
@@ -237,7 +203,7 @@ fn handle(
                 deferred,
                 &item.text,
                 reason,
-                args.on_expert_failure,
+                args.session.on_expert_failure,
             )?,
         },
     })

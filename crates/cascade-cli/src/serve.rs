@@ -11,7 +11,6 @@
 //! finish what is in flight and write a checkpoint.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,29 +29,18 @@ use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
 use crate::live::{
-    write_checkpoint, Checkpoint, Counts, ExpertArgs, LiveExpert, OnExpertFailure, Settled, Start,
+    write_checkpoint, Checkpoint, Counts, LiveExpert, OnExpertFailure, SessionArgs, Settled, Start,
     CHECKPOINT,
 };
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Task file with the prompt and parser (tasks/imdb.toml, ...), or a preset name.
-    #[arg(long)]
-    task: String,
-    /// Cascade config (TOML).
-    #[arg(long)]
-    config: PathBuf,
     #[command(flatten)]
-    expert: ExpertArgs,
+    session: SessionArgs,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// Checkpoint folder: written every --checkpoint-secs and at shutdown.
-    #[arg(long)]
-    state: Option<PathBuf>,
-    /// Start from the checkpoint in --state.
-    #[arg(long, requires = "state")]
-    resume: bool,
+    /// Seconds between periodic checkpoints (with --state).
     #[arg(long, default_value_t = 60)]
     checkpoint_secs: u64,
     /// Environment variable holding a bearer token that requests must carry
@@ -68,15 +56,6 @@ pub struct ServeArgs {
     /// Most items in one request.
     #[arg(long, default_value_t = 4096)]
     max_batch: usize,
-    #[arg(long, value_enum, default_value = "student")]
-    on_expert_failure: OnExpertFailure,
-    /// Share of student-answered items also sent to the expert (agreement
-    /// estimate). Default: 1 − the deepest level's decaying_factor.
-    #[arg(long)]
-    audit_rate: Option<f64>,
-    /// Folder of the models named in configs (`scripts/setup.sh` fills it).
-    #[arg(long, env = "CASCADE_MODELS", default_value = "models")]
-    models: PathBuf,
 }
 
 /// Request latency histogram bounds, seconds.
@@ -108,7 +87,6 @@ struct Latency {
 }
 
 pub fn run(args: &ServeArgs) -> Result<()> {
-    let task = Task::load(&args.task)?;
     if args.max_pending == 0 || args.max_batch == 0 {
         bail!("--max-pending and --max-batch must be at least 1");
     }
@@ -124,6 +102,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     let Start {
+        task,
         cascade,
         expert,
         level_names: levels,
@@ -133,16 +112,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         audit_rng,
         lines_done: served,
         ..
-    } = Start::new(
-        &task,
-        &args.config,
-        &args.models,
-        &args.expert,
-        args.audit_rate,
-        args.state.as_deref(),
-        args.resume,
-    )?;
-    let checkpoint_path = args.state.as_ref().map(|dir| dir.join(CHECKPOINT));
+    } = Start::new(&args.session)?;
+    let checkpoint_path = args.session.state.as_ref().map(|dir| dir.join(CHECKPOINT));
     let service = Arc::new(Service {
         cascade: Mutex::new(cascade),
         expert,
@@ -155,7 +126,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         token,
         max_batch: args.max_batch,
         audit_rate,
-        on_failure: args.on_expert_failure,
+        on_failure: args.session.on_expert_failure,
         requests: std::sync::atomic::AtomicU64::new(served),
     });
     let save = {
