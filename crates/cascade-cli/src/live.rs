@@ -375,11 +375,13 @@ pub struct Start {
 }
 
 impl Start {
-    pub fn new(args: &SessionArgs) -> Result<Self> {
+    /// `schedule`: whatever else the decisions depend on (run: calls in
+    /// flight and checkpoint spacing); a checkpoint must match it too.
+    pub fn new(args: &SessionArgs, schedule: &str) -> Result<Self> {
         let task = Task::load(&args.task)?;
         let (mut cascade, config, config_text) = load_cascade(&args.config, &task, &args.models)?;
         let audit_rate = self::audit_rate(args.audit_rate, &config)?;
-        let fingerprint = fingerprint(&config_text, &task, &args.expert, audit_rate);
+        let fingerprint = fingerprint(&config_text, &task, &args.expert, audit_rate, schedule);
         let level_names: Vec<String> = cascade
             .level_names()
             .iter()
@@ -504,7 +506,13 @@ pub struct Checkpoint {
 pub const CHECKPOINT: &str = "checkpoint.cbor";
 
 /// What a checkpoint must match to be resumed.
-pub fn fingerprint(config_text: &str, task: &Task, expert: &ExpertArgs, audit_rate: f64) -> String {
+pub fn fingerprint(
+    config_text: &str,
+    task: &Task,
+    expert: &ExpertArgs,
+    audit_rate: f64,
+    schedule: &str,
+) -> String {
     let mut hash = Sha256::new();
     hash.update(config_text.as_bytes());
     hash.update(format!(
@@ -517,6 +525,7 @@ pub fn fingerprint(config_text: &str, task: &Task, expert: &ExpertArgs, audit_ra
         expert.model,
         audit_rate
     ));
+    hash.update(schedule.as_bytes());
     format!("{:x}", hash.finalize())
 }
 

@@ -13,6 +13,7 @@
 //! cuts the output back to the checkpoint's length (records written after it
 //! are recomputed, identically) and continues from the next input line.
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Seek, Write};
 use std::path::Path;
@@ -26,7 +27,10 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 
-use crate::live::{write_checkpoint, Checkpoint, Counts, SessionArgs, Settled, Start, CHECKPOINT};
+use crate::live::{
+    write_checkpoint, Checkpoint, Counts, LiveExpert, OnExpertFailure, SessionArgs, Settled, Start,
+    CHECKPOINT,
+};
 use crate::progress::Progress;
 use cascade_expert::input::{read_item, InputItem, LineReader};
 
@@ -46,11 +50,19 @@ pub struct RunArgs {
     /// Longer lines get an error record.
     #[arg(long, default_value_t = 1 << 20)]
     max_line_bytes: usize,
+    /// Expert calls in flight at once. Students keep answering while they
+    /// run; labels are learned oldest first when the window is full, so the
+    /// decisions depend on this number but never on which call returns first.
+    #[arg(long, default_value_t = 1)]
+    max_in_flight: usize,
+    /// Write each record as soon as it is settled instead of in input order.
+    #[arg(long)]
+    unordered: bool,
 }
 
 pub fn run(args: &RunArgs) -> Result<()> {
-    if args.checkpoint_every == 0 {
-        bail!("--checkpoint-every must be at least 1");
+    if args.checkpoint_every == 0 || args.max_in_flight == 0 {
+        bail!("--checkpoint-every and --max-in-flight must be at least 1");
     }
     if args.session.state.is_some() && (args.input == "-" || args.output == "-") {
         bail!("--state needs --input and --output files (a resumed run re-reads the input and cuts the output back)");
@@ -66,7 +78,13 @@ pub fn run(args: &RunArgs) -> Result<()> {
         mut audit_rng,
         lines_done,
         output_bytes,
-    } = Start::new(&args.session)?;
+    } = Start::new(
+        &args.session,
+        &format!(
+            "run: {} in flight, checkpoint every {}",
+            args.max_in_flight, args.checkpoint_every
+        ),
+    )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -119,36 +137,63 @@ pub fn run(args: &RunArgs) -> Result<()> {
             )
         };
 
+    let mut pipeline = Pipeline {
+        queue: VecDeque::new(),
+        in_flight: 0,
+        ordered: !args.unordered,
+    };
+    let settle = |pipeline: &mut Pipeline,
+                  cascade: &mut Cascade,
+                  counts: &mut Counts,
+                  output: &mut Output,
+                  all: bool|
+     -> Result<()> {
+        let limit = if all { 0 } else { args.max_in_flight - 1 };
+        while pipeline.in_flight > limit {
+            pipeline.settle_oldest(&runtime, cascade, counts, args.session.on_expert_failure)?;
+            pipeline.flush(|line, id, settled| {
+                counts.add(settled);
+                output.write(&settled.record(Some(line), id, &task, &level_names))
+            })?;
+        }
+        Ok(())
+    };
     while let Some(raw) = input.next_line()? {
         let line = input.lines as usize;
-        let (id, settled) = match read_item(line, raw, args.max_line_bytes) {
-            Err(reason) => (Value::Null, Settled::BadInput { reason }),
-            Ok(item) => {
-                let ask = |item: &InputItem| runtime.block_on(expert.ask(&item.id, &item.text));
-                let settled = handle(
-                    &mut cascade,
-                    &ask,
-                    &item,
-                    args,
-                    audit_rate,
-                    &mut counts,
-                    &mut audit_rng,
-                )?;
-                (item.id, settled)
-            }
+        // Make room first: the labels learned before routing this item are
+        // then fixed by the stream and --max-in-flight alone.
+        settle(&mut pipeline, &mut cascade, &mut counts, &mut output, false)?;
+        let entry = match read_item(line, raw, args.max_line_bytes) {
+            Err(reason) => Entry::Ready {
+                line,
+                id: Value::Null,
+                settled: Settled::BadInput { reason },
+            },
+            Ok(item) => route(
+                &mut cascade,
+                &expert,
+                &runtime,
+                item,
+                audit_rate,
+                &mut audit_rng,
+            )?,
         };
-        counts.add(&settled);
-        let record = settled.record(Some(line), &id, &task, &level_names);
-        output.write(&record)?;
+        pipeline.push(entry);
+        pipeline.flush(|line, id, settled| {
+            counts.add(settled);
+            output.write(&settled.record(Some(line), id, &task, &level_names))
+        })?;
         progress.inc(1);
-        if counts.lines.is_multiple_of(256) {
+        if input.lines.is_multiple_of(256) {
             progress.set_message(counts.status_line());
         }
-        if input.lines.is_multiple_of(args.checkpoint_every) {
+        let stopping = stop.load(Ordering::Relaxed);
+        if input.lines.is_multiple_of(args.checkpoint_every) || stopping {
+            // A checkpoint holds no call in flight: settle them all first.
+            settle(&mut pipeline, &mut cascade, &mut counts, &mut output, true)?;
             save(&cascade, &counts, &audit_rng, &mut output, input.lines)?;
         }
-        if stop.load(Ordering::Relaxed) {
-            save(&cascade, &counts, &audit_rng, &mut output, input.lines)?;
+        if stopping {
             progress.finish();
             eprintln!("{}", counts.status_line());
             bail!(
@@ -162,51 +207,169 @@ pub fn run(args: &RunArgs) -> Result<()> {
             );
         }
     }
+    settle(&mut pipeline, &mut cascade, &mut counts, &mut output, true)?;
     save(&cascade, &counts, &audit_rng, &mut output, input.lines)?;
     progress.finish();
     eprintln!("{}", counts.status_line());
     Ok(())
 }
 
-/// Routes one item; a deferred one waits for the expert. Audits send a share
-/// of student answers to the expert as well.
-fn handle(
+/// Routes one item: a student's answer is ready at once (an audited one also
+/// asks the expert); a deferred item's expert call starts now.
+fn route(
     cascade: &mut Cascade,
-    ask: &dyn Fn(&InputItem) -> std::result::Result<usize, String>,
-    item: &InputItem,
-    args: &RunArgs,
+    expert: &LiveExpert,
+    runtime: &tokio::runtime::Runtime,
+    item: InputItem,
     audit_rate: f64,
-    counts: &mut Counts,
     audit_rng: &mut ChaCha8Rng,
-) -> Result<Settled> {
+) -> Result<Entry> {
+    let ask = |item: &InputItem| {
+        let (expert, id, text) = (expert.clone(), item.id.clone(), item.text.clone());
+        runtime.spawn(async move { expert.ask(&id, &text).await })
+    };
     let routed = cascade.route(&item.text)?;
     Ok(match routed.outcome {
         Outcome::Answered { level, label } => {
-            if audit_rng.random::<f64>() < audit_rate {
-                if let Ok(reference) = ask(item) {
-                    counts.add_audit(reference == label);
-                }
-            }
-            Settled::Student {
+            let settled = Settled::Student {
                 level,
                 label,
                 probs: routed.level_probs[level].clone(),
+            };
+            if audit_rng.random::<f64>() < audit_rate {
+                Entry::Waiting {
+                    call: ask(&item),
+                    item,
+                    waiting: Waiting::Audit(settled),
+                }
+            } else {
+                Entry::Ready {
+                    line: item.line,
+                    id: item.id,
+                    settled,
+                }
             }
         }
-        Outcome::Deferred(deferred) => match ask(item) {
-            Ok(label) => {
+        Outcome::Deferred(deferred) => Entry::Waiting {
+            call: ask(&item),
+            item,
+            waiting: Waiting::Label(deferred),
+        },
+    })
+}
+
+/// An item between routing and output.
+enum Entry {
+    Ready {
+        line: usize,
+        id: Value,
+        settled: Settled,
+    },
+    Waiting {
+        item: InputItem,
+        call: tokio::task::JoinHandle<std::result::Result<usize, String>>,
+        waiting: Waiting,
+    },
+}
+
+enum Waiting {
+    /// A deferred item: its label is learned when settled.
+    Label(cascade::Deferred),
+    /// An audited student answer: the expert's label is only compared.
+    Audit(Settled),
+}
+
+/// Items between routing and output, in input order.
+struct Pipeline {
+    queue: VecDeque<Entry>,
+    in_flight: usize,
+    ordered: bool,
+}
+
+impl Pipeline {
+    fn push(&mut self, entry: Entry) {
+        if matches!(entry, Entry::Waiting { .. }) {
+            self.in_flight += 1;
+        }
+        self.queue.push_back(entry);
+    }
+
+    /// Waits for the oldest expert call and settles its item.
+    fn settle_oldest(
+        &mut self,
+        runtime: &tokio::runtime::Runtime,
+        cascade: &mut Cascade,
+        counts: &mut Counts,
+        policy: OnExpertFailure,
+    ) -> Result<()> {
+        let Some(index) = self
+            .queue
+            .iter()
+            .position(|e| matches!(e, Entry::Waiting { .. }))
+        else {
+            return Ok(());
+        };
+        let placeholder = Entry::Ready {
+            line: 0,
+            id: Value::Null,
+            settled: Settled::Failed {
+                reason: String::new(),
+            },
+        };
+        let Entry::Waiting {
+            item,
+            call,
+            waiting,
+        } = std::mem::replace(&mut self.queue[index], placeholder)
+        else {
+            unreachable!("position found a waiting entry");
+        };
+        let answer = runtime
+            .block_on(call)
+            .unwrap_or_else(|e| Err(format!("expert task failed: {e}")));
+        let settled = match (waiting, answer) {
+            (Waiting::Label(deferred), Ok(label)) => {
                 cascade.learn(deferred, Some(label))?;
                 Settled::Llm { label }
             }
-            Err(reason) => Settled::expert_failed(
-                cascade,
-                deferred,
-                &item.text,
-                reason,
-                args.session.on_expert_failure,
-            )?,
-        },
-    })
+            (Waiting::Label(deferred), Err(reason)) => {
+                Settled::expert_failed(cascade, deferred, &item.text, reason, policy)?
+            }
+            (Waiting::Audit(settled), answer) => {
+                if let (Ok(reference), Settled::Student { label, .. }) = (answer, &settled) {
+                    counts.add_audit(reference == *label);
+                }
+                settled
+            }
+        };
+        self.queue[index] = Entry::Ready {
+            line: item.line,
+            id: item.id,
+            settled,
+        };
+        self.in_flight -= 1;
+        Ok(())
+    }
+
+    /// Writes what is ready: in input order, or (unordered) everything settled.
+    fn flush(
+        &mut self,
+        mut write: impl FnMut(usize, &Value, &Settled) -> Result<()>,
+    ) -> Result<()> {
+        let mut kept = VecDeque::with_capacity(self.queue.len());
+        let mut blocked = false;
+        while let Some(entry) = self.queue.pop_front() {
+            match entry {
+                Entry::Ready { line, id, settled } if !blocked => write(line, &id, &settled)?,
+                entry => {
+                    blocked |= self.ordered;
+                    kept.push_back(entry);
+                }
+            }
+        }
+        self.queue = kept;
+        Ok(())
+    }
 }
 
 fn count_lines(path: &Path) -> Result<u64> {

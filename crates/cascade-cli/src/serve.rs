@@ -112,7 +112,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         audit_rng,
         lines_done: served,
         ..
-    } = Start::new(&args.session)?;
+    } = Start::new(&args.session, "serve")?;
     let checkpoint_path = args.session.state.as_ref().map(|dir| dir.join(CHECKPOINT));
     let service = Arc::new(Service {
         cascade: Mutex::new(cascade),

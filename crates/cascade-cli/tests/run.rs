@@ -104,11 +104,19 @@ fn succeed(output: Output) -> String {
 #[test]
 fn killed_and_resumed_runs_equal_an_uninterrupted_run() {
     let full = std::env::var("CASCADE_CRASH_FULL").is_ok_and(|v| v == "1");
-    let (items, kills_wanted, delay_ms) = if full {
-        (12_500, 20, "1")
-    } else {
-        (2_500, 6, "1")
-    };
+    let (items, kills_wanted) = if full { (12_500, 20) } else { (2_500, 6) };
+    crash_test(items, kills_wanted, &[]);
+}
+
+/// The same with expert calls in flight: a checkpoint settles them first, and
+/// labels are learned on a fixed schedule, so resume is still exact.
+#[test]
+fn killed_runs_with_calls_in_flight_resume_exactly() {
+    crash_test(1_500, 4, &["--max-in-flight", "4"]);
+}
+
+fn crash_test(items: usize, kills_wanted: usize, flags: &[&str]) {
+    let delay_ms = "1";
     let dir = tempfile::tempdir().unwrap();
     let (input, config) = setup(dir.path(), items);
     let reference = dir.path().join("reference.jsonl");
@@ -118,7 +126,11 @@ fn killed_and_resumed_runs_equal_an_uninterrupted_run() {
             &input,
             &reference,
             &config,
-            &["--replay-delay-ms", delay_ms],
+            &[
+                &["--replay-delay-ms", delay_ms, "--checkpoint-every", "100"],
+                flags,
+            ]
+            .concat(),
         )
         .output()
         .unwrap(),
@@ -133,6 +145,7 @@ fn killed_and_resumed_runs_equal_an_uninterrupted_run() {
         attempts += 1;
         assert!(attempts < 200, "no progress after {attempts} attempts");
         let mut extra = vec!["--replay-delay-ms", delay_ms, "--checkpoint-every", "100"];
+        extra.extend_from_slice(flags);
         extra.extend(["--state", state.to_str().unwrap()]);
         if state.join("checkpoint.cbor").exists() {
             extra.push("--resume");
@@ -402,4 +415,35 @@ async fn an_expert_outage_loses_nothing_and_recovers() {
         .filter(|r| r["answered_by"] == "llm")
         .count();
     assert!(llm_after > 0, "the LLM answers again after the outage");
+}
+
+/// Calls in flight: one record per line, in input order by default or as
+/// settled with --unordered, and the same decisions on every run.
+#[test]
+fn calls_in_flight_keep_every_record_and_are_deterministic() {
+    let dir = tempfile::tempdir().unwrap();
+    // Long enough for the student to start answering (~7% by item 1,000).
+    let (input, config) = setup(dir.path(), 1_500);
+    let run = |name: &str, extra: &[&str]| {
+        let output = dir.path().join(name);
+        let flags = [&["--replay-delay-ms", "3", "--max-in-flight", "8"], extra].concat();
+        succeed(
+            run_command(&input, &output, &config, &flags)
+                .output()
+                .unwrap(),
+        );
+        records(&output)
+    };
+    let first = run("a.jsonl", &[]);
+    assert_eq!(first, run("b.jsonl", &[]), "same decisions on every run");
+    let lines: Vec<u64> = first.iter().map(|r| r["line"].as_u64().unwrap()).collect();
+    assert_eq!(lines, (1..=1_500).collect::<Vec<_>>(), "input order");
+    let mut unordered = run("c.jsonl", &["--unordered"]);
+    let moved = unordered
+        .iter()
+        .enumerate()
+        .any(|(i, r)| r["line"].as_u64() != Some(i as u64 + 1));
+    assert!(moved, "students' answers overtake calls in flight");
+    unordered.sort_by_key(|r| r["line"].as_u64());
+    assert_eq!(unordered, first, "the same records, in another order");
 }
