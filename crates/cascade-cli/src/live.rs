@@ -257,9 +257,27 @@ pub enum Settled {
 }
 
 impl Settled {
+    /// A deferred item once its expert call has ended: the label is learned,
+    /// or on a failure the policy decides the answer.
+    pub fn from_expert(
+        cascade: &mut Cascade,
+        deferred: cascade::Deferred,
+        text: &str,
+        answer: std::result::Result<usize, String>,
+        policy: OnExpertFailure,
+    ) -> Result<Self> {
+        match answer {
+            Ok(label) => {
+                cascade.learn(deferred, Some(label))?;
+                Ok(Self::Llm { label })
+            }
+            Err(reason) => Self::expert_failed(cascade, deferred, text, reason, policy),
+        }
+    }
+
     /// A deferred item whose expert call failed: the label (none) is handed
     /// to the cascade, then the failure policy decides the answer.
-    pub fn expert_failed(
+    fn expert_failed(
         cascade: &mut Cascade,
         deferred: cascade::Deferred,
         text: &str,
@@ -450,9 +468,12 @@ impl Counts {
         }
     }
 
-    pub fn add_audit(&mut self, agreed: bool) {
-        self.audits += 1;
-        self.audit_agreements += u64::from(agreed);
+    /// An audited student answer and the expert's label for the same item.
+    pub fn add_audit(&mut self, answer: &Settled, expert_label: usize) {
+        if let Settled::Student { label, .. } = answer {
+            self.audits += 1;
+            self.audit_agreements += u64::from(*label == expert_label);
+        }
     }
 
     pub fn status_line(&self) -> String {

@@ -51,8 +51,8 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1 << 20)]
     max_line_bytes: usize,
     /// Expert calls in flight at once. Students keep answering while they
-    /// run; labels are learned oldest first when the window is full, so the
-    /// decisions depend on this number but never on which call returns first.
+    /// run; each label is learned at the latest N lines after its item, so
+    /// the decisions depend on N but never on which call returns first.
     #[arg(long, default_value_t = 1)]
     max_in_flight: usize,
     /// Write each record as soon as it is settled instead of in input order.
@@ -139,17 +139,16 @@ pub fn run(args: &RunArgs) -> Result<()> {
 
     let mut pipeline = Pipeline {
         queue: VecDeque::new(),
-        in_flight: 0,
         ordered: !args.unordered,
     };
     let settle = |pipeline: &mut Pipeline,
                   cascade: &mut Cascade,
                   counts: &mut Counts,
                   output: &mut Output,
-                  all: bool|
+                  upto: usize|
      -> Result<()> {
-        let limit = if all { 0 } else { args.max_in_flight - 1 };
-        while pipeline.in_flight > limit {
+        // Oldest first, every call for an item on line `upto` or before.
+        while pipeline.oldest_waiting().is_some_and(|line| line <= upto) {
             pipeline.settle_oldest(&runtime, cascade, counts, args.session.on_expert_failure)?;
             pipeline.flush(|line, id, settled| {
                 counts.add(settled);
@@ -160,9 +159,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
     };
     while let Some(raw) = input.next_line()? {
         let line = input.lines as usize;
-        // Make room first: the labels learned before routing this item are
-        // then fixed by the stream and --max-in-flight alone.
-        settle(&mut pipeline, &mut cascade, &mut counts, &mut output, false)?;
+        // Each label is learned at the latest N lines after its item, before
+        // this one is routed: what the cascade knows here is fixed by the
+        // stream and N alone, and at most N calls are in flight.
+        let upto = line.saturating_sub(args.max_in_flight);
+        settle(&mut pipeline, &mut cascade, &mut counts, &mut output, upto)?;
         let entry = match read_item(line, raw, args.max_line_bytes) {
             Err(reason) => Entry::Ready {
                 line,
@@ -190,7 +191,13 @@ pub fn run(args: &RunArgs) -> Result<()> {
         let stopping = stop.load(Ordering::Relaxed);
         if input.lines.is_multiple_of(args.checkpoint_every) || stopping {
             // A checkpoint holds no call in flight: settle them all first.
-            settle(&mut pipeline, &mut cascade, &mut counts, &mut output, true)?;
+            settle(
+                &mut pipeline,
+                &mut cascade,
+                &mut counts,
+                &mut output,
+                usize::MAX,
+            )?;
             save(&cascade, &counts, &audit_rng, &mut output, input.lines)?;
         }
         if stopping {
@@ -207,7 +214,13 @@ pub fn run(args: &RunArgs) -> Result<()> {
             );
         }
     }
-    settle(&mut pipeline, &mut cascade, &mut counts, &mut output, true)?;
+    settle(
+        &mut pipeline,
+        &mut cascade,
+        &mut counts,
+        &mut output,
+        usize::MAX,
+    )?;
     save(&cascade, &counts, &audit_rng, &mut output, input.lines)?;
     progress.finish();
     eprintln!("{}", counts.status_line());
@@ -282,16 +295,20 @@ enum Waiting {
 /// Items between routing and output, in input order.
 struct Pipeline {
     queue: VecDeque<Entry>,
-    in_flight: usize,
     ordered: bool,
 }
 
 impl Pipeline {
     fn push(&mut self, entry: Entry) {
-        if matches!(entry, Entry::Waiting { .. }) {
-            self.in_flight += 1;
-        }
         self.queue.push_back(entry);
+    }
+
+    /// The input line of the oldest item waiting for the expert.
+    fn oldest_waiting(&self) -> Option<usize> {
+        self.queue.iter().find_map(|e| match e {
+            Entry::Waiting { item, .. } => Some(item.line),
+            Entry::Ready { .. } => None,
+        })
     }
 
     /// Waits for the oldest expert call and settles its item.
@@ -309,18 +326,11 @@ impl Pipeline {
         else {
             return Ok(());
         };
-        let placeholder = Entry::Ready {
-            line: 0,
-            id: Value::Null,
-            settled: Settled::Failed {
-                reason: String::new(),
-            },
-        };
-        let Entry::Waiting {
+        let Some(Entry::Waiting {
             item,
             call,
             waiting,
-        } = std::mem::replace(&mut self.queue[index], placeholder)
+        }) = self.queue.remove(index)
         else {
             unreachable!("position found a waiting entry");
         };
@@ -328,26 +338,24 @@ impl Pipeline {
             .block_on(call)
             .unwrap_or_else(|e| Err(format!("expert task failed: {e}")));
         let settled = match (waiting, answer) {
-            (Waiting::Label(deferred), Ok(label)) => {
-                cascade.learn(deferred, Some(label))?;
-                Settled::Llm { label }
-            }
-            (Waiting::Label(deferred), Err(reason)) => {
-                Settled::expert_failed(cascade, deferred, &item.text, reason, policy)?
+            (Waiting::Label(deferred), answer) => {
+                Settled::from_expert(cascade, deferred, &item.text, answer, policy)?
             }
             (Waiting::Audit(settled), answer) => {
-                if let (Ok(reference), Settled::Student { label, .. }) = (answer, &settled) {
-                    counts.add_audit(reference == *label);
+                if let Ok(reference) = answer {
+                    counts.add_audit(&settled, reference);
                 }
                 settled
             }
         };
-        self.queue[index] = Entry::Ready {
-            line: item.line,
-            id: item.id,
-            settled,
-        };
-        self.in_flight -= 1;
+        self.queue.insert(
+            index,
+            Entry::Ready {
+                line: item.line,
+                id: item.id,
+                settled,
+            },
+        );
         Ok(())
     }
 

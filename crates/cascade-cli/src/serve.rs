@@ -292,7 +292,7 @@ async fn settle_all(service: &Service, items: &[Value]) -> Result<Vec<Value>> {
     enum Pending {
         Done(Settled),
         Deferred(cascade::Deferred),
-        Audit(Settled, usize),
+        Audit(Settled),
     }
     let parsed: Vec<(Value, std::result::Result<String, String>)> = items
         .iter()
@@ -325,7 +325,7 @@ async fn settle_all(service: &Service, items: &[Value]) -> Result<Vec<Value>> {
                                 probs: routed.level_probs[level].clone(),
                             };
                             if audit_rng.random::<f64>() < service.audit_rate {
-                                Pending::Audit(settled, label)
+                                Pending::Audit(settled)
                             } else {
                                 Pending::Done(settled)
                             }
@@ -355,22 +355,15 @@ async fn settle_all(service: &Service, items: &[Value]) -> Result<Vec<Value>> {
     for (((id, text), p), answer) in parsed.iter().zip(pending).zip(answers) {
         let settled = match (p, answer) {
             (Pending::Done(settled), _) => settled,
-            (Pending::Audit(settled, label), Some(Ok(reference))) => {
-                counts.add_audit(reference == label);
+            (Pending::Audit(settled), Some(Ok(reference))) => {
+                counts.add_audit(&settled, reference);
                 settled
             }
-            (Pending::Audit(settled, _), _) => settled,
-            (Pending::Deferred(deferred), Some(Ok(label))) => {
-                cascade.learn(deferred, Some(label))?;
-                Settled::Llm { label }
-            }
+            (Pending::Audit(settled), _) => settled,
             (Pending::Deferred(deferred), answer) => {
-                let reason = match answer {
-                    Some(Err(reason)) => reason,
-                    _ => "no expert call was made".into(),
-                };
+                let answer = answer.unwrap_or_else(|| Err("no expert call was made".into()));
                 let text = text.as_deref().unwrap_or_default();
-                Settled::expert_failed(&mut cascade, deferred, text, reason, service.on_failure)?
+                Settled::from_expert(&mut cascade, deferred, text, answer, service.on_failure)?
             }
         };
         counts.add(&settled);

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -98,6 +99,35 @@ impl ResponseCache {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+}
+
+/// The cache an expert shares between its concurrent calls.
+#[derive(Debug, Default)]
+pub struct SharedCache(Mutex<ResponseCache>);
+
+impl SharedCache {
+    /// The file's cache, or one in memory only when there is no file.
+    pub fn open(path: Option<&Path>) -> std::io::Result<Self> {
+        let cache = match path {
+            Some(path) => ResponseCache::open(path)?,
+            None => ResponseCache::in_memory(),
+        };
+        Ok(Self(Mutex::new(cache)))
+    }
+
+    pub fn get(&self, key: &str) -> Option<CachedAnswer> {
+        self.lock().get(key).cloned()
+    }
+
+    /// Stores an answer. A cache that cannot be written costs a re-run, not
+    /// this answer, so the error is dropped.
+    pub fn insert(&self, key: String, answer: CachedAnswer) {
+        let _ = self.lock().insert(key, answer);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ResponseCache> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

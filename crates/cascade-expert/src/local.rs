@@ -14,7 +14,7 @@ use cascade::Task;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::cache::{CachedAnswer, ResponseCache};
+use crate::cache::{CachedAnswer, ResponseCache, SharedCache};
 use crate::expert::{Answer, Expert, ExpertError, Usage};
 use crate::gemma::{Gemma, GemmaError};
 use crate::sentencepiece::SentencePiece;
@@ -73,7 +73,7 @@ pub struct LocalExpert {
     max_text_tokens: usize,
     model_id: String,
     prompt_fingerprint: String,
-    cache: Mutex<ResponseCache>,
+    cache: SharedCache,
     usage: Mutex<Usage>,
     compute: Mutex<ComputeTime>,
 }
@@ -126,13 +126,15 @@ impl LocalExpert {
             prompt.label_words, config.max_text_tokens
         ));
         let prompt_fingerprint = format!("{:x}", hash.finalize());
-        let cache = match &config.cache {
-            Some(path) => ResponseCache::open(path).map_err(|source| LocalError::Cache {
-                path: path.display().to_string(),
+        let cache =
+            SharedCache::open(config.cache.as_deref()).map_err(|source| LocalError::Cache {
+                path: config
+                    .cache
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
                 source,
-            })?,
-            None => ResponseCache::in_memory(),
-        };
+            })?;
         Ok(Self {
             model,
             tokenizer,
@@ -141,7 +143,7 @@ impl LocalExpert {
             max_text_tokens: config.max_text_tokens,
             model_id,
             prompt_fingerprint,
-            cache: Mutex::new(cache),
+            cache,
             usage: Mutex::new(Usage::default()),
             compute: Mutex::new(ComputeTime::default()),
         })
@@ -218,13 +220,7 @@ impl LocalExpert {
     pub fn label_now(&self, text: &str, use_cache: bool) -> Result<Answer, ExpertError> {
         let key = ResponseCache::key(&self.model_id, &self.prompt_fingerprint, text);
         if use_cache {
-            let hit = self
-                .cache
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&key)
-                .cloned();
-            if let Some(hit) = hit {
+            if let Some(hit) = self.cache.get(&key) {
                 self.usage
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -233,8 +229,7 @@ impl LocalExpert {
             }
         }
         let (raw, probs) = self.classify(text)?;
-        // A cache that cannot be written costs a re-run time, not this answer.
-        let _ = self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(
+        self.cache.insert(
             key,
             CachedAnswer {
                 raw: raw.clone(),

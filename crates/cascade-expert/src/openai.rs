@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
-use crate::cache::{CachedAnswer, ResponseCache};
+use crate::cache::{CachedAnswer, ResponseCache, SharedCache};
 use crate::expert::{Answer, Expert, ExpertError, Usage};
 
 /// Settings of the chat-completions expert. The API key is read from the
@@ -131,7 +131,7 @@ pub struct OpenAiExpert {
     in_flight: Semaphore,
     requests: Option<DefaultDirectRateLimiter>,
     tokens: Option<DefaultDirectRateLimiter>,
-    cache: Mutex<ResponseCache>,
+    cache: SharedCache,
     /// Hash of everything in a request but the item: part of the cache key.
     prompt_fingerprint: String,
     usage: Mutex<Usage>,
@@ -178,13 +178,11 @@ impl OpenAiExpert {
         };
         let requests = limiter("requests_per_minute", config.requests_per_minute)?;
         let tokens = limiter("tokens_per_minute", config.tokens_per_minute)?;
-        let cache = match &config.cache {
-            Some(path) => ResponseCache::open(path).map_err(|source| SetupError::Cache {
-                path: path.clone(),
+        let cache =
+            SharedCache::open(config.cache.as_deref()).map_err(|source| SetupError::Cache {
+                path: config.cache.clone().unwrap_or_default(),
                 source,
-            })?,
-            None => ResponseCache::in_memory(),
-        };
+            })?;
         let mut fingerprint = Sha256::new();
         let parts = [
             prompt.system.clone().unwrap_or_default(),
@@ -211,7 +209,7 @@ impl OpenAiExpert {
             http,
             requests,
             tokens,
-            cache: Mutex::new(cache),
+            cache,
             usage: Mutex::new(Usage::default()),
         })
     }
@@ -385,13 +383,7 @@ impl OpenAiExpert {
 impl Expert for OpenAiExpert {
     async fn label(&self, text: &str) -> Result<Answer, ExpertError> {
         let key = ResponseCache::key(&self.config.model, &self.prompt_fingerprint, text);
-        let hit = self
-            .cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-            .cloned();
-        if let Some(hit) = hit {
+        if let Some(hit) = self.cache.get(&key) {
             self.usage
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -426,12 +418,7 @@ impl Expert for OpenAiExpert {
                         raw: raw.clone(),
                         probs: probs.clone(),
                     };
-                    // A cache that cannot be written costs a re-run money, not this answer.
-                    let _ = self
-                        .cache
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(key, answer);
+                    self.cache.insert(key, answer);
                     return self.answer(raw, probs, false);
                 }
                 Err(failure) if failure.error.is_transient() => {
