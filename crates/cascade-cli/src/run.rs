@@ -157,6 +157,17 @@ pub fn run(args: &RunArgs) -> Result<()> {
         }
         Ok(())
     };
+    // A checkpoint holds no call in flight: they are all settled first.
+    let checkpoint = |pipeline: &mut Pipeline,
+                      cascade: &mut Cascade,
+                      counts: &mut Counts,
+                      output: &mut Output,
+                      rng: &ChaCha8Rng,
+                      lines: u64|
+     -> Result<()> {
+        settle(pipeline, cascade, counts, output, usize::MAX)?;
+        save(cascade, counts, rng, output, lines)
+    };
     while let Some(raw) = input.next_line()? {
         let line = input.lines as usize;
         // Each label is learned at the latest N lines after its item, before
@@ -190,15 +201,14 @@ pub fn run(args: &RunArgs) -> Result<()> {
         }
         let stopping = stop.load(Ordering::Relaxed);
         if input.lines.is_multiple_of(args.checkpoint_every) || stopping {
-            // A checkpoint holds no call in flight: settle them all first.
-            settle(
+            checkpoint(
                 &mut pipeline,
                 &mut cascade,
                 &mut counts,
                 &mut output,
-                usize::MAX,
+                &audit_rng,
+                input.lines,
             )?;
-            save(&cascade, &counts, &audit_rng, &mut output, input.lines)?;
         }
         if stopping {
             progress.finish();
@@ -214,14 +224,14 @@ pub fn run(args: &RunArgs) -> Result<()> {
             );
         }
     }
-    settle(
+    checkpoint(
         &mut pipeline,
         &mut cascade,
         &mut counts,
         &mut output,
-        usize::MAX,
+        &audit_rng,
+        input.lines,
     )?;
-    save(&cascade, &counts, &audit_rng, &mut output, input.lines)?;
     progress.finish();
     eprintln!("{}", counts.status_line());
     Ok(())
