@@ -521,6 +521,7 @@ pub struct Checkpoint {
     pub output_bytes: u64,
     pub counts: Counts,
     pub audit_rng: ChaCha8Rng,
+    #[serde(with = "serde_bytes")]
     pub cascade: Vec<u8>,
 }
 

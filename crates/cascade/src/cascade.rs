@@ -115,6 +115,7 @@ struct CascadeState {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct LevelState {
     name: String,
+    #[serde(with = "serde_bytes")]
     student: Vec<u8>,
     cache: Vec<(String, usize)>,
     history: Vec<(String, usize)>,

@@ -7,6 +7,7 @@ use candle_core::{Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::optim::AdamWState;
 use super::{load_model, mean_pool, AdamW, AdamWConfig, BertEncoder, TextEncoder, Trainable};
 use crate::config::TransformerConfig;
 use crate::student::{Demonstration, Student, StudentError};
@@ -21,6 +22,21 @@ pub struct FineTuned {
     head_b: Var,
     optimizer: AdamW,
     device: Device,
+}
+
+/// What a checkpoint holds: the trainable weights (the frozen ones are read
+/// again from the model folder) and the optimiser's moments.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct FineTunedState {
+    weights: Vec<NamedWeights>,
+    optimizer: AdamWState,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct NamedWeights {
+    name: String,
+    #[serde(with = "crate::student::f32_bytes")]
+    values: Vec<f32>,
 }
 
 impl FineTuned {
@@ -98,6 +114,17 @@ impl FineTuned {
         run().map_err(|e| self.fail(e))
     }
 
+    /// The trainable weights by name, in the optimiser's order.
+    fn trainable(&self) -> Vec<(&str, &Var)> {
+        let head = [("head.weight", &self.head_w), ("head.bias", &self.head_b)];
+        self.encoder
+            .vars()
+            .iter()
+            .map(|(name, var)| (name.as_str(), var))
+            .chain(head)
+            .collect()
+    }
+
     fn fail(&self, reason: impl ToString) -> StudentError {
         StudentError::Failed {
             student: self.name.clone(),
@@ -139,5 +166,59 @@ impl Student for FineTuned {
             self.optimizer.step(&grads)
         };
         step().map_err(|e| self.fail(e))
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>, StudentError> {
+        let weights = self
+            .trainable()
+            .into_iter()
+            .map(|(name, var)| {
+                Ok(NamedWeights {
+                    name: name.to_string(),
+                    values: var.as_tensor().flatten_all()?.to_vec1::<f32>()?,
+                })
+            })
+            .collect::<candle_core::Result<_>>()
+            .map_err(|e| self.fail(e))?;
+        let optimizer = self.optimizer.state().map_err(|e| self.fail(e))?;
+        crate::student::encode_state(&self.name, &FineTunedState { weights, optimizer })
+    }
+
+    /// Checks the whole state against this model before changing anything, so a
+    /// refused checkpoint leaves the student as it was.
+    fn load_state(&mut self, state: &[u8]) -> Result<(), StudentError> {
+        let state: FineTunedState = crate::student::decode_state(&self.name, state)?;
+        let trainable = self.trainable();
+        if state.weights.len() != trainable.len() {
+            return Err(self.fail(format!(
+                "the checkpoint holds {} trainable tensors, this model {} \
+                 (another model, or other frozen layers)",
+                state.weights.len(),
+                trainable.len()
+            )));
+        }
+        for (saved, (name, var)) in state.weights.iter().zip(&trainable) {
+            if saved.name != *name || saved.values.len() != var.elem_count() {
+                return Err(self.fail(format!(
+                    "the checkpoint's tensor `{}` ({} values) does not fit `{name}` ({} values)",
+                    saved.name,
+                    saved.values.len(),
+                    var.elem_count()
+                )));
+            }
+        }
+        self.optimizer
+            .check(&state.optimizer)
+            .map_err(|e| self.fail(e))?;
+        let restore = || -> candle_core::Result<()> {
+            for (saved, (_, var)) in state.weights.into_iter().zip(&trainable) {
+                var.set(&Tensor::from_vec(saved.values, var.shape(), &self.device)?)?;
+            }
+            Ok(())
+        };
+        restore().map_err(|e| self.fail(e))?;
+        self.optimizer
+            .restore(state.optimizer)
+            .map_err(|e| self.fail(e))
     }
 }

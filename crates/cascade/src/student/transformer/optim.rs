@@ -34,9 +34,20 @@ pub struct AdamW {
     steps: i32,
 }
 
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 struct Moments {
+    #[serde(with = "crate::student::f32_bytes")]
     m: Vec<f32>,
+    #[serde(with = "crate::student::f32_bytes")]
     v: Vec<f32>,
+}
+
+/// The optimiser's learned state: the step count and every parameter's moments,
+/// in the order of the parameters it was built with.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct AdamWState {
+    steps: i32,
+    moments: Vec<Moments>,
 }
 
 struct Step<'a> {
@@ -72,6 +83,58 @@ impl AdamW {
 
     pub fn set_lr(&mut self, lr: f64) {
         self.config.lr = lr;
+    }
+
+    pub fn state(&self) -> Result<AdamWState> {
+        let moments = self
+            .params
+            .iter()
+            .map(|(_, moments)| {
+                moments
+                    .lock()
+                    .map(|m| m.clone())
+                    .map_err(|_| candle_core::Error::Msg("poisoned".into()))
+            })
+            .collect::<Result<_>>()?;
+        Ok(AdamWState {
+            steps: self.steps,
+            moments,
+        })
+    }
+
+    /// Checks that `state` fits these parameters; [`AdamW::restore`] then cannot fail.
+    pub fn check(&self, state: &AdamWState) -> std::result::Result<(), String> {
+        if state.moments.len() != self.params.len() {
+            return Err(format!(
+                "the optimiser state has {} parameters, this model {}",
+                state.moments.len(),
+                self.params.len()
+            ));
+        }
+        for (i, ((var, _), saved)) in self.params.iter().zip(&state.moments).enumerate() {
+            let n = var.elem_count();
+            if saved.m.len() != n || saved.v.len() != n {
+                return Err(format!(
+                    "the optimiser state of parameter {i} holds {}/{} values, the parameter {n}",
+                    saved.m.len(),
+                    saved.v.len()
+                ));
+            }
+        }
+        if state.steps < 0 {
+            return Err(format!("negative optimiser step count {}", state.steps));
+        }
+        Ok(())
+    }
+
+    /// Restores a state that [`AdamW::check`] accepted.
+    pub fn restore(&mut self, state: AdamWState) -> std::result::Result<(), String> {
+        self.check(&state)?;
+        self.steps = state.steps;
+        for ((_, moments), saved) in self.params.iter_mut().zip(state.moments) {
+            *moments.get_mut().map_err(|_| "poisoned".to_string())? = saved;
+        }
+        Ok(())
     }
 
     /// One step for every parameter that has a gradient in `grads`.
