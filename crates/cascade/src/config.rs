@@ -198,11 +198,15 @@ impl Default for TransformerConfig {
 pub struct EmbeddingHeadConfig {
     pub model: String,
     pub max_len: usize,
+    /// A text longer than `max_len` is read in up to this many consecutive
+    /// windows whose embeddings are averaged; 1 reads the first window only.
+    /// Long reviews often give their verdict at the end.
+    pub windows: usize,
     /// AdaGrad step size of the head.
     pub lr: f32,
     pub l2: f32,
-    /// Where embeddings are kept across runs (one file per model and max_len);
-    /// none keeps them in memory only.
+    /// Where embeddings are kept across runs (one file per model, max_len and
+    /// windows); none keeps them in memory only.
     pub cache_dir: Option<String>,
 }
 
@@ -211,6 +215,7 @@ impl Default for EmbeddingHeadConfig {
         Self {
             model: "all-minilm-l6-v2".into(),
             max_len: 256,
+            windows: 1,
             lr: 0.5,
             l2: 1e-5,
             cache_dir: None,
@@ -388,6 +393,12 @@ impl LevelConfig {
             lr.l2.is_finite() && lr.l2 >= 0.0,
             || format!("must be >= 0, got {}", lr.l2),
         )?;
+        let windows = self.embedding_head.windows;
+        check(
+            &field("embedding_head.windows"),
+            (1..=64).contains(&windows),
+            || format!("must be between 1 and 64, got {windows}"),
+        )?;
         Ok(())
     }
 }
@@ -461,6 +472,11 @@ mod tests {
                 "buckets = 65536",
                 "buckets = 1000",
                 "`levels[0].logreg.buckets`",
+            ),
+            (
+                "buckets = 65536",
+                "buckets = 65536\n[levels.embedding_head]\nwindows = 0",
+                "`levels[0].embedding_head.windows`",
             ),
         ];
         for (from, to, field) in cases {

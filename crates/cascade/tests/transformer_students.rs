@@ -303,3 +303,46 @@ fn a_cascade_with_a_fine_tuned_level_resumes_exactly() {
     restored.load_state(state.as_ref().unwrap()).unwrap();
     assert_eq!(&restored.save_state().unwrap(), state.as_ref().unwrap());
 }
+
+#[test]
+fn embedding_head_windows_read_past_max_len() {
+    // The same 20-word opening for every text; the verdict comes after it,
+    // past the 16 tokens that one window reads.
+    let opening = "the film runs two hours and was shown at the festival in the city last year to a full hall";
+    let long = |text: &str| format!("{opening} {text}");
+    let demos: Vec<(String, usize)> = POSITIVE
+        .iter()
+        .map(|t| (long(t), 1))
+        .chain(NEGATIVE.iter().map(|t| (long(t), 0)))
+        .collect();
+    let held_out: Vec<String> = HELD_OUT.iter().map(|(t, _)| long(t)).collect();
+    let train = |windows: usize| {
+        let config = EmbeddingHeadConfig {
+            model: minilm(),
+            max_len: 16,
+            windows,
+            ..EmbeddingHeadConfig::default()
+        };
+        let mut student = EmbeddingHead::new("embed", 3.0, 2, &config).unwrap();
+        let batch: Vec<Demonstration> = demos
+            .iter()
+            .map(|(text, label)| Demonstration {
+                text,
+                label: *label,
+            })
+            .collect();
+        for _ in 0..10 {
+            student.learn(&batch).unwrap();
+        }
+        let texts: Vec<&str> = held_out.iter().map(String::as_str).collect();
+        student.predict_proba(&texts).unwrap()
+    };
+    // One window sees the opening only: every text looks the same.
+    let blind = train(1);
+    assert_eq!(blind[0], blind[1]);
+    // Four windows reach the verdict.
+    let reading = train(4);
+    for (p, (_, label)) in reading.iter().zip(HELD_OUT) {
+        assert!(p[label] > 0.6, "held-out confidence {}", p[label]);
+    }
+}

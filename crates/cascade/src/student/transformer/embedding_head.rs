@@ -26,6 +26,7 @@ pub struct EmbeddingHead {
     labels: usize,
     encoder: BertEncoder,
     text: TextEncoder,
+    windows: usize,
     cache: EmbeddingCache,
     head: SoftmaxRegression,
     device: Device,
@@ -45,11 +46,13 @@ impl EmbeddingHead {
         let cache = match &config.cache_dir {
             None => EmbeddingCache::in_memory(dim),
             Some(cache_dir) => {
-                EmbeddingCache::open(Path::new(cache_dir), &model_key(dir, config.max_len), dim)
-                    .map_err(|e| StudentError::Failed {
+                let key = model_key(dir, config.max_len, config.windows);
+                EmbeddingCache::open(Path::new(cache_dir), &key, dim).map_err(|e| {
+                    StudentError::Failed {
                         student: name.clone(),
                         reason: format!("embedding cache in {cache_dir}: {e}"),
-                    })?
+                    }
+                })?
             }
         };
         Ok(Self {
@@ -58,6 +61,7 @@ impl EmbeddingHead {
             labels,
             encoder,
             text,
+            windows: config.windows,
             cache,
             head: SoftmaxRegression::new(dim, labels, Optimizer::Adagrad, config.lr, config.l2),
             device: Device::Cpu,
@@ -71,30 +75,56 @@ impl EmbeddingHead {
         }
     }
 
-    /// Encodes the texts not yet cached, in length-sorted batches.
+    /// Encodes the texts not yet cached, in length-sorted batches of windows.
     fn fill_cache(&mut self, texts: &[&str]) -> Result<(), StudentError> {
-        let mut missing: Vec<(usize, Vec<u32>, &str)> = Vec::new();
+        let mut missing: Vec<&str> = Vec::new();
+        // (token ids, index into `missing`) for every window of every missing text.
+        let mut rows: Vec<(Vec<u32>, usize)> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for text in texts {
             if self.cache.get(text).is_none() && seen.insert(*text) {
-                let ids = self.text.token_ids(text).map_err(|e| self.fail(e))?;
-                missing.push((ids.len(), ids, text));
+                let body = self.text.body_ids(text).map_err(|e| self.fail(e))?;
+                let width = self.text.max_len() - 2;
+                let windows = body.chunks(width).take(self.windows);
+                rows.extend(windows.map(|w| (self.text.wrap(w), missing.len())));
+                if body.is_empty() {
+                    rows.push((self.text.wrap(&[]), missing.len()));
+                }
+                missing.push(text);
             }
         }
         // Similar lengths together: less padding.
-        missing.sort_by_key(|(len, _, _)| *len);
-        for chunk in missing.chunks(ENCODE_BATCH) {
-            let rows: Vec<Vec<u32>> = chunk.iter().map(|(_, ids, _)| ids.clone()).collect();
-            let batch = super::tokenize::pad_batch(&rows, self.text.pad_id(), &self.device)
+        rows.sort_by_key(|(ids, _)| ids.len());
+        // Per text: the sum of its windows' embeddings and their count.
+        let mut sums: Vec<Option<(Vec<f32>, usize)>> = vec![None; missing.len()];
+        for chunk in rows.chunks(ENCODE_BATCH) {
+            let ids: Vec<Vec<u32>> = chunk.iter().map(|(ids, _)| ids.clone()).collect();
+            let batch = super::tokenize::pad_batch(&ids, self.text.pad_id(), &self.device)
                 .map_err(|e| self.fail(e))?;
             let embeddings = self
                 .encode(&batch.ids, &batch.mask)
                 .map_err(|e| self.fail(e))?;
-            for ((_, _, text), embedding) in chunk.iter().zip(embeddings) {
-                self.cache
-                    .insert(text, embedding)
-                    .map_err(|e| self.fail(e))?;
+            for ((_, text), embedding) in chunk.iter().zip(embeddings) {
+                match &mut sums[*text] {
+                    Some((sum, count)) => {
+                        sum.iter_mut().zip(embedding).for_each(|(s, v)| *s += v);
+                        *count += 1;
+                    }
+                    slot => *slot = Some((embedding, 1)),
+                }
             }
+        }
+        for (text, sum) in missing.into_iter().zip(sums) {
+            let (mut embedding, count) = sum.ok_or_else(|| self.fail("a text got no window"))?;
+            if count > 1 {
+                // The mean of unit vectors, made unit again. One window is
+                // kept as encoded, bit for bit.
+                let norm = embedding.iter().map(|v| v * v).sum::<f32>().sqrt();
+                embedding.iter_mut().for_each(|v| *v /= norm.max(1e-12));
+            }
+            self.cache
+                .insert(text, embedding)
+                .map_err(|e| self.fail(e))?;
         }
         self.cache.flush().map_err(|e| self.fail(e))
     }
@@ -177,8 +207,8 @@ impl Student for EmbeddingHead {
     }
 }
 
-/// A file name per model folder and length limit.
-fn model_key(dir: &Path, max_len: usize) -> String {
+/// A file name per model folder, length limit and window count.
+fn model_key(dir: &Path, max_len: usize, windows: usize) -> String {
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -188,7 +218,13 @@ fn model_key(dir: &Path, max_len: usize) -> String {
         .unwrap_or(0);
     let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     let fingerprint = text_key(&format!("{}:{size}", canonical.display()));
-    format!("{name}-len{max_len}-{:016x}", fingerprint as u64)
+    // One window keeps the name caches had before windows existed.
+    let windows = if windows > 1 {
+        format!("-w{windows}")
+    } else {
+        String::new()
+    };
+    format!("{name}-len{max_len}{windows}-{:016x}", fingerprint as u64)
 }
 
 /// 128-bit key of a text: two 64-bit FNV-1a hashes with different offsets.
