@@ -207,18 +207,18 @@ impl Student for FineTuned {
                 )));
             }
         }
+        // The weights fit; the optimiser refuses a state that does not fit it
+        // before changing anything.
+        let trainable: Vec<Var> = trainable.into_iter().map(|(_, var)| var.clone()).collect();
         self.optimizer
-            .check(&state.optimizer)
+            .restore(state.optimizer)
             .map_err(|e| self.fail(e))?;
         let restore = || -> candle_core::Result<()> {
-            for (saved, (_, var)) in state.weights.into_iter().zip(&trainable) {
+            for (saved, var) in state.weights.into_iter().zip(&trainable) {
                 var.set(&Tensor::from_vec(saved.values, var.shape(), &self.device)?)?;
             }
             Ok(())
         };
-        restore().map_err(|e| self.fail(e))?;
-        self.optimizer
-            .restore(state.optimizer)
-            .map_err(|e| self.fail(e))
+        restore().map_err(|e| self.fail(e))
     }
 }

@@ -102,8 +102,8 @@ impl AdamW {
         })
     }
 
-    /// Checks that `state` fits these parameters; [`AdamW::restore`] then cannot fail.
-    pub fn check(&self, state: &AdamWState) -> std::result::Result<(), String> {
+    /// Checks that `state` fits these parameters.
+    fn check(&self, state: &AdamWState) -> std::result::Result<(), String> {
         if state.moments.len() != self.params.len() {
             return Err(format!(
                 "the optimiser state has {} parameters, this model {}",
@@ -127,7 +127,8 @@ impl AdamW {
         Ok(())
     }
 
-    /// Restores a state that [`AdamW::check`] accepted.
+    /// Restores a saved state, or refuses one that does not fit these
+    /// parameters and changes nothing.
     pub fn restore(&mut self, state: AdamWState) -> std::result::Result<(), String> {
         self.check(&state)?;
         self.steps = state.steps;
