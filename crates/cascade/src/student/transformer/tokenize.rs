@@ -30,18 +30,30 @@ impl TextEncoder {
             .with_truncation(None)
             .map_err(|e| format!("{}: {e}", path.display()))?;
         tokenizer.with_padding(None);
-        let id = |token: &str| {
-            tokenizer
-                .token_to_id(token)
-                .ok_or_else(|| format!("{}: no `{token}` token", path.display()))
+        // The tokenizer's own opening and closing tokens ([CLS]/[SEP] for
+        // BERT, <s>/</s> for MPNet): what it wraps an empty text in.
+        let empty = tokenizer
+            .encode("", true)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let &[cls, sep] = empty.get_ids() else {
+            return Err(format!(
+                "{}: the tokenizer wraps a text in {} special tokens, not two",
+                path.display(),
+                empty.get_ids().len()
+            ));
         };
+        // Padding is masked out, so its id only has to exist.
+        let pad = ["[PAD]", "<pad>"]
+            .into_iter()
+            .find_map(|token| tokenizer.token_to_id(token))
+            .ok_or_else(|| format!("{}: no `[PAD]` or `<pad>` token", path.display()))?;
         if max_len < 3 {
             return Err(format!("max length must be at least 3, got {max_len}"));
         }
         Ok(Self {
-            cls: id("[CLS]")?,
-            sep: id("[SEP]")?,
-            pad: id("[PAD]")?,
+            cls,
+            sep,
+            pad,
             tokenizer,
             max_len,
         })
