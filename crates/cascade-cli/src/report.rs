@@ -157,7 +157,7 @@ fn dataset_section(md: &mut String, dataset: &str, runs: &[&GridRun]) {
     let binary = runs
         .iter()
         .any(|r| r.report.summary.recall.is_some() && r.kind == RunKind::Cascade);
-    let mut header = "| budget | paper | cascade (calls) | Δ vs paper | 3-level (calls) | distilled LR | distilled MiniLM | online ensemble |".to_string();
+    let mut header = "| budget | paper | cascade (calls) | Δ vs paper | 3-level (calls) | distilled LR | distilled transformer | online ensemble |".to_string();
     let mut rule = "|---|---|---|---|---|---|---|---|".to_string();
     if binary {
         header.push_str(" cascade P / R / F1 | paper R |");
@@ -202,8 +202,9 @@ fn dataset_section(md: &mut String, dataset: &str, runs: &[&GridRun]) {
     if let Some(spec) = spec {
         let _ = writeln!(
             md,
-            "Configs: cascade `configs/{}`, 3-level `configs/{}`.\n",
-            spec.cascade_config, spec.larger_config
+            "Configs: cascade `configs/{}`, 3-level `configs/{}`, distilled transformer \
+             and online ensemble `configs/{}`.\n",
+            spec.cascade_config, spec.larger_config, spec.ensemble_config
         );
     }
 

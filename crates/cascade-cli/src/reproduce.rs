@@ -55,7 +55,7 @@ pub struct DatasetSpec {
     pub paper_accuracy: [f64; 3],
     /// The paper's recall (%) at each budget, where it reports one.
     pub paper_recall: Option<[f64; 3]>,
-    /// The small cascade (LR → MiniLM → LLM) and the larger, 3-level one.
+    /// The small cascade (LR → transformer → LLM) and the larger, 3-level one.
     pub cascade_config: &'static str,
     pub larger_config: &'static str,
     /// Budgets (indices) the larger cascade runs at.
@@ -75,12 +75,12 @@ pub const GRID: [DatasetSpec; 3] = [
         budgets: [1300, 3800, 5200],
         paper_accuracy: [87.95, 92.48, 93.01],
         paper_recall: None,
-        cascade_config: "imdb-embed.toml",
+        cascade_config: "imdb-mpnet.toml",
         larger_config: "imdb-3level.toml",
         larger_budgets: &[1],
-        ensemble_config: "imdb-embed.toml",
-        distilled_transformer: ("imdb-embed.toml", "embed"),
-        mu_sweep: &[1e-4, 2e-4, 3e-4, 4e-4, 5e-4],
+        ensemble_config: "imdb-mpnet.toml",
+        distilled_transformer: ("imdb-mpnet.toml", "embed"),
+        mu_sweep: &[1e-4, 2e-4, 3e-4, 4e-4, 5e-4, 6e-4],
         shift_stream: Some("shift_length_order_ids.txt"),
     },
     DatasetSpec {
@@ -88,12 +88,12 @@ pub const GRID: [DatasetSpec; 3] = [
         budgets: [600, 2700, 4900],
         paper_accuracy: [82.66, 85.35, 83.26],
         paper_recall: Some([82.36, 77.20, 81.03]),
-        cascade_config: "hatespeech-embed.toml",
+        cascade_config: "hatespeech-mpnet.toml",
         larger_config: "hatespeech-3level.toml",
         larger_budgets: &[1],
-        ensemble_config: "hatespeech-embed.toml",
-        distilled_transformer: ("hatespeech-embed.toml", "embed"),
-        mu_sweep: &[2e-4, 4e-4],
+        ensemble_config: "hatespeech-mpnet.toml",
+        distilled_transformer: ("hatespeech-mpnet.toml", "embed"),
+        mu_sweep: &[1e-4, 2e-4, 4e-4, 6e-4],
         shift_stream: None,
     },
     DatasetSpec {
@@ -101,12 +101,12 @@ pub const GRID: [DatasetSpec; 3] = [
         budgets: [1200, 1500, 2700],
         paper_accuracy: [60.78, 65.34, 69.75],
         paper_recall: None,
-        cascade_config: "isear.toml",
+        cascade_config: "isear-mpnet.toml",
         larger_config: "isear-3level.toml",
         larger_budgets: &[0, 1, 2],
-        ensemble_config: "isear-embed.toml",
-        distilled_transformer: ("isear-embed.toml", "embed"),
-        mu_sweep: &[1.4e-3, 1.6e-3],
+        ensemble_config: "isear-mpnet.toml",
+        distilled_transformer: ("isear-mpnet.toml", "embed"),
+        mu_sweep: &[8e-4, 1e-3, 1.2e-3, 1.4e-3],
         shift_stream: None,
     },
 ];
@@ -132,10 +132,10 @@ impl RunKind {
     pub fn label(self) -> &'static str {
         match self {
             Self::LlmOnly => "LLM only",
-            Self::Cascade => "cascade (LR -> MiniLM -> LLM)",
+            Self::Cascade => "cascade (LR -> transformer -> LLM)",
             Self::Larger => "3-level cascade",
             Self::DistilledLr => "distilled LR",
-            Self::DistilledTransformer => "distilled MiniLM",
+            Self::DistilledTransformer => "distilled transformer",
             Self::OnlineEnsemble => "online ensemble",
             Self::MuSweep => "cascade, fixed mu",
             Self::Shift => "cascade, length-ordered stream",

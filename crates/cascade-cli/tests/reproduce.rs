@@ -26,12 +26,16 @@ fn cascade(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn quick_grid_writes_json_table_and_figures_from_its_own_runs() {
-    assert!(
-        repo_root()
-            .join("models/all-minilm-l6-v2/.complete")
-            .exists(),
-        "run scripts/setup.sh first (the grid's transformer students need MiniLM)"
-    );
+    for model in ["all-minilm-l6-v2", "all-mpnet-base-v2"] {
+        assert!(
+            repo_root()
+                .join("models")
+                .join(model)
+                .join(".complete")
+                .exists(),
+            "run scripts/setup.sh first (the grid's transformer students need {model})"
+        );
+    }
     let out = tempfile::tempdir().unwrap();
     let out_dir = out.path().to_str().unwrap();
     cascade(&["reproduce", "--quick", "--out", out_dir]);
