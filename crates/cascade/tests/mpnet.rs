@@ -3,23 +3,10 @@
 //! reference: relative-position buckets, RoBERTa-style positions and the
 //! `<s> … </s>` wrapping must all be right for the embeddings to match.
 
-use std::path::PathBuf;
+mod common;
 
 use candle_core::Device;
 use cascade::student::transformer::{load_model, mean_pool, Trainable};
-
-fn mpnet_dir() -> PathBuf {
-    let models = std::env::var_os("CASCADE_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
-    let dir = models.join("all-mpnet-base-v2");
-    assert!(
-        dir.join(".complete").exists(),
-        "all-mpnet-base-v2 missing at {}: run scripts/setup.sh",
-        dir.display()
-    );
-    dir
-}
 
 const TEXTS: [&str; 4] = [
     "I love this movie",
@@ -41,7 +28,13 @@ const COSINES: [((usize, usize), f32); 3] =
     [((0, 1), 0.62315), ((0, 2), 0.10101), ((1, 3), 0.08812)];
 
 fn embeddings(texts: &[&str]) -> Vec<Vec<f32>> {
-    let (encoder, text) = load_model("mpnet", &mpnet_dir(), 128, Trainable::NONE).unwrap();
+    let (encoder, text) = load_model(
+        "mpnet",
+        &common::model_dir("all-mpnet-base-v2"),
+        128,
+        Trainable::NONE,
+    )
+    .unwrap();
     let batch = text.batch(texts, &Device::Cpu).unwrap();
     let hidden = encoder.forward(&batch.ids, &batch.mask).unwrap();
     let pooled: Vec<Vec<f32>> = mean_pool(&hidden, &batch.mask).unwrap().to_vec2().unwrap();

@@ -3,6 +3,8 @@
 //! fine-tuned one must be bit-for-bit reproducible from its seed and from a
 //! checkpoint (on MiniLM, and inside a cascade on a tiny random BERT).
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -15,16 +17,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 fn minilm() -> String {
-    let models = std::env::var_os("CASCADE_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
-    let dir = models.join("all-minilm-l6-v2");
-    assert!(
-        dir.join(".complete").exists(),
-        "MiniLM weights missing at {}: run scripts/setup.sh",
-        dir.display()
-    );
-    dir.to_string_lossy().into_owned()
+    common::model_dir("all-minilm-l6-v2")
+        .to_string_lossy()
+        .into_owned()
 }
 
 const POSITIVE: [&str; 4] = [

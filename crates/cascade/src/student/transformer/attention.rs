@@ -20,35 +20,57 @@ const SERIAL: Parallelism = Parallelism::None;
 
 /// `q, k, v`: `(batch, heads, seq, head_dim)`; `mask_bias`: `(batch, seq)`,
 /// added to every query's scores (0 for tokens, very negative for padding);
-/// `position_bias`: an optional `(heads, seq, seq)` constant added to each
-/// head's scores (MPNet's relative positions). It gets no gradient.
+/// `position_bias`: an optional constant added to each head's scores (MPNet's
+/// relative positions). It gets no gradient.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask_bias: &Tensor,
-    position_bias: Option<&Tensor>,
+    position_bias: Option<&PositionBias>,
     scale: f64,
 ) -> Result<Tensor> {
     let (batch, heads, seq, _dim) = q.dims4()?;
     if mask_bias.dims() != [batch, seq] || k.dims() != q.dims() || v.dims() != q.dims() {
         bail!("attention: q, k, v must share (batch, heads, seq, dim) and mask be (batch, seq)");
     }
-    let position_bias = match position_bias {
-        Some(bias) if bias.dims() != [heads, seq, seq] => {
-            bail!("attention: the position bias must be (heads, seq, seq)")
-        }
-        Some(bias) => Some(Arc::new(bias.flatten_all()?.to_vec1::<f32>()?)),
-        None => None,
-    };
+    if position_bias.is_some_and(|b| (b.heads, b.seq) != (heads, seq)) {
+        bail!("attention: the position bias must be (heads, seq, seq)");
+    }
     let mask: Vec<f32> = mask_bias.flatten_all()?.to_vec1()?;
     let op = Attention {
         mask: Arc::new(mask),
-        position_bias,
+        position_bias: position_bias.map(|b| b.values.clone()),
         scale: scale as f32,
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// A `(heads, seq, seq)` bias on the attention scores, built once per forward
+/// pass and shared by every layer without copying.
+#[derive(Clone)]
+pub struct PositionBias {
+    values: Arc<Vec<f32>>,
+    heads: usize,
+    seq: usize,
+}
+
+impl PositionBias {
+    /// `values` in `(heads, seq, seq)` order.
+    pub fn new(values: Vec<f32>, heads: usize, seq: usize) -> Result<Self> {
+        if values.len() != heads * seq * seq {
+            bail!(
+                "position bias: {} values for ({heads}, {seq}, {seq})",
+                values.len()
+            );
+        }
+        Ok(Self {
+            values: Arc::new(values),
+            heads,
+            seq,
+        })
+    }
 }
 
 struct Attention {
@@ -319,6 +341,7 @@ mod tests {
         check_against_reference(Some(&bias));
     }
 
+    /// `position_bias` as a `(heads, seq, seq)` tensor, for the reference.
     fn check_against_reference(position_bias: Option<&Tensor>) {
         let shape = [2, 3, 5, 4];
         let (q, k, v) = (
@@ -332,7 +355,9 @@ mod tests {
         )
         .unwrap();
         let w = values(&shape, 4);
-        let fused = attention(&q, &k, &v, &mask, position_bias, 0.5).unwrap();
+        let fused_bias = position_bias
+            .map(|b| PositionBias::new(b.flatten_all().unwrap().to_vec1().unwrap(), 3, 5).unwrap());
+        let fused = attention(&q, &k, &v, &mask, fused_bias.as_ref(), 0.5).unwrap();
         let expected = reference(&q, &k, &v, &mask, position_bias, 0.5);
         let diff = |a: &Tensor, b: &Tensor| -> f32 {
             (a - b)

@@ -13,7 +13,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use serde::Deserialize;
 
-use super::attention::attention;
+use super::attention::{attention, PositionBias};
 use super::ops;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -501,7 +501,7 @@ impl BertEncoder {
     }
 
     /// MPNet's `(heads, seq, seq)` relative-position bias; `None` for BERT.
-    fn position_bias(&self, seq: usize) -> Result<Option<Tensor>> {
+    fn position_bias(&self, seq: usize) -> Result<Option<PositionBias>> {
         let Some(table) = &self.relative_attention_bias else {
             return Ok(None);
         };
@@ -518,7 +518,7 @@ impl BertEncoder {
                 }
             }
         }
-        Tensor::from_vec(bias, (heads, seq, seq), self.word_embeddings.device()).map(Some)
+        PositionBias::new(bias, heads, seq).map(Some)
     }
 }
 

@@ -84,11 +84,13 @@ impl EmbeddingHead {
         for text in texts {
             if self.cache.get(text).is_none() && seen.insert(*text) {
                 let body = self.text.body_ids(text).map_err(|e| self.fail(e))?;
-                let width = self.text.max_len() - 2;
-                let windows = body.chunks(width).take(self.windows);
-                rows.extend(windows.map(|w| (self.text.wrap(w), missing.len())));
-                if body.is_empty() {
-                    rows.push((self.text.wrap(&[]), missing.len()));
+                let width = self.text.body_capacity();
+                // At least one window, so an empty text is encoded as `[CLS] [SEP]`.
+                let count = body.len().div_ceil(width).clamp(1, self.windows);
+                for window in 0..count {
+                    let start = (window * width).min(body.len());
+                    let end = (start + width).min(body.len());
+                    rows.push((self.text.wrap(&body[start..end]), missing.len()));
                 }
                 missing.push(text);
             }

@@ -72,9 +72,15 @@ impl TextEncoder {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// The most body tokens one wrapped text holds (`max_len` less the two
+    /// wrapping tokens).
+    pub fn body_capacity(&self) -> usize {
+        self.max_len - 2
+    }
+
     /// `[CLS] body [SEP]` with the body cut so the whole fits in `max_len`.
     pub fn wrap(&self, body: &[u32]) -> Vec<u32> {
-        let keep = body.len().min(self.max_len - 2);
+        let keep = body.len().min(self.body_capacity());
         let mut ids = Vec::with_capacity(keep + 2);
         ids.push(self.cls);
         ids.extend_from_slice(&body[..keep]);
