@@ -813,6 +813,8 @@ fn measure_local_expert(
     if has_cache || all_deferred {
         let mut progress = Progress::new(stream.len() as u64, "expert-alone labels");
         let (mut agree, mut expert_correct, mut with_gold) = (0u64, 0u64, 0u64);
+        // The expert alone on the items the students answered.
+        let (mut student_items_correct, mut student_items_with_gold) = (0u64, 0u64);
         for (item, (by, prediction)) in stream.iter().zip(predictions) {
             let reference = match by {
                 AnsweredBy::Llm => *prediction,
@@ -825,12 +827,18 @@ fn measure_local_expert(
             if let Some(gold) = item.gold {
                 with_gold += 1;
                 expert_correct += u64::from(reference == Some(gold));
+                if *by != AnsweredBy::Llm {
+                    student_items_with_gold += 1;
+                    student_items_correct += u64::from(reference == Some(gold));
+                }
             }
             progress.inc(1);
         }
         progress.finish();
         summary.agreement_with_llm = Some(agree as f64 / stream.len().max(1) as f64);
         summary.llm_accuracy = (with_gold > 0).then(|| expert_correct as f64 / with_gold as f64);
+        summary.llm_accuracy_on_student_items = (student_items_with_gold > 0)
+            .then(|| student_items_correct as f64 / student_items_with_gold as f64);
     }
     let seconds = compute.elapsed.as_secs_f64();
     let per_second = |n: u64| {

@@ -363,17 +363,46 @@ fn shortfall(run: &GridRun) -> String {
         );
     }
     if let (Some(llm), Some(all)) = (llm, s.llm_accuracy) {
-        let hard = if llm.accuracy.unwrap_or(1.0) < all {
-            ": the deferred items are the hard ones"
-        } else {
-            ""
+        match s.llm_accuracy_on_student_items {
+            Some(elsewhere) if llm.accuracy.unwrap_or(1.0) < elsewhere => {
+                let _ = write!(
+                    why,
+                    "The LLM scored {} on the items deferred to it, and would have scored {} on the items the \
+                     students answered ({} on all): the gates sent it the items it gets wrong.",
+                    pct(llm.accuracy),
+                    pct(Some(elsewhere)),
+                    pct(Some(all))
+                );
+            }
+            _ => {
+                let hard = if llm.accuracy.unwrap_or(1.0) < all {
+                    ": the deferred items are the hard ones"
+                } else {
+                    ""
+                };
+                let _ = write!(
+                    why,
+                    "The LLM scored {} on the items deferred to it (it scores {} on all){hard}.",
+                    pct(llm.accuracy),
+                    pct(Some(all))
+                );
+            }
+        }
+        // Where the errors come from, against what the paper's accuracy allows.
+        let errors = |l: &cascade::metrics::LevelSummary| {
+            (l.answered as f64 * (1.0 - l.accuracy.unwrap_or(1.0))).round()
         };
-        let _ = write!(
-            why,
-            "The LLM scored {} on the items deferred to it (it scores {} on all){hard}.",
-            pct(llm.accuracy),
-            pct(Some(all))
-        );
+        let llm_errors = errors(llm);
+        let all_errors: f64 = s.per_level.iter().map(errors).sum();
+        if let (Some(paper), Some(agreement)) = (run.paper_accuracy, s.agreement_with_llm) {
+            let _ = write!(
+                why,
+                " Of the run's {all_errors:.0} errors, {llm_errors:.0} are the LLM's own answers on the items \
+                 deferred to it, with {:.2}% of all answers equal to the LLM's; the paper's accuracy allows {:.0}.",
+                100.0 * agreement,
+                (items * (1.0 - paper / 100.0)).round()
+            );
+        }
     }
     why
 }
@@ -612,4 +641,56 @@ where
         .label("running accuracy")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(3)));
     finish(chart, root, SeriesLabelPosition::LowerLeft)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cascade cell of 100 items: the LR answered 50 at 90%, the LLM the
+    /// other 50 at 80%; the paper scored 90.
+    fn short_run(llm_on_student_items: Option<f64>) -> GridRun {
+        serde_json::from_value(serde_json::json!({
+            "dataset": "d", "kind": "cascade", "budget": 50,
+            "paper_accuracy": 90.0, "paper_recall": null,
+            "report": {
+                "dataset": "d", "stream": "test", "expert_field": "gpt35",
+                "config": null, "baseline": null, "mu": null, "seed": null,
+                "items": 100, "llm_calls": 50, "llm_fraction": 0.5,
+                "accuracy": 0.85, "llm_accuracy": 0.88, "agreement_with_llm": 0.97,
+                "llm_accuracy_on_student_items": llm_on_student_items,
+                "per_level": [
+                    {"name": "lr", "answered": 50, "accuracy": 0.9},
+                    {"name": "llm", "answered": 50, "accuracy": 0.8}
+                ],
+                "wall_seconds": 1.0
+            }
+        }))
+        .expect("a valid grid run")
+    }
+
+    #[test]
+    fn a_short_cell_is_traced_to_the_errors_the_gates_sent_the_llm() {
+        let why = shortfall(&short_run(Some(0.96)));
+        assert!(
+            why.contains("scored 80.00 on the items deferred to it, and would have scored 96.00"),
+            "{why}"
+        );
+        assert!(
+            why.contains("Of the run's 15 errors, 10 are the LLM's own"),
+            "{why}"
+        );
+        assert!(
+            why.contains("97.00% of all answers equal to the LLM's"),
+            "{why}"
+        );
+        assert!(why.contains("the paper's accuracy allows 10."), "{why}");
+    }
+
+    #[test]
+    fn without_the_llm_on_every_item_the_deferred_items_are_only_called_hard() {
+        let why = shortfall(&short_run(None));
+        assert!(why.contains("scored 80.00 on the items deferred to it (it scores 88.00 on all): the deferred items are the hard ones"), "{why}");
+        assert!(!why.contains("would have scored"), "{why}");
+    }
 }

@@ -46,6 +46,9 @@ pub struct Metrics {
     overall: Tally,
     /// The LLM's own answer on every item where it is known (replay), against gold.
     llm_reference: Tally,
+    /// The LLM's own answer on the items a student answered, against gold:
+    /// what deferring them would have scored.
+    llm_on_student_items: Tally,
     agreement: Tally,
     positive: Option<Confusion>,
 }
@@ -68,6 +71,11 @@ pub struct Summary {
     pub llm_accuracy: Option<f64>,
     /// Final answers that equal the LLM's label, over items where the LLM gave one.
     pub agreement_with_llm: Option<f64>,
+    /// The LLM's own answers against gold on the items the students answered
+    /// (replay only): beside the LLM level's accuracy, it shows whether the
+    /// gates sent the LLM the items it gets wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llm_accuracy_on_student_items: Option<f64>,
     pub per_level: Vec<LevelSummary>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precision: Option<f64>,
@@ -86,6 +94,7 @@ impl Metrics {
             by_answerer: vec![Tally::default(); answerers],
             overall: Tally::default(),
             llm_reference: Tally::default(),
+            llm_on_student_items: Tally::default(),
             agreement: Tally::default(),
             positive: (labels == 2).then(Confusion::default),
         }
@@ -108,6 +117,9 @@ impl Metrics {
         self.overall.add(prediction, gold);
         if let Some(llm) = llm_label {
             self.llm_reference.add(llm, gold);
+            if by != AnsweredBy::Llm {
+                self.llm_on_student_items.add(llm, gold);
+            }
             self.agreement.add(prediction, llm);
         }
         if let (Some(confusion), Some(gold)) = (&mut self.positive, gold) {
@@ -165,6 +177,7 @@ impl Metrics {
             accuracy: self.overall.accuracy(),
             llm_accuracy: self.llm_reference.accuracy(),
             agreement_with_llm: self.agreement.accuracy(),
+            llm_accuracy_on_student_items: self.llm_on_student_items.accuracy(),
             per_level,
             precision,
             recall,
@@ -198,6 +211,8 @@ mod tests {
         assert_eq!(s.f1, Some(0.5));
         // Agreement counts only items where the LLM gave a label: 2 of 3.
         assert_eq!(s.agreement_with_llm, Some(2.0 / 3.0));
+        // On the two items the LR answered the LLM says 0, gold is 0: both right.
+        assert_eq!(s.llm_accuracy_on_student_items, Some(1.0));
     }
 
     #[test]
@@ -208,5 +223,6 @@ mod tests {
         assert_eq!(s.precision, None);
         assert_eq!(s.accuracy, Some(1.0));
         assert_eq!(s.llm_accuracy, None);
+        assert_eq!(s.llm_accuracy_on_student_items, None);
     }
 }
