@@ -363,42 +363,36 @@ fn shortfall(run: &GridRun) -> String {
         );
     }
     if let (Some(llm), Some(all)) = (llm, s.llm_accuracy) {
-        match s.llm_accuracy_on_student_items {
-            Some(elsewhere) if llm.accuracy.unwrap_or(1.0) < elsewhere => {
-                let _ = write!(
-                    why,
-                    "The LLM scored {} on the items deferred to it, and would have scored {} on the items the \
-                     students answered ({} on all): the gates sent it the items it gets wrong.",
-                    pct(llm.accuracy),
-                    pct(Some(elsewhere)),
-                    pct(Some(all))
-                );
-            }
-            _ => {
-                let hard = if llm.accuracy.unwrap_or(1.0) < all {
-                    ": the deferred items are the hard ones"
-                } else {
-                    ""
-                };
-                let _ = write!(
-                    why,
-                    "The LLM scored {} on the items deferred to it (it scores {} on all){hard}.",
-                    pct(llm.accuracy),
-                    pct(Some(all))
-                );
-            }
-        }
-        // Where the errors come from, against what the paper's accuracy allows.
-        let errors = |l: &cascade::metrics::LevelSummary| {
-            (l.answered as f64 * (1.0 - l.accuracy.unwrap_or(1.0))).round()
+        let deferred = llm.accuracy.unwrap_or(1.0);
+        let compared = match s.llm_accuracy_on_student_items {
+            Some(elsewhere) if deferred < elsewhere => format!(
+                ", and would have scored {} on the items the students answered ({} on all): \
+                 the gates sent it the items it gets wrong",
+                pct(Some(elsewhere)),
+                pct(Some(all))
+            ),
+            _ if deferred < all => format!(
+                " (it scores {} on all): the deferred items are the hard ones",
+                pct(Some(all))
+            ),
+            _ => format!(" (it scores {} on all)", pct(Some(all))),
         };
-        let llm_errors = errors(llm);
-        let all_errors: f64 = s.per_level.iter().map(errors).sum();
+        let _ = write!(
+            why,
+            "The LLM scored {} on the items deferred to it{compared}.",
+            pct(llm.accuracy)
+        );
         if let (Some(paper), Some(agreement)) = (run.paper_accuracy, s.agreement_with_llm) {
+            // Where the errors come from, against what the paper's accuracy allows.
+            let errors = |l: &cascade::metrics::LevelSummary| {
+                (l.answered as f64 * (1.0 - l.accuracy.unwrap_or(1.0))).round()
+            };
+            let all_errors: f64 = s.per_level.iter().map(errors).sum();
             let _ = write!(
                 why,
-                " Of the run's {all_errors:.0} errors, {llm_errors:.0} are the LLM's own answers on the items \
+                " Of the run's {all_errors:.0} errors, {:.0} are the LLM's own answers on the items \
                  deferred to it, with {:.2}% of all answers equal to the LLM's; the paper's accuracy allows {:.0}.",
+                errors(llm),
                 100.0 * agreement,
                 (items * (1.0 - paper / 100.0)).round()
             );
