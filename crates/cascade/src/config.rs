@@ -202,6 +202,11 @@ pub struct EmbeddingHeadConfig {
     /// windows whose embeddings are averaged; 1 reads the first window only.
     /// Long reviews often give their verdict at the end.
     pub windows: usize,
+    /// Encoder layers (1-based) whose mean-pooled outputs, each normalised,
+    /// are concatenated into the embedding; empty reads the last layer only.
+    /// Middle layers keep word-level cues (sentiment) that a sentence
+    /// encoder's last layer partly trains away.
+    pub layers: Vec<usize>,
     /// AdaGrad step size of the head.
     pub lr: f32,
     pub l2: f32,
@@ -216,6 +221,7 @@ impl Default for EmbeddingHeadConfig {
             model: "all-minilm-l6-v2".into(),
             max_len: 256,
             windows: 1,
+            layers: Vec::new(),
             lr: 0.5,
             l2: 1e-5,
             cache_dir: None,
@@ -399,6 +405,12 @@ impl LevelConfig {
             (1..=64).contains(&windows),
             || format!("must be between 1 and 64, got {windows}"),
         )?;
+        let layers = &self.embedding_head.layers;
+        check(
+            &field("embedding_head.layers"),
+            layers.windows(2).all(|w| w[0] < w[1]) && !layers.contains(&0),
+            || format!("must be ascending layer numbers from 1, got {layers:?}"),
+        )?;
         Ok(())
     }
 }
@@ -477,6 +489,16 @@ mod tests {
                 "buckets = 65536",
                 "buckets = 65536\n[levels.embedding_head]\nwindows = 0",
                 "`levels[0].embedding_head.windows`",
+            ),
+            (
+                "buckets = 65536",
+                "buckets = 65536\n[levels.embedding_head]\nlayers = [10, 8]",
+                "`levels[0].embedding_head.layers`",
+            ),
+            (
+                "buckets = 65536",
+                "buckets = 65536\n[levels.embedding_head]\nlayers = [0]",
+                "`levels[0].embedding_head.layers`",
             ),
         ];
         for (from, to, field) in cases {

@@ -341,3 +341,52 @@ fn embedding_head_windows_read_past_max_len() {
         assert!(p[label] > 0.6, "held-out confidence {}", p[label]);
     }
 }
+
+#[test]
+fn embedding_head_pools_the_asked_layers() {
+    let model = tiny_bert_folder();
+    let cache = tempfile::tempdir().unwrap();
+    let demos = demonstrations();
+    let texts: Vec<&str> = HELD_OUT.iter().map(|(t, _)| *t).collect();
+    let train = |layers: Vec<usize>| {
+        let config = EmbeddingHeadConfig {
+            model: model.path().to_string_lossy().into_owned(),
+            max_len: 32,
+            layers,
+            cache_dir: Some(cache.path().to_string_lossy().into_owned()),
+            ..EmbeddingHeadConfig::default()
+        };
+        let mut student = EmbeddingHead::new("embed", 3.0, 2, &config)?;
+        for _ in 0..5 {
+            student.learn(&demos).unwrap();
+        }
+        Ok::<_, cascade::StudentError>(student.predict_proba(&texts).unwrap())
+    };
+    // The last layer by name is the default, bit for bit, and shares its cache.
+    let last = train(Vec::new()).unwrap();
+    assert_eq!(train(vec![2]).unwrap(), last);
+    // A middle layer reads other features.
+    assert_ne!(train(vec![1]).unwrap(), last);
+    // Two layers: one cache record per text of twice the hidden size (16).
+    train(vec![1, 2]).unwrap();
+    let files: Vec<(String, u64)> = std::fs::read_dir(cache.path())
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().unwrap().len(),
+            )
+        })
+        .collect();
+    let (_, size) = files
+        .iter()
+        .find(|(name, _)| name.contains("-l1_2-"))
+        .unwrap_or_else(|| panic!("no two-layer cache among {files:?}"));
+    let texts_seen = (demos.len() + HELD_OUT.len()) as u64;
+    assert_eq!(*size, texts_seen * (16 + 4 * 32));
+    assert_eq!(files.len(), 3, "{files:?}");
+    // A layer the model does not have is named in the error.
+    let err = train(vec![3]).unwrap_err().to_string();
+    assert!(err.contains("layer 3") && err.contains("2 layers"), "{err}");
+}

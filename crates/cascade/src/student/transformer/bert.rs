@@ -450,7 +450,28 @@ impl BertEncoder {
     /// `ids (batch, seq)` u32 and `mask (batch, seq)` f32 (1 for tokens, 0 for
     /// padding) → hidden states `(batch, seq, hidden)`.
     pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let mut last = self.forward_layers(ids, mask, &[self.layers.len()])?;
+        last.pop()
+            .ok_or_else(|| candle_core::Error::Msg("the encoder has no layers".into()))
+    }
+
+    /// As `forward`, but returns the hidden states after each of `layers`
+    /// (1-based, ascending; layer 0 is the embedding output), and stops after
+    /// the last one asked for.
+    pub fn forward_layers(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        layers: &[usize],
+    ) -> Result<Vec<Tensor>> {
         let (batch, seq) = ids.dims2()?;
+        if layers.windows(2).any(|w| w[0] >= w[1]) || layers.iter().any(|&l| l > self.layers.len())
+        {
+            candle_core::bail!(
+                "layers {layers:?} are not ascending within 0..={}",
+                self.layers.len()
+            );
+        }
         let h = self.config.hidden_size;
         let heads = self.config.num_attention_heads;
         let head_dim = h / heads;
@@ -476,7 +497,12 @@ impl BertEncoder {
         // x is (batch·seq, hidden) from here on.
         let mask_bias = ((1.0 - mask)? * MASKED as f64)?.to_dtype(DType::F32)?;
         let scale = 1.0 / (head_dim as f64).sqrt();
-        for layer in &self.layers {
+        let mut kept = Vec::with_capacity(layers.len());
+        if layers.first() == Some(&0) {
+            kept.push(x.reshape((batch, seq, h))?);
+        }
+        let deepest = layers.last().copied().unwrap_or(0);
+        for (index, layer) in self.layers.iter().enumerate().take(deepest) {
             let split_heads = |t: Tensor| -> Result<Tensor> {
                 t.reshape((batch, seq, heads, head_dim))?
                     .transpose(1, 2)?
@@ -496,8 +522,11 @@ impl BertEncoder {
             x = layer
                 .output_norm
                 .forward(&(layer.output.forward(&inner)? + attended)?)?;
+            if layers.contains(&(index + 1)) {
+                kept.push(x.reshape((batch, seq, h))?);
+            }
         }
-        x.reshape((batch, seq, h))
+        Ok(kept)
     }
 
     /// MPNet's `(heads, seq, seq)` relative-position bias; `None` for BERT.
@@ -591,6 +620,26 @@ pub(crate) mod tests {
         let w: Vec<f32> = (0..16).map(|i| ((i * 7 % 5) as f32 - 2.0) * 0.3).collect();
         let w = Tensor::from_vec(w, (16, 1), &Device::Cpu).unwrap();
         pooled.matmul(&w).unwrap().sqr().unwrap().sum_all().unwrap()
+    }
+
+    #[test]
+    fn forward_layers_returns_the_asked_layers_and_ends_on_forward() {
+        let encoder = tiny_encoder(Trainable::NONE, 3);
+        let (ids, mask) = batch();
+        let last = encoder.forward(&ids, &mask).unwrap();
+        let kept = encoder.forward_layers(&ids, &mask, &[0, 1, 2]).unwrap();
+        assert_eq!(kept.len(), 3);
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(values(&kept[2]), values(&last));
+        // Each layer changes the states: the three are distinct.
+        assert_ne!(values(&kept[0]), values(&kept[1]));
+        assert_ne!(values(&kept[1]), values(&kept[2]));
+        // Stopping early gives the same first layer.
+        let first = encoder.forward_layers(&ids, &mask, &[1]).unwrap();
+        assert_eq!(values(&first[0]), values(&kept[1]));
+        for bad in [&[2usize, 1][..], &[3], &[1, 1]] {
+            assert!(encoder.forward_layers(&ids, &mask, bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct EmbeddingHead {
     encoder: BertEncoder,
     text: TextEncoder,
     windows: usize,
+    /// The encoder layers pooled into the embedding (1-based, ascending).
+    layers: Vec<usize>,
     cache: EmbeddingCache,
     head: SoftmaxRegression,
     device: Device,
@@ -42,11 +44,26 @@ impl EmbeddingHead {
         let name = name.into();
         let dir = Path::new(&config.model);
         let (encoder, text) = load_model(&name, dir, config.max_len, Trainable::NONE)?;
-        let dim = encoder.config().hidden_size;
+        let depth = encoder.config().num_hidden_layers;
+        let layers = if config.layers.is_empty() {
+            vec![depth]
+        } else {
+            config.layers.clone()
+        };
+        if let Some(too_deep) = layers.iter().find(|&&l| l > depth) {
+            return Err(StudentError::Failed {
+                student: name,
+                reason: format!(
+                    "layer {too_deep} asked for, but {} has {depth} layers",
+                    dir.display()
+                ),
+            });
+        }
+        let dim = encoder.config().hidden_size * layers.len();
         let cache = match &config.cache_dir {
             None => EmbeddingCache::in_memory(dim),
             Some(cache_dir) => {
-                let key = model_key(dir, config.max_len, config.windows);
+                let key = model_key(dir, config.max_len, config.windows, &layers, depth);
                 EmbeddingCache::open(Path::new(cache_dir), &key, dim).map_err(|e| {
                     StudentError::Failed {
                         student: name.clone(),
@@ -62,6 +79,7 @@ impl EmbeddingHead {
             encoder,
             text,
             windows: config.windows,
+            layers,
             cache,
             head: SoftmaxRegression::new(dim, labels, Optimizer::Adagrad, config.lr, config.l2),
             device: Device::Cpu,
@@ -131,14 +149,30 @@ impl EmbeddingHead {
         self.cache.flush().map_err(|e| self.fail(e))
     }
 
+    /// Per text: each asked layer's mean-pooled output made unit, concatenated
+    /// and scaled so the whole is unit too (one layer: exactly as before).
     fn encode(&self, ids: &Tensor, mask: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
-        let pooled = mean_pool(&self.encoder.forward(ids, mask)?, mask)?;
-        let norms = pooled
-            .sqr()?
-            .sum_keepdim(1)?
-            .sqrt()?
-            .clamp(1e-12, f64::MAX)?;
-        pooled.broadcast_div(&norms)?.to_vec2()
+        let scale = 1.0 / (self.layers.len() as f64).sqrt();
+        let parts = self
+            .encoder
+            .forward_layers(ids, mask, &self.layers)?
+            .iter()
+            .map(|hidden| {
+                let pooled = mean_pool(hidden, mask)?;
+                let norms = pooled
+                    .sqr()?
+                    .sum_keepdim(1)?
+                    .sqrt()?
+                    .clamp(1e-12, f64::MAX)?;
+                let unit = pooled.broadcast_div(&norms)?;
+                if self.layers.len() == 1 {
+                    Ok(unit)
+                } else {
+                    unit * scale
+                }
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 1)?.to_vec2()
     }
 
     fn features(&self, text: &str) -> Result<SparseVector, StudentError> {
@@ -209,8 +243,8 @@ impl Student for EmbeddingHead {
     }
 }
 
-/// A file name per model folder, length limit and window count.
-fn model_key(dir: &Path, max_len: usize, windows: usize) -> String {
+/// A file name per model folder, length limit, window count and pooled layers.
+fn model_key(dir: &Path, max_len: usize, windows: usize, layers: &[usize], depth: usize) -> String {
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -226,7 +260,17 @@ fn model_key(dir: &Path, max_len: usize, windows: usize) -> String {
     } else {
         String::new()
     };
-    format!("{name}-len{max_len}{windows}-{:016x}", fingerprint as u64)
+    // The last layer alone keeps the name caches had before layers existed.
+    let layers = if layers == [depth] {
+        String::new()
+    } else {
+        let list: Vec<String> = layers.iter().map(|l| l.to_string()).collect();
+        format!("-l{}", list.join("_"))
+    };
+    format!(
+        "{name}-len{max_len}{windows}{layers}-{:016x}",
+        fingerprint as u64
+    )
 }
 
 /// 128-bit key of a text: two 64-bit FNV-1a hashes with different offsets.
