@@ -199,6 +199,11 @@ fn dataset_section(md: &mut String, dataset: &str, runs: &[&GridRun]) {
         let _ = writeln!(md, "{row}");
     }
     let _ = writeln!(md);
+    if let Some(goal) = spec.and_then(|s| s.goal) {
+        let run = at(runs, RunKind::Cascade, Some(goal.0));
+        let llm_alone = llm.and_then(|r| r.report.summary.accuracy);
+        let _ = writeln!(md, "{}\n", goal_line(goal, run, llm_alone));
+    }
     if let Some(spec) = spec {
         let _ = writeln!(
             md,
@@ -298,6 +303,24 @@ fn dataset_section(md: &mut String, dataset: &str, runs: &[&GridRun]) {
         "![{dataset} accuracy against LLM calls]({dataset}-curve.svg)\n\n\
          ![{dataset} who answered over the stream]({dataset}-case.svg)\n"
     );
+}
+
+/// Whether the cascade reached the issue's goal beyond the paper, from its run.
+fn goal_line(goal: (u64, f64), run: Option<&GridRun>, llm_alone: Option<f64>) -> String {
+    let (budget, target) = goal;
+    let head = format!(
+        "Goal beyond the paper: ≥ {target:.2} at {budget} calls (the LLM alone: {})",
+        pct(llm_alone)
+    );
+    match run.and_then(|r| r.report.summary.accuracy) {
+        None => format!("{head}: no cascade run at that budget."),
+        Some(a) if 100.0 * a >= target - 1e-9 => format!("{head}: {}, met.", pct(Some(a))),
+        Some(a) => format!(
+            "{head}: {}, not met ({:.2} pt short).",
+            pct(Some(a)),
+            target - 100.0 * a
+        ),
+    }
 }
 
 fn wall_times(runs: &[&GridRun]) -> String {
@@ -679,6 +702,18 @@ mod tests {
             "{why}"
         );
         assert!(why.contains("the paper's accuracy allows 10."), "{why}");
+    }
+
+    #[test]
+    fn the_goal_line_reads_the_cascade_run_at_the_goal_budget() {
+        let run = short_run(None); // 85.00 at 50 calls
+        assert_eq!(
+            goal_line((50, 84.5), Some(&run), Some(0.9)),
+            "Goal beyond the paper: ≥ 84.50 at 50 calls (the LLM alone: 90.00): 85.00, met."
+        );
+        assert!(goal_line((50, 85.5), Some(&run), Some(0.9))
+            .ends_with("85.00, not met (0.50 pt short)."));
+        assert!(goal_line((50, 85.5), None, None).ends_with("no cascade run at that budget."));
     }
 
     #[test]
