@@ -150,7 +150,7 @@ impl EmbeddingHead {
     }
 
     /// Per text: each asked layer's mean-pooled output made unit, concatenated
-    /// and scaled so the whole is unit too (one layer: exactly as before).
+    /// and scaled so the whole is unit too (one layer: scale 1, exact).
     fn encode(&self, ids: &Tensor, mask: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
         let scale = 1.0 / (self.layers.len() as f64).sqrt();
         let parts = self
@@ -164,12 +164,7 @@ impl EmbeddingHead {
                     .sum_keepdim(1)?
                     .sqrt()?
                     .clamp(1e-12, f64::MAX)?;
-                let unit = pooled.broadcast_div(&norms)?;
-                if self.layers.len() == 1 {
-                    Ok(unit)
-                } else {
-                    unit * scale
-                }
+                pooled.broadcast_div(&norms)? * scale
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Tensor::cat(&parts, 1)?.to_vec2()
