@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -281,10 +281,15 @@ fn text_key(text: &str) -> u128 {
 /// Embeddings by text, in memory and optionally appended to a file of
 /// `(key: u128 LE, dim × f32 LE)` records. A torn last record (a crash during
 /// a write) is dropped when the file is opened.
+///
+/// Several processes may share one file (two runs, or tests in parallel): new
+/// records wait in memory and `flush` appends them in one `write` to a file
+/// opened for appending, so records of different writers never interleave.
 pub struct EmbeddingCache {
     dim: usize,
     map: HashMap<u128, Arc<[f32]>>,
-    file: Option<(PathBuf, BufWriter<File>)>,
+    file: Option<(PathBuf, File)>,
+    pending: Vec<u8>,
 }
 
 impl EmbeddingCache {
@@ -293,6 +298,7 @@ impl EmbeddingCache {
             dim,
             map: HashMap::new(),
             file: None,
+            pending: Vec::new(),
         }
     }
 
@@ -324,7 +330,8 @@ impl EmbeddingCache {
         Ok(Self {
             dim,
             map,
-            file: Some((path, BufWriter::new(file))),
+            file: Some((path, file)),
+            pending: Vec::new(),
         })
     }
 
@@ -349,21 +356,32 @@ impl EmbeddingCache {
             )));
         }
         let key = text_key(text);
-        if let Some((_, writer)) = &mut self.file {
-            writer.write_all(&key.to_le_bytes())?;
+        if self.file.is_some() {
+            self.pending.extend_from_slice(&key.to_le_bytes());
             for v in &embedding {
-                writer.write_all(&v.to_le_bytes())?;
+                self.pending.extend_from_slice(&v.to_le_bytes());
             }
         }
         self.map.insert(key, embedding.into());
         Ok(())
     }
 
+    /// Appends the records inserted since the last flush, whole, in one write.
     pub fn flush(&mut self) -> std::io::Result<()> {
-        match &mut self.file {
-            Some((_, writer)) => writer.flush(),
-            None => Ok(()),
+        if let Some((_, file)) = &mut self.file {
+            if !self.pending.is_empty() {
+                file.write_all(&self.pending)?;
+                self.pending.clear();
+            }
         }
+        Ok(())
+    }
+}
+
+impl Drop for EmbeddingCache {
+    fn drop(&mut self) {
+        // A cache: a failed last write only costs a recomputation later.
+        let _ = self.flush();
     }
 }
 
@@ -393,5 +411,45 @@ mod tests {
         cache.flush().unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 3 * (16 + 12));
         assert!(cache.insert("d", vec![0.0; 2]).is_err());
+    }
+
+    #[test]
+    fn writers_sharing_a_file_never_interleave_records() {
+        // Records of a real embedding's size, larger than a write buffer's
+        // chunk, from two writers at once; every record must read back whole.
+        let dim = 768;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let writers: Vec<_> = (0..2)
+            .map(|w| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let mut cache = EmbeddingCache::open(&path, "shared", dim).unwrap();
+                    for i in 0..40 {
+                        for j in 0..4 {
+                            let value = (w * 1000 + i * 4 + j) as f32;
+                            cache
+                                .insert(&format!("{w}-{i}-{j}"), vec![value; dim])
+                                .unwrap();
+                        }
+                        cache.flush().unwrap();
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.join().unwrap();
+        }
+        let cache = EmbeddingCache::open(&path, "shared", dim).unwrap();
+        assert_eq!(cache.len(), 2 * 40 * 4);
+        for w in 0..2 {
+            for i in 0..40 {
+                for j in 0..4 {
+                    let value = (w * 1000 + i * 4 + j) as f32;
+                    let got = cache.get(&format!("{w}-{i}-{j}")).unwrap();
+                    assert!(got.iter().all(|&v| v == value), "record {w}-{i}-{j} torn");
+                }
+            }
+        }
     }
 }
