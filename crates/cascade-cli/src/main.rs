@@ -33,9 +33,9 @@ enum Command {
     /// Label a JSONL stream with a live LLM alone (OpenAI-compatible API).
     Label(label::LabelArgs),
     /// Run the paper's Table 1 grid (cascades, baselines, mu sweep, shift) and
-    /// write results.json, table1.md and the figures.
+    /// write results/table1.json, results/table1.md and results/figures.
     Reproduce(reproduce::ReproduceArgs),
-    /// Regenerate table1.md and the figures from a grid's results.json.
+    /// Regenerate table1.md and the figures from a grid's JSON (results/table1.json).
     Report(report::ReportArgs),
     /// Run a cascade over a JSONL stream: one record per line, checkpoints, resume.
     Run(run::RunArgs),

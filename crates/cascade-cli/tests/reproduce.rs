@@ -24,8 +24,7 @@ fn cascade(args: &[&str]) -> std::process::Output {
     output
 }
 
-#[test]
-fn quick_grid_writes_json_table_and_figures_from_its_own_runs() {
+fn assert_models_fetched() {
     for model in ["all-minilm-l6-v2", "all-mpnet-base-v2"] {
         assert!(
             repo_root()
@@ -36,12 +35,17 @@ fn quick_grid_writes_json_table_and_figures_from_its_own_runs() {
             "run scripts/setup.sh first (the grid's transformer students need {model})"
         );
     }
+}
+
+#[test]
+fn quick_grid_writes_json_table_and_figures_from_its_own_runs() {
+    assert_models_fetched();
     let out = tempfile::tempdir().unwrap();
     let out_dir = out.path().to_str().unwrap();
     cascade(&["reproduce", "--quick", "--out", out_dir]);
 
     let json: Value =
-        serde_json::from_slice(&std::fs::read(out.path().join("results.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(out.path().join("table1.json")).unwrap()).unwrap();
     let runs = json["runs"].as_array().unwrap();
     let kinds = [
         "llm-only",
@@ -61,7 +65,10 @@ fn quick_grid_writes_json_table_and_figures_from_its_own_runs() {
             );
         }
         for figure in ["curve.svg", "curve.png", "case.svg", "case.png"] {
-            let path = out.path().join(format!("{dataset}-{figure}"));
+            let path = out
+                .path()
+                .join("figures")
+                .join(format!("{dataset}-{figure}"));
             assert!(
                 std::fs::metadata(&path)
                     .map(|m| m.len() > 1000)
@@ -103,7 +110,7 @@ fn quick_grid_writes_json_table_and_figures_from_its_own_runs() {
     cascade(&[
         "report",
         "--json",
-        out.path().join("results.json").to_str().unwrap(),
+        out.path().join("table1.json").to_str().unwrap(),
         "--out",
         again.path().to_str().unwrap(),
     ]);
@@ -111,4 +118,89 @@ fn quick_grid_writes_json_table_and_figures_from_its_own_runs() {
         table,
         std::fs::read_to_string(again.path().join("table1.md")).unwrap()
     );
+}
+
+/// ISEAR's folder copied with one more annotation column, `other_llm`: an
+/// annotator that gives the gold label on even ids and GPT-3.5's answer on
+/// odd ones. Returns the new data root.
+fn isear_with_another_annotator() -> tempfile::TempDir {
+    let source = repo_root().join("../shared/data/isear");
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("isear");
+    std::fs::create_dir_all(&dir).unwrap();
+    for file in ["labels.txt", "split_test_ids.txt", "split_train_ids.txt"] {
+        std::fs::copy(source.join(file), dir.join(file)).unwrap();
+    }
+    let compressed = std::fs::File::open(source.join("stream.jsonl.zst")).unwrap();
+    let text = String::from_utf8(zstd::stream::decode_all(compressed).unwrap()).unwrap();
+    let mut lines = Vec::new();
+    for line in text.split('\n').filter(|l| !l.is_empty()) {
+        let mut record: Value = serde_json::from_str(line).unwrap();
+        let other = if record["id"].as_u64().unwrap().is_multiple_of(2) {
+            record["label"].clone()
+        } else {
+            record["gpt35"].clone()
+        };
+        record["other_llm"] = other;
+        lines.push(serde_json::to_string(&record).unwrap());
+    }
+    std::fs::write(dir.join("stream.jsonl"), lines.join("\n") + "\n").unwrap();
+    root
+}
+
+#[test]
+fn the_grid_replays_another_annotation_column_without_the_papers_numbers() {
+    assert_models_fetched();
+    let root = isear_with_another_annotator();
+    let out = tempfile::tempdir().unwrap();
+    cascade(&[
+        "reproduce",
+        "--quick",
+        "--datasets",
+        "isear",
+        "--data-root",
+        root.path().to_str().unwrap(),
+        "--expert-field",
+        "other_llm",
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+
+    // What each annotator scores on the quick stream, counted here.
+    let text = std::fs::read_to_string(root.path().join("isear/stream.jsonl")).unwrap();
+    let records: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ids = std::fs::read_to_string(root.path().join("isear/split_test_ids.txt")).unwrap();
+    let score = |field: &str| {
+        let right = ids
+            .lines()
+            .take(200)
+            .map(|id| id.trim().parse::<usize>().unwrap())
+            .filter(|&id| records[id][field] == records[id]["label"])
+            .count();
+        right as f64 / 200.0
+    };
+    let (other, gpt35) = (score("other_llm"), score("gpt35"));
+    assert_ne!(
+        other, gpt35,
+        "the two annotators must differ to tell them apart"
+    );
+
+    let json: Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("table1.json")).unwrap()).unwrap();
+    assert_eq!(json["expert_field"], "other_llm");
+    let runs = json["runs"].as_array().unwrap();
+    let llm_only = runs.iter().find(|r| r["kind"] == "llm-only").unwrap();
+    let accuracy = llm_only["report"]["accuracy"].as_f64().unwrap();
+    assert!((accuracy - other).abs() < 1e-12, "{accuracy} vs {other}");
+
+    let table = std::fs::read_to_string(out.path().join("table1.md")).unwrap();
+    assert!(table.contains("`other_llm`"), "{table}");
+    assert!(!table.contains("(paper:"), "{table}");
+    for run in runs {
+        assert!(run["paper_accuracy"].is_null());
+    }
+    assert!(out.path().join("figures/isear-curve.svg").exists());
 }
