@@ -675,6 +675,27 @@ where
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_grid_json_reads_back_every_number_bit_for_bit() {
+        // A re-run of some cells parses the earlier JSON and writes it again:
+        // the kept runs' numbers must not drift by an ulp each time.
+        let mut run = short_run(None);
+        let awkward = 0.463_344_638_664_231_65;
+        run.report.summary.accuracy = Some(awkward);
+        let results = GridResults {
+            quick: false,
+            machine: "m".into(),
+            expert_field: "gpt35".into(),
+            total_wall_seconds: 1.0 / 3.0,
+            runs: vec![run],
+        };
+        let text = serde_json::to_string_pretty(&results).unwrap();
+        let back: GridResults = serde_json::from_str(&text).unwrap();
+        let accuracy = back.runs[0].report.summary.accuracy.unwrap();
+        assert_eq!(accuracy.to_bits(), awkward.to_bits());
+        assert_eq!(back.total_wall_seconds.to_bits(), (1.0f64 / 3.0).to_bits());
+    }
+
     /// A cascade cell of 100 items: the LR answered 50 at 90%, the LLM the
     /// other 50 at 80%; the paper scored 90.
     fn short_run(llm_on_student_items: Option<f64>) -> GridRun {
