@@ -9,7 +9,7 @@ use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use crate::reproduce::{DatasetSpec, GridResults, GridRun, RunKind, GRID, RESULTS_JSON};
+use crate::reproduce::{grid_row, DatasetSpec, GridResults, GridRun, RunKind, RESULTS_JSON};
 
 #[derive(Args, Debug)]
 pub struct ReportArgs {
@@ -48,8 +48,8 @@ pub fn write_all(results: &GridResults, out: &Path) -> Result<()> {
     std::fs::write(&table, table_markdown(results))
         .with_context(|| format!("writing {}", table.display()))?;
     let font = register_font()?;
-    let paper = results.beside_paper();
     for (dataset, runs) in by_dataset(results) {
+        let paper = results.paper_row(&dataset);
         let curve = figures.join(format!("{dataset}-curve"));
         let case = figures.join(format!("{dataset}-case"));
         let (svg, png) = (curve.with_extension("svg"), curve.with_extension("png"));
@@ -124,10 +124,8 @@ fn table_markdown(results: &GridResults) -> String {
         results.expert_field,
     );
     // The paper's numbers are GPT-3.5's on the full streams: beside other runs they mislead.
-    let paper = results.beside_paper();
     for (dataset, runs) in by_dataset(results) {
-        let spec = GRID.iter().find(|g| g.name == dataset).filter(|_| paper);
-        dataset_section(&mut md, &dataset, &runs, spec);
+        dataset_section(&mut md, &dataset, &runs, results.paper_row(&dataset));
     }
     md
 }
@@ -213,7 +211,7 @@ fn dataset_section(md: &mut String, dataset: &str, runs: &[&GridRun], paper: Opt
         let llm_alone = llm.and_then(|r| r.report.summary.accuracy);
         let _ = writeln!(md, "{}\n", goal_line(goal, run, llm_alone));
     }
-    if let Some(spec) = GRID.iter().find(|g| g.name == dataset) {
+    if let Some(spec) = grid_row(dataset) {
         let _ = writeln!(
             md,
             "Configs: cascade `configs/{}`, 3-level `configs/{}`, distilled transformer \
@@ -498,7 +496,7 @@ fn draw_curve<DB: DrawingBackend>(
     root: DrawingArea<DB, Shift>,
     dataset: &str,
     runs: &[&GridRun],
-    beside_paper: bool,
+    paper: Option<&DatasetSpec>,
 ) -> Result<()>
 where
     DB::ErrorType: 'static,
@@ -510,16 +508,14 @@ where
             .accuracy
             .map(|a| (r.report.total_llm_calls() as f64, 100.0 * a))
     };
-    let paper: Vec<(f64, f64)> = GRID
+    let paper: Vec<(f64, f64)> = paper
         .iter()
-        .filter(|g| g.name == dataset)
         .flat_map(|g| {
             g.budgets
                 .iter()
                 .zip(g.paper_accuracy)
                 .map(|(&b, a)| (b as f64, a))
         })
-        .filter(|_| beside_paper)
         .collect();
     let all: Vec<(f64, f64)> = runs
         .iter()

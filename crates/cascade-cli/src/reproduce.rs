@@ -181,10 +181,20 @@ pub struct GridResults {
     pub runs: Vec<GridRun>,
 }
 
+/// The grid's row for a dataset.
+pub fn grid_row(dataset: &str) -> Option<&'static DatasetSpec> {
+    GRID.iter().find(|g| g.name == dataset)
+}
+
 impl GridResults {
     /// Whether the paper's numbers apply: full streams, the paper's LLM.
     pub fn beside_paper(&self) -> bool {
         !self.quick && self.expert_field == PAPER_EXPERT_FIELD
+    }
+
+    /// The dataset's row of the paper's grid, where its numbers apply here.
+    pub fn paper_row(&self, dataset: &str) -> Option<&'static DatasetSpec> {
+        grid_row(dataset).filter(|_| self.beside_paper())
     }
 }
 

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
@@ -288,7 +288,7 @@ fn text_key(text: &str) -> u128 {
 pub struct EmbeddingCache {
     dim: usize,
     map: HashMap<u128, Arc<[f32]>>,
-    file: Option<(PathBuf, File)>,
+    file: Option<File>,
     pending: Vec<u8>,
 }
 
@@ -330,7 +330,7 @@ impl EmbeddingCache {
         Ok(Self {
             dim,
             map,
-            file: Some((path, file)),
+            file: Some(file),
             pending: Vec::new(),
         })
     }
@@ -368,7 +368,7 @@ impl EmbeddingCache {
 
     /// Appends the records inserted since the last flush, whole, in one write.
     pub fn flush(&mut self) -> std::io::Result<()> {
-        if let Some((_, file)) = &mut self.file {
+        if let Some(file) = &mut self.file {
             if !self.pending.is_empty() {
                 file.write_all(&self.pending)?;
                 self.pending.clear();
