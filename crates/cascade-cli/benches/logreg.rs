@@ -7,7 +7,7 @@ use std::path::Path;
 
 use cascade::config::LogRegConfig;
 use cascade::student::{Demonstration, LogReg, Student};
-use cascade::Task;
+use cascade_expert::Task;
 use cascade_expert::{Dataset, StreamOrder};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
@@ -28,7 +28,7 @@ fn imdb_reviews() -> Vec<(String, usize)> {
 fn bench_logreg(c: &mut Criterion) {
     let reviews = imdb_reviews();
     let (train, test) = reviews.split_at(TEXTS);
-    let mut student = LogReg::new("lr", 1.0, 2, &LogRegConfig::default());
+    let mut student = LogReg::new(2, &LogRegConfig::default());
     for (text, _) in &reviews {
         student.observe(text);
     }

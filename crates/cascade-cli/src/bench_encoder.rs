@@ -8,9 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
-use cascade::student::transformer::{
-    AdamW, AdamWConfig, BertConfig, BertEncoder, TextEncoder, Trainable,
-};
+use cascade_encoders::{AdamW, AdamWConfig, BertConfig, BertEncoder, TextEncoder, Trainable};
 use clap::Args;
 
 #[derive(Args, Debug)]

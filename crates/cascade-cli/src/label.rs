@@ -6,14 +6,14 @@ use std::io::{BufRead, BufWriter, Write};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use cascade::Task;
 use cascade_expert::local::DEFAULT_MODEL;
-use cascade_expert::{Expert, LocalConfig, LocalExpert, OpenAiConfig, OpenAiExpert};
+use cascade_expert::Task;
+use cascade_expert::{label_all, Expert, LocalConfig, LocalExpert, OpenAiConfig, OpenAiExpert};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
-use crate::progress::Progress;
-use cascade_expert::input::{read_item, InputItem, RawLine};
+use cascade_runtime::input::{read_item, InputItem, RawLine};
+use cascade_runtime::progress::Progress;
 
 #[derive(Args, Debug)]
 pub struct LabelArgs {
@@ -78,7 +78,7 @@ enum LabelExpert {
 }
 
 fn expert_config(args: &LabelArgs) -> Result<OpenAiConfig> {
-    let mut config = crate::live::openai_config(
+    let mut config = cascade_runtime::experts::openai_config(
         args.expert_config.as_deref(),
         args.base_url.as_deref(),
         args.model.as_deref(),
@@ -147,6 +147,7 @@ pub fn run(args: &LabelArgs) -> Result<()> {
                         .clone()
                         .unwrap_or_else(|| default_cache(&model_name)),
                 ),
+                ..LocalConfig::default()
             };
             let expert = LocalExpert::load(&config, task.clone()).with_context(|| {
                 format!("loading the local expert {}", args.local_model.display())
@@ -157,7 +158,7 @@ pub fn run(args: &LabelArgs) -> Result<()> {
 }
 
 /// Labels the input with `expert` and writes one record per input line.
-fn label_stream<E: Expert>(args: &LabelArgs, task: &Task, expert: &E) -> Result<()> {
+fn label_stream(args: &LabelArgs, task: &Task, expert: &dyn Expert) -> Result<()> {
     let input: Box<dyn BufRead> = match args.input.as_str() {
         "-" => Box::new(std::io::stdin().lock()),
         path => Box::new(std::io::BufReader::new(
@@ -197,7 +198,7 @@ fn label_stream<E: Expert>(args: &LabelArgs, task: &Task, expert: &E) -> Result<
             .iter()
             .filter_map(|p| p.as_ref().ok().map(|item| item.text.clone()))
             .collect();
-        let mut answers = runtime.block_on(expert.label_batch(&texts)).into_iter();
+        let mut answers = runtime.block_on(label_all(expert, &texts)).into_iter();
         for (i, item) in parsed.into_iter().enumerate() {
             let line = chunk_index * args.chunk.max(1) + i + 1;
             let record = match item {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use cascade::Task;
+use cascade_expert::Task;
 use cascade_expert::{Dataset, StreamOrder};
 use clap::Args;
 use serde_json::{json, Value};

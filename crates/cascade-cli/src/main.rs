@@ -1,11 +1,11 @@
 //! The `cascade` command line.
 
+mod args;
 mod bench;
 mod bench_encoder;
+mod experiments;
 mod label;
-mod live;
 mod load_test;
-mod progress;
 mod report;
 mod reproduce;
 mod run;

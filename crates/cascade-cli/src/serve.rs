@@ -21,17 +21,14 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use cascade::{Cascade, Outcome, Task};
+use cascade_expert::Task;
+use cascade_expert::{Expert, Query};
+use cascade_runtime::{Live, Next, Position, Session, Settled, StateDir};
 use clap::Args;
-use rand::Rng;
-use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
-use crate::live::{
-    write_checkpoint, Checkpoint, Counts, LiveExpert, OnExpertFailure, SessionArgs, Settled, Start,
-    CHECKPOINT,
-};
+use crate::args::SessionArgs;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -64,18 +61,14 @@ const BUCKETS: [f64; 12] = [
 ];
 
 struct Service {
-    cascade: Mutex<Cascade>,
-    expert: LiveExpert,
+    session: Mutex<Session>,
+    expert: Arc<dyn Expert>,
     task: Task,
     levels: Vec<String>,
-    counts: Mutex<Counts>,
-    audit_rng: Mutex<ChaCha8Rng>,
     latency: Mutex<Latency>,
     pending: Semaphore,
     token: Option<String>,
     max_batch: usize,
-    audit_rate: f64,
-    on_failure: OnExpertFailure,
     requests: std::sync::atomic::AtomicU64,
 }
 
@@ -101,49 +94,37 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let Start {
+    let Live {
         task,
-        cascade,
+        session,
         expert,
-        level_names: levels,
-        fingerprint,
-        audit_rate,
-        counts,
-        audit_rng,
-        lines_done: served,
-        ..
-    } = Start::new(&args.session, "serve")?;
-    let checkpoint_path = args.session.state.as_ref().map(|dir| dir.join(CHECKPOINT));
+        state,
+        resumed,
+    } = Live::start(&args.session.spec(None)?, "serve")?;
     let service = Arc::new(Service {
-        cascade: Mutex::new(cascade),
+        levels: session.level_names().to_vec(),
+        session: Mutex::new(session),
         expert,
         task,
-        levels,
-        counts: Mutex::new(counts),
-        audit_rng: Mutex::new(audit_rng),
         latency: Mutex::new(Latency::default()),
         pending: Semaphore::new(args.max_pending),
         token,
         max_batch: args.max_batch,
-        audit_rate,
-        on_failure: args.session.on_expert_failure,
-        requests: std::sync::atomic::AtomicU64::new(served),
+        requests: std::sync::atomic::AtomicU64::new(resumed.unwrap_or_default().lines_done),
     });
+    let state: Option<Arc<StateDir>> = state.map(Arc::new);
     let save = {
         let service = Arc::clone(&service);
         move || -> Result<()> {
-            let Some(path) = &checkpoint_path else {
+            let Some(state) = &state else {
                 return Ok(());
             };
-            let checkpoint = Checkpoint {
-                fingerprint: fingerprint.clone(),
+            let position = Position {
                 lines_done: service.requests.load(std::sync::atomic::Ordering::Relaxed),
                 output_bytes: 0,
-                counts: lock(&service.counts).clone(),
-                audit_rng: lock(&service.audit_rng).clone(),
-                cascade: lock(&service.cascade).save_state()?,
             };
-            write_checkpoint(path, &checkpoint)
+            state.write(&lock(&service.session), position)?;
+            Ok(())
         }
     };
     let app = Router::new()
@@ -185,7 +166,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         anyhow::Ok(())
     })?;
     save()?;
-    eprintln!("{}", lock(&service.counts).status_line());
+    eprintln!("{}", lock(&service.session).counts().status_line());
     Ok(())
 }
 
@@ -286,14 +267,10 @@ async fn classify(
     axum::Json(body).into_response()
 }
 
-/// Routes every item (students answer at once), then waits for the expert on
-/// the deferred ones concurrently and learns each label as it is settled.
+/// Routes every item under one short lock (students answer at once), asks
+/// the expert for the deferred and audited ones concurrently without the
+/// lock, and settles each answer under the lock: the runtime's session cycle.
 async fn settle_all(service: &Service, items: &[Value]) -> Result<Vec<Value>> {
-    enum Pending {
-        Done(Settled),
-        Deferred(cascade::Deferred),
-        Audit(Settled),
-    }
     let parsed: Vec<(Value, std::result::Result<String, String>)> = items
         .iter()
         .map(|item| {
@@ -306,67 +283,42 @@ async fn settle_all(service: &Service, items: &[Value]) -> Result<Vec<Value>> {
             (id, text)
         })
         .collect();
-    let mut pending = Vec::with_capacity(items.len());
+    let mut routed = Vec::with_capacity(items.len());
     {
-        let mut cascade = lock(&service.cascade);
-        let mut audit_rng = lock(&service.audit_rng);
+        let mut session = lock(&service.session);
         for (_, text) in &parsed {
-            pending.push(match text {
-                Err(reason) => Pending::Done(Settled::BadInput {
-                    reason: reason.clone(),
-                }),
-                Ok(text) => {
-                    let routed = cascade.route(text)?;
-                    match routed.outcome {
-                        Outcome::Answered { level, label } => {
-                            let settled = Settled::Student {
-                                level,
-                                label,
-                                probs: routed.level_probs[level].clone(),
-                            };
-                            if audit_rng.random::<f64>() < service.audit_rate {
-                                Pending::Audit(settled)
-                            } else {
-                                Pending::Done(settled)
-                            }
-                        }
-                        Outcome::Deferred(deferred) => Pending::Deferred(deferred),
-                    }
-                }
+            routed.push(match text {
+                Err(reason) => Next::Done(session.bad_input(reason.clone())),
+                Ok(text) => session.route(text)?.next,
             });
         }
     }
-    // Expert calls for deferred and audited items, concurrently, without the lock.
     let asks = parsed
         .iter()
-        .zip(&pending)
-        .map(|((id, text), p)| async move {
-            match (p, text) {
-                (Pending::Deferred(_) | Pending::Audit(..), Ok(text)) => {
-                    Some(service.expert.ask(id, text).await)
-                }
-                _ => None,
+        .zip(&routed)
+        .map(|((id, _), next)| async move {
+            match next {
+                Next::Ask(ticket) => Some(
+                    service
+                        .expert
+                        .label(Query {
+                            id,
+                            text: ticket.text(),
+                        })
+                        .await,
+                ),
+                Next::Done(_) => None,
             }
         });
     let answers = futures::future::join_all(asks).await;
+    let mut session = lock(&service.session);
     let mut results = Vec::with_capacity(items.len());
-    let mut cascade = lock(&service.cascade);
-    let mut counts = lock(&service.counts);
-    for (((id, text), p), answer) in parsed.iter().zip(pending).zip(answers) {
-        let settled = match (p, answer) {
-            (Pending::Done(settled), _) => settled,
-            (Pending::Audit(settled), Some(Ok(reference))) => {
-                counts.add_audit(&settled, reference);
-                settled
-            }
-            (Pending::Audit(settled), _) => settled,
-            (Pending::Deferred(deferred), answer) => {
-                let answer = answer.unwrap_or_else(|| Err("no expert call was made".into()));
-                let text = text.as_deref().unwrap_or_default();
-                Settled::from_expert(&mut cascade, deferred, text, answer, service.on_failure)?
-            }
+    for (((id, _), next), answer) in parsed.iter().zip(routed).zip(answers) {
+        let settled: Settled = match (next, answer) {
+            (Next::Done(settled), _) => settled,
+            (Next::Ask(ticket), Some(answer)) => session.settle(ticket, answer)?,
+            (Next::Ask(_), None) => bail!("an expert call was not made"),
         };
-        counts.add(&settled);
         results.push(settled.record(None, id, &service.task, &service.levels));
     }
     Ok(results)
@@ -376,12 +328,12 @@ async fn metrics(State(service): State<Arc<Service>>, headers: HeaderMap) -> Res
     if !authorized(&service, &headers) {
         return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
     }
-    let counts = lock(&service.counts).clone();
-    let exploration: Vec<f64> = {
-        let cascade = lock(&service.cascade);
-        (0..service.levels.len())
-            .map(|j| cascade.exploration_probability(j))
-            .collect()
+    let (counts, exploration) = {
+        let session = lock(&service.session);
+        let exploration: Vec<f64> = (0..service.levels.len())
+            .map(|j| session.cascade().exploration_probability(j))
+            .collect();
+        (session.counts().clone(), exploration)
     };
     let usage = service.expert.usage();
     let mut out = String::new();

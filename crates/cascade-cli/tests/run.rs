@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use cascade::Task;
+use cascade_expert::Task;
 use cascade_expert::{Dataset, StreamOrder};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -140,16 +140,14 @@ fn crash_test(items: usize, kills_wanted: usize, flags: &[&str]) {
     let output = dir.path().join("out.jsonl");
     let state = dir.path().join("state");
     let mut rng = ChaCha8Rng::seed_from_u64(7);
-    let (mut kills, mut attempts) = (0, 0);
+    let (mut kills, mut attempts, mut resumed) = (0, 0, 0);
     loop {
         attempts += 1;
         assert!(attempts < 200, "no progress after {attempts} attempts");
         let mut extra = vec!["--replay-delay-ms", delay_ms, "--checkpoint-every", "100"];
         extra.extend_from_slice(flags);
-        extra.extend(["--state", state.to_str().unwrap()]);
-        if state.join("checkpoint.cbor").exists() {
-            extra.push("--resume");
-        }
+        // One command line for every start, as a restart loop would use.
+        extra.extend(["--state", state.to_str().unwrap(), "--resume", "auto"]);
         let mut child = run_command(&input, &output, &config, &extra)
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -172,17 +170,23 @@ fn crash_test(items: usize, kills_wanted: usize, flags: &[&str]) {
         match finished {
             Some(status) => {
                 let out = child.wait_with_output().unwrap();
-                assert!(status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                assert!(status.success(), "{stderr}");
+                resumed += usize::from(stderr.contains("resuming from"));
                 break;
             }
             None => {
                 child.kill().unwrap(); // SIGKILL
-                child.wait().unwrap();
+                let out = child.wait_with_output().unwrap();
+                resumed +=
+                    usize::from(String::from_utf8_lossy(&out.stderr).contains("resuming from"));
                 kills += 1;
             }
         }
     }
     assert!(kills >= kills_wanted, "{kills} kills");
+    // The comparison below proves something only if runs did resume.
+    assert!(resumed > 0, "no start resumed from a checkpoint");
     let (got, want) = (records(&output), records(&reference));
     assert_eq!(got.len(), items, "one record per input line");
     let lines: Vec<u64> = got.iter().map(|r| r["line"].as_u64().unwrap()).collect();
@@ -190,7 +194,9 @@ fn crash_test(items: usize, kills_wanted: usize, flags: &[&str]) {
     assert_eq!(got, want, "same decisions as the uninterrupted run");
     let llm = want.iter().filter(|r| r["answered_by"] == "llm").count();
     assert!(llm > items / 10 && llm < items, "{llm} LLM answers");
-    eprintln!("{kills} kills in {attempts} starts; uninterrupted {uninterrupted:?}");
+    eprintln!(
+        "{kills} kills in {attempts} starts ({resumed} resumed); uninterrupted {uninterrupted:?}"
+    );
 }
 
 #[test]
@@ -322,6 +328,31 @@ fn state_misuse_is_refused_with_a_reason() {
     let other = dir.path().join("other.toml");
     std::fs::write(&other, CONFIG.replace("seed = 42", "seed = 43")).unwrap();
     let wrong = run_command(&input, &output, &other, &resume)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("another config"));
+    // `--resume auto` continues a checkpoint when there is one...
+    let auto = [state_args[0], state_args[1], "--resume", "auto"];
+    let resumed = succeed(
+        run_command(&input, &output, &config, &auto)
+            .output()
+            .unwrap(),
+    );
+    assert!(resumed.contains("resuming from"), "{resumed}");
+    assert_eq!(records(&output), before);
+    // ...starts fresh when there is none (the first start of a restart loop)...
+    let fresh_state = dir.path().join("fresh");
+    let fresh_output = dir.path().join("fresh.jsonl");
+    let fresh = ["--state", fresh_state.to_str().unwrap(), "--resume", "auto"];
+    let started = succeed(
+        run_command(&input, &fresh_output, &config, &fresh)
+            .output()
+            .unwrap(),
+    );
+    assert!(!started.contains("resuming from"), "{started}");
+    assert_eq!(records(&fresh_output), before);
+    // ...and still refuses a checkpoint of another config.
+    let wrong = run_command(&input, &output, &other, &auto)
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("another config"));

@@ -1,19 +1,25 @@
-//! LLM experts for `cascade`: the replay expert, which answers from recorded
-//! LLM annotations in a dataset folder, and an OpenAI-compatible
-//! chat-completions expert for live LLMs, the local Gemma 3 expert, and the
-//! bounded JSONL stream reader.
+//! LLM experts for `cascade` behind one `Expert` trait: the recorded expert,
+//! which plays back LLM annotations in a dataset folder, an OpenAI-compatible
+//! chat-completions expert for live LLMs, and the local Gemma 3 expert.
 
 pub mod cache;
+pub mod dataset;
 pub mod expert;
+#[cfg(feature = "local")]
 pub mod gemma;
-pub mod input;
+#[cfg(feature = "local")]
 pub mod local;
 pub mod openai;
-pub mod replay;
+pub mod recorded;
+#[cfg(feature = "local")]
 pub mod sentencepiece;
+pub mod task;
 pub mod testing;
 
-pub use expert::{Answer, Expert, ExpertError, Usage};
+pub use dataset::{read_labels, Dataset, DatasetError, Item, StreamOrder};
+pub use expert::{label_all, Answer, AnswerFuture, Expert, ExpertError, Query, Usage};
+#[cfg(feature = "local")]
 pub use local::{LocalConfig, LocalError, LocalExpert};
 pub use openai::{OpenAiConfig, OpenAiExpert, SetupError};
-pub use replay::{read_labels, Dataset, Item, ReplayError, StreamOrder};
+pub use recorded::RecordedExpert;
+pub use task::{ParseRule, Task, TaskError};

@@ -6,16 +6,17 @@
 //! position. The label is the highest; the probabilities are a softmax over
 //! those logits only.
 
+use std::ops::Deref;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cascade::Task;
+use crate::task::Task;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::cache::{CachedAnswer, ResponseCache, SharedCache};
-use crate::expert::{Answer, Expert, ExpertError, Usage};
+use crate::expert::{Answer, AnswerFuture, Expert, ExpertError, Query, Usage};
 use crate::gemma::{Gemma, GemmaError};
 use crate::sentencepiece::SentencePiece;
 
@@ -31,6 +32,9 @@ pub struct LocalConfig {
     pub max_text_tokens: usize,
     /// Append-only JSONL response cache; `None`: none.
     pub cache: Option<PathBuf>,
+    /// Serve cached answers through [`Expert::label`]. Off: the model always
+    /// runs there (to measure its cost); answers are still written.
+    pub reuse_cached: bool,
 }
 
 impl Default for LocalConfig {
@@ -39,6 +43,7 @@ impl Default for LocalConfig {
             model: PathBuf::from(DEFAULT_MODEL),
             max_text_tokens: 384,
             cache: None,
+            reuse_cached: true,
         }
     }
 }
@@ -64,7 +69,19 @@ pub struct ComputeTime {
     pub elapsed: Duration,
 }
 
-pub struct LocalExpert {
+/// The local expert; cheap to clone (the model is shared).
+#[derive(Clone)]
+pub struct LocalExpert(Arc<LocalModel>);
+
+impl Deref for LocalExpert {
+    type Target = LocalModel;
+    fn deref(&self) -> &LocalModel {
+        &self.0
+    }
+}
+
+/// The loaded model, its prompt and its cache.
+pub struct LocalModel {
     model: Gemma,
     tokenizer: SentencePiece,
     task: Task,
@@ -76,6 +93,9 @@ pub struct LocalExpert {
     cache: SharedCache,
     usage: Mutex<Usage>,
     compute: Mutex<ComputeTime>,
+    reuse_cached: bool,
+    /// One forward pass at a time: its matmuls already use every core.
+    forward: Mutex<()>,
 }
 
 impl LocalExpert {
@@ -135,7 +155,7 @@ impl LocalExpert {
                     .unwrap_or_default(),
                 source,
             })?;
-        Ok(Self {
+        Ok(Self(Arc::new(LocalModel {
             model,
             tokenizer,
             task,
@@ -146,9 +166,13 @@ impl LocalExpert {
             cache,
             usage: Mutex::new(Usage::default()),
             compute: Mutex::new(ComputeTime::default()),
-        })
+            reuse_cached: config.reuse_cached,
+            forward: Mutex::new(()),
+        })))
     }
+}
 
+impl LocalModel {
     pub fn model(&self) -> &Gemma {
         &self.model
     }
@@ -185,6 +209,7 @@ impl LocalExpert {
     /// Labels one text with the model (no cache).
     pub fn classify(&self, text: &str) -> Result<(String, Vec<f32>), ExpertError> {
         let ids = self.prompt_ids(text);
+        let _one_at_a_time = self.forward.lock().unwrap_or_else(|e| e.into_inner());
         let started = Instant::now();
         let model_error = |e: GemmaError| ExpertError::Malformed(format!("local model: {e}"));
         let hidden = self.model.last_hidden(&ids).map_err(model_error)?;
@@ -262,20 +287,16 @@ impl LocalExpert {
     }
 }
 
-/// The model runs on the calling thread: `label` returns when the forward
-/// pass is done, and a batch is labelled one text after another (the matmuls
-/// already use every core).
+/// The forward pass runs on a blocking thread, off the async workers.
 impl Expert for LocalExpert {
-    async fn label(&self, text: &str) -> Result<Answer, ExpertError> {
-        self.label_now(text, true)
-    }
-
-    async fn label_batch(&self, texts: &[String]) -> Vec<Result<Answer, ExpertError>> {
-        let mut answers = Vec::with_capacity(texts.len());
-        for text in texts {
-            answers.push(self.label(text).await);
-        }
-        answers
+    fn label<'a>(&'a self, query: Query<'a>) -> AnswerFuture<'a> {
+        let (model, text) = (Arc::clone(&self.0), query.text.to_string());
+        Box::pin(async move {
+            let reuse = model.reuse_cached;
+            tokio::task::spawn_blocking(move || model.label_now(&text, reuse))
+                .await
+                .map_err(|e| ExpertError::Failed(format!("local expert task: {e}")))?
+        })
     }
 
     fn usage(&self) -> Usage {

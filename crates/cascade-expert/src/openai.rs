@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use cascade::Task;
+use crate::task::Task;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rand::Rng;
 use serde::Deserialize;
@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 use crate::cache::{CachedAnswer, ResponseCache, SharedCache};
-use crate::expert::{Answer, Expert, ExpertError, Usage};
+use crate::expert::{Answer, AnswerFuture, Expert, ExpertError, Query, Usage};
 
 /// Settings of the chat-completions expert. The API key is read from the
 /// environment variable `api_key_env` and never stored in this struct.
@@ -381,7 +381,17 @@ impl OpenAiExpert {
 }
 
 impl Expert for OpenAiExpert {
-    async fn label(&self, text: &str) -> Result<Answer, ExpertError> {
+    fn label<'a>(&'a self, query: Query<'a>) -> AnswerFuture<'a> {
+        Box::pin(self.label_text(query.text))
+    }
+
+    fn usage(&self) -> Usage {
+        *self.usage.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl OpenAiExpert {
+    async fn label_text(&self, text: &str) -> Result<Answer, ExpertError> {
         let key = ResponseCache::key(&self.config.model, &self.prompt_fingerprint, text);
         if let Some(hit) = self.cache.get(&key) {
             self.usage
@@ -434,9 +444,5 @@ impl Expert for OpenAiExpert {
                 Err(failure) => return Err(failure.error),
             }
         }
-    }
-
-    fn usage(&self) -> Usage {
-        *self.usage.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

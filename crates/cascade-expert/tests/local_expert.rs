@@ -5,10 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use cascade::Task;
 use cascade_expert::gemma::{Gemma, GemmaError};
 use cascade_expert::sentencepiece::SentencePiece;
-use cascade_expert::{Expert, LocalConfig, LocalError, LocalExpert};
+use cascade_expert::Task;
+use cascade_expert::{label_all, Expert, LocalConfig, LocalError, LocalExpert};
 
 fn model_path() -> PathBuf {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -81,6 +81,7 @@ fn the_expert_labels_clear_reviews_and_is_deterministic() {
         model: model_path(),
         max_text_tokens: 64,
         cache: Some(dir.path().join("local.jsonl")),
+        ..LocalConfig::default()
     };
     let expert = LocalExpert::load(&config, task("imdb")).unwrap();
     let good = "An absolute masterpiece. Brilliant acting, a moving story, and a score I still hum. I loved every minute.";
@@ -88,7 +89,7 @@ fn the_expert_labels_clear_reviews_and_is_deterministic() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let answers = runtime.block_on(expert.label_batch(&[good.into(), bad.into()]));
+    let answers = runtime.block_on(label_all(&expert, &[good.into(), bad.into()]));
     let (pos, neg) = (answers[0].as_ref().unwrap(), answers[1].as_ref().unwrap());
     assert_eq!((pos.label, neg.label), (1, 0), "{answers:?}");
     assert_eq!(
@@ -122,6 +123,7 @@ fn long_texts_are_cut_to_max_text_tokens() {
         model: model_path(),
         max_text_tokens: 50,
         cache: None,
+        ..LocalConfig::default()
     };
     let expert = LocalExpert::load(&config, task("imdb")).unwrap();
     let short = expert.prompt_ids("Great film.").len();
@@ -142,6 +144,7 @@ fn bad_models_and_tasks_are_refused_with_a_reason() {
         model,
         max_text_tokens: 64,
         cache: None,
+        ..LocalConfig::default()
     };
     match LocalExpert::load(&config(not_gguf), task("imdb")) {
         Err(LocalError::Model(GemmaError::Format { message, .. })) => {

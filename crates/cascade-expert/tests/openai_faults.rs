@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use cascade::Task;
 use cascade_expert::testing::{start_server, TIMEOUT};
-use cascade_expert::{Expert, ExpertError, OpenAiConfig, OpenAiExpert};
+use cascade_expert::Task;
+use cascade_expert::{label_all, Expert, ExpertError, OpenAiConfig, OpenAiExpert, Query};
 use tokio::net::TcpListener;
 
 fn imdb_task() -> Task {
@@ -52,7 +52,7 @@ async fn every_item_ends_labelled_or_with_a_typed_error() {
     .collect();
     texts.extend((0..24).map(|i| format!("load{i} ok")));
     let started = Instant::now();
-    let results = expert.label_batch(&texts).await;
+    let results = label_all(&expert, &texts).await;
 
     assert_eq!(results.len(), texts.len(), "one result per item");
     for (text, result) in texts.iter().zip(&results) {
@@ -125,7 +125,7 @@ async fn every_item_ends_labelled_or_with_a_typed_error() {
         .filter(|t| !["f", "g", "h", "i"].contains(&t.split_whitespace().next().unwrap()))
         .cloned()
         .collect();
-    let results = again.label_batch(&answered).await;
+    let results = label_all(&again, &answered).await;
     assert!(results.iter().all(|r| r.as_ref().is_ok_and(|a| a.cached)));
     assert_eq!(log.total(), before, "no request for a cached answer");
     assert_eq!(again.usage().cache_hits as usize, answered.len());
@@ -157,7 +157,7 @@ async fn an_unreachable_server_ends_in_a_bounded_typed_error() {
     let url = format!("http://{}/v1", listener.local_addr().unwrap());
     drop(listener);
     let expert = OpenAiExpert::new(config(&url, None), imdb_task()).unwrap();
-    let result = expert.label("x ok").await;
+    let result = expert.label(Query::text("x ok")).await;
     match result {
         Err(ExpertError::Exhausted { attempts: 4, last }) => {
             assert!(matches!(*last, ExpertError::Connection(_)), "{last:?}")
@@ -176,7 +176,7 @@ async fn the_client_side_rate_limit_spaces_requests() {
     let expert = OpenAiExpert::new(c, imdb_task()).unwrap();
     let texts: Vec<String> = (0..62).map(|i| format!("r{i} ok")).collect();
     let started = Instant::now();
-    let results = expert.label_batch(&texts).await;
+    let results = label_all(&expert, &texts).await;
     let elapsed = started.elapsed();
     assert!(results.iter().all(Result::is_ok));
     assert_eq!(log.total(), 62);

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use cascade::Task;
+use cascade_expert::Task;
 use cascade_expert::{read_labels, Dataset};
 
 fn repo_root() -> PathBuf {

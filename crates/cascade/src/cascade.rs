@@ -12,18 +12,34 @@ use thiserror::Error;
 use crate::budget::{Allowance, Budget, BudgetController};
 use crate::config::{CascadeConfig, ConfigError, PricedLevels};
 use crate::gate::{argmax, train_gates, Gate, GateExample};
-use crate::student::{build_student, Demonstration, Student, StudentError};
+use crate::student::{Demonstration, Student, StudentError};
 
 #[derive(Debug, Error)]
 pub enum CascadeError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error(transparent)]
-    Student(#[from] StudentError),
+    #[error("student `{level}`: {source}")]
+    Student {
+        level: String,
+        #[source]
+        source: StudentError,
+    },
     #[error("label {label} is out of range for a task with {labels} labels")]
     InvalidLabel { label: usize, labels: usize },
-    #[error("{0}")]
-    Invalid(String),
+    #[error("{students} students for {levels} configured levels")]
+    StudentCount { students: usize, levels: usize },
+    #[error("a task needs at least 2 labels, got {0}")]
+    TooFewLabels(usize),
+    #[error("fixed routing needs one probability in [0, 1] per level, got {0:?}")]
+    FixedRouting(Vec<f64>),
+    #[error("student `{level}` returned malformed probabilities")]
+    MalformedProbabilities { level: String },
+    #[error("encoding the cascade's state: {0}")]
+    EncodeState(String),
+    #[error("the saved state is unreadable: {0}")]
+    UnreadableState(String),
+    #[error("the saved state does not fit this cascade: {0}")]
+    StateMismatch(String),
 }
 
 /// How levels decide to answer.
@@ -68,6 +84,8 @@ pub struct Deferred {
 
 struct Level {
     name: String,
+    /// The cost of deferring past this level (the paper's c_j).
+    cost: f64,
     student: Box<dyn Student>,
     cache: Vec<(String, usize)>,
     /// Every demonstration trained on so far, when `replay` > 0.
@@ -127,21 +145,6 @@ struct LevelState {
 const GATE_WARMUP_UPDATES: u64 = 2;
 
 impl Cascade {
-    /// Builds the students the config names.
-    pub fn new(
-        config: &CascadeConfig,
-        labels: usize,
-        routing: Routing,
-    ) -> Result<Self, CascadeError> {
-        let students = config
-            .levels
-            .iter()
-            .enumerate()
-            .map(|(j, level)| build_student(level, labels, config.seed.wrapping_add(j as u64)))
-            .collect::<Result<_, _>>()?;
-        Self::with_students(config, students, labels, routing)
-    }
-
     /// Uses the given students, one per configured level, in order.
     pub fn with_students(
         config: &CascadeConfig,
@@ -151,22 +154,17 @@ impl Cascade {
     ) -> Result<Self, CascadeError> {
         config.validate()?;
         if students.len() != config.levels.len() {
-            return Err(CascadeError::Invalid(format!(
-                "{} students for {} configured levels",
-                students.len(),
-                config.levels.len()
-            )));
+            return Err(CascadeError::StudentCount {
+                students: students.len(),
+                levels: config.levels.len(),
+            });
         }
         if labels < 2 {
-            return Err(CascadeError::Invalid(format!(
-                "a task needs at least 2 labels, got {labels}"
-            )));
+            return Err(CascadeError::TooFewLabels(labels));
         }
         if let Routing::Fixed(p) = &routing {
             if p.len() != students.len() || p.iter().any(|x| !(0.0..=1.0).contains(x)) {
-                return Err(CascadeError::Invalid(format!(
-                    "fixed routing needs one probability in [0, 1] per level, got {p:?}"
-                )));
+                return Err(CascadeError::FixedRouting(p.clone()));
             }
         }
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
@@ -182,6 +180,7 @@ impl Cascade {
             .enumerate()
             .map(|(j, (level, student))| Level {
                 name: level.name(),
+                cost: level.cost,
                 student,
                 cache: Vec::with_capacity(level.cache_size),
                 history: Vec::new(),
@@ -260,7 +259,10 @@ impl Cascade {
     /// Lets students do batch work that changes no decision (embedding caches).
     pub fn precompute(&mut self, texts: &[&str]) -> Result<(), CascadeError> {
         for level in &mut self.levels {
-            level.student.precompute(texts)?;
+            level
+                .student
+                .precompute(texts)
+                .map_err(|e| level.error(e))?;
         }
         Ok(())
     }
@@ -276,7 +278,7 @@ impl Cascade {
             .map(|level| {
                 Ok(LevelState {
                     name: level.name.clone(),
-                    student: level.student.save_state()?,
+                    student: level.student.save_state().map_err(|e| level.error(e))?,
                     cache: level.cache.clone(),
                     history: level.history.clone(),
                     replay_rng: level.replay_rng.clone(),
@@ -296,7 +298,7 @@ impl Cascade {
         };
         let mut bytes = Vec::new();
         ciborium::into_writer(&state, &mut bytes)
-            .map_err(|e| CascadeError::Invalid(format!("encoding the cascade's state: {e}")))?;
+            .map_err(|e| CascadeError::EncodeState(e.to_string()))?;
         Ok(bytes)
     }
 
@@ -305,19 +307,17 @@ impl Cascade {
     /// partly restored.
     pub fn load_state(&mut self, bytes: &[u8]) -> Result<(), CascadeError> {
         let state: CascadeState = ciborium::from_reader(bytes)
-            .map_err(|e| CascadeError::Invalid(format!("the saved state is unreadable: {e}")))?;
+            .map_err(|e| CascadeError::UnreadableState(e.to_string()))?;
         let names: Vec<&str> = state.levels.iter().map(|l| l.name.as_str()).collect();
         if names != self.level_names() || state.labels != self.labels {
-            return Err(CascadeError::Invalid(format!(
-                "the saved state has levels {names:?} and {} labels; this cascade has {:?} and {}",
+            return Err(CascadeError::StateMismatch(format!(
+                "it has levels {names:?} and {} labels; this cascade has {:?} and {}",
                 state.labels,
                 self.level_names(),
                 self.labels
             )));
         }
-        let invalid = |what: &str| {
-            CascadeError::Invalid(format!("the saved state does not fit this cascade: {what}"))
-        };
+        let invalid = |what: &str| CascadeError::StateMismatch(what.to_string());
         if state.gates.len() != self.gates.len()
             || !self
                 .gates
@@ -345,7 +345,10 @@ impl Cascade {
             return Err(invalid("mu"));
         }
         for (level, saved) in self.levels.iter_mut().zip(&state.levels) {
-            level.student.load_state(&saved.student)?;
+            level
+                .student
+                .load_state(&saved.student)
+                .map_err(|e| level.error(e))?;
         }
         for (level, saved) in self.levels.iter_mut().zip(state.levels) {
             level.cache = saved.cache;
@@ -506,7 +509,7 @@ impl Cascade {
                     probs,
                     label,
                     calibration: if item.warmup { 0.0 } else { level.calibration },
-                    cost: level.student.cost(),
+                    cost: level.cost,
                 })
                 .collect();
             train_gates(&mut self.gates, &examples, self.mu);
@@ -514,7 +517,7 @@ impl Cascade {
         for level in &mut self.levels {
             level.cache.push((item.text.clone(), label));
             if level.cache.len() >= level.cache_size {
-                level.train_on_cache()?;
+                level.train_on_cache().map_err(|e| level.error(e))?;
             }
         }
         Ok(())
@@ -525,13 +528,17 @@ impl Cascade {
     }
 
     fn predict(&mut self, level: usize, text: &str) -> Result<Vec<f32>, CascadeError> {
-        let mut rows = self.levels[level].student.predict_proba(&[text])?;
+        let labels = self.labels;
+        let level = &mut self.levels[level];
+        let mut rows = level
+            .student
+            .predict_proba(&[text])
+            .map_err(|e| level.error(e))?;
         match rows.pop() {
-            Some(row) if row.len() == self.labels && rows.is_empty() => Ok(row),
-            _ => Err(CascadeError::Invalid(format!(
-                "student `{}` returned malformed probabilities",
-                self.levels[level].name
-            ))),
+            Some(row) if row.len() == labels && rows.is_empty() => Ok(row),
+            _ => Err(CascadeError::MalformedProbabilities {
+                level: level.name.clone(),
+            }),
         }
     }
 
@@ -573,6 +580,14 @@ impl Cascade {
 }
 
 impl Level {
+    /// A student's error, with the level's name.
+    fn error(&self, source: StudentError) -> CascadeError {
+        CascadeError::Student {
+            level: self.name.clone(),
+            source,
+        }
+    }
+
     fn train_on_cache(&mut self) -> Result<(), StudentError> {
         let replayed: Vec<usize> = if self.history.is_empty() {
             Vec::new()
@@ -615,11 +630,12 @@ mod tests {
     }
 
     impl Student for Fixed {
-        fn name(&self) -> &str {
-            "fixed"
+        fn save_state(&self) -> Result<Vec<u8>, StudentError> {
+            crate::student::encode_state(&self.seen)
         }
-        fn cost(&self) -> f64 {
-            1.0
+        fn load_state(&mut self, state: &[u8]) -> Result<(), StudentError> {
+            self.seen = crate::student::decode_state(state)?;
+            Ok(())
         }
         fn predict_proba(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>, StudentError> {
             Ok(texts.iter().map(|_| self.probs.clone()).collect())

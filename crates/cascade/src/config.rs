@@ -15,7 +15,7 @@ pub enum ConfigError {
     Invalid { field: String, reason: String },
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CascadeConfig {
     /// Weight of the deferral cost against the students' errors; larger means fewer LLM calls.
@@ -50,7 +50,7 @@ pub struct CascadeConfig {
 }
 
 /// Which gates a budget prices.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum PricedLevels {
     /// Every level answers below the priced threshold: under budget pressure a
@@ -62,7 +62,7 @@ pub enum PricedLevels {
     Last,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LevelConfig {
     /// Shown in logs; defaults to the kind.
@@ -89,7 +89,7 @@ pub struct LevelConfig {
     pub embedding_head: EmbeddingHeadConfig,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum StudentKind {
     /// Hashed TF-IDF logistic regression (`[levels.logreg]`).
@@ -101,7 +101,7 @@ pub enum StudentKind {
     EmbeddingHead,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct GateConfig {
     #[serde(default = "default_gate_lr")]
@@ -135,7 +135,7 @@ pub enum IdfMode {
     Prefit,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogRegConfig {
     /// Hash buckets for word n-grams; a power of two.
@@ -164,7 +164,7 @@ impl Default for LogRegConfig {
 /// The fine-tuned transformer student. Defaults are chosen for 2 CPU cores
 /// (results/transformer.md); the authors used max_len 512, epochs 5, lr 1e-5,
 /// everything trainable.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TransformerConfig {
     /// A model folder, or a name under the models folder (`scripts/setup.sh`).
@@ -193,7 +193,7 @@ impl Default for TransformerConfig {
 
 /// The embedding-head student: frozen encoder, online softmax regression on
 /// its normalised mean-pooled embedding.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct EmbeddingHeadConfig {
     pub model: String,
@@ -314,18 +314,12 @@ impl LevelConfig {
         }
     }
 
-    /// Points a model name at `models_dir/<name>` unless it already names a folder.
-    pub fn resolve_model(&mut self, models_dir: &std::path::Path) {
-        let model = match self.kind {
-            StudentKind::Logreg => return,
-            StudentKind::Transformer => &mut self.transformer.model,
-            StudentKind::EmbeddingHead => &mut self.embedding_head.model,
-        };
-        if !std::path::Path::new(model.as_str()).is_dir() {
-            *model = models_dir
-                .join(model.as_str())
-                .to_string_lossy()
-                .into_owned();
+    /// The model name or folder this level loads, to resolve against a models folder.
+    pub fn model_mut(&mut self) -> Option<&mut String> {
+        match self.kind {
+            StudentKind::Logreg => None,
+            StudentKind::Transformer => Some(&mut self.transformer.model),
+            StudentKind::EmbeddingHead => Some(&mut self.embedding_head.model),
         }
     }
 

@@ -9,11 +9,9 @@ pub mod config;
 pub mod gate;
 pub mod metrics;
 pub mod student;
-pub mod task;
 
 pub use budget::{Budget, BudgetController};
 pub use cascade::{Cascade, CascadeError, Deferred, Outcome, Routed, Routing};
 pub use config::{CascadeConfig, ConfigError};
 pub use metrics::{AnsweredBy, Metrics, Summary};
 pub use student::{Demonstration, Student, StudentError};
-pub use task::{ParseRule, Task, TaskError};

@@ -1,7 +1,8 @@
 //! End to end on a small synthetic stream: a learnable three-label task whose
 //! "LLM" is the gold label with 10% noise.
 
-use cascade::{AnsweredBy, Budget, Cascade, CascadeConfig, Metrics, Outcome, Routing};
+use cascade::student::LogReg;
+use cascade::{AnsweredBy, Budget, Cascade, CascadeConfig, Metrics, Outcome, Routing, Student};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -40,6 +41,16 @@ fn synthetic_stream(len: usize, seed: u64) -> Vec<Item> {
             }
         })
         .collect()
+}
+
+/// LR students for every level of a config.
+fn new_cascade(config: &CascadeConfig, routing: Routing) -> Cascade {
+    let students = config
+        .levels
+        .iter()
+        .map(|l| Box::new(LogReg::new(LABELS, &l.logreg)) as Box<dyn Student>)
+        .collect();
+    Cascade::with_students(config, students, LABELS, routing).unwrap()
 }
 
 fn config(seed: u64) -> CascadeConfig {
@@ -84,7 +95,7 @@ fn replay(cascade: &mut Cascade, stream: &[Item]) -> (Metrics, Vec<String>) {
 #[test]
 fn students_take_over_a_learnable_stream() {
     let stream = synthetic_stream(4000, 1);
-    let mut cascade = Cascade::new(&config(42), LABELS, Routing::Gated).unwrap();
+    let mut cascade = new_cascade(&config(42), Routing::Gated);
     let (metrics, _) = replay(&mut cascade, &stream);
     let s = metrics.summary();
     let expert_accuracy = s.llm_accuracy.unwrap();
@@ -106,7 +117,7 @@ fn students_take_over_a_learnable_stream() {
 fn same_seed_same_decisions_bit_for_bit() {
     let stream = synthetic_stream(1500, 2);
     let run = |seed| {
-        let mut cascade = Cascade::new(&config(seed), LABELS, Routing::Gated).unwrap();
+        let mut cascade = new_cascade(&config(seed), Routing::Gated);
         replay(&mut cascade, &stream).1
     };
     let first = run(7);
@@ -122,7 +133,7 @@ fn same_seed_same_decisions_bit_for_bit() {
 fn online_ensemble_answers_at_its_fixed_rate() {
     let stream = synthetic_stream(3000, 3);
     let routing = Routing::Fixed(vec![0.7]);
-    let mut cascade = Cascade::new(&config(42), LABELS, routing).unwrap();
+    let mut cascade = new_cascade(&config(42), routing);
     let (metrics, _) = replay(&mut cascade, &stream);
     let s = metrics.summary();
     // 80 warm-up items, then the student answers about 70% of the rest.
@@ -141,7 +152,7 @@ fn a_call_budget_is_met_whatever_mu_says() {
     for (mu, budget) in [(0.0, 900), (1.0, 900), (5e-4, 300)] {
         let mut config = config(42);
         config.mu = mu;
-        let mut cascade = Cascade::new(&config, LABELS, Routing::Gated).unwrap();
+        let mut cascade = new_cascade(&config, Routing::Gated);
         let stream_length = stream.len() as u64;
         cascade.set_budget(
             Budget::Calls {
@@ -163,7 +174,7 @@ fn a_call_budget_is_met_whatever_mu_says() {
 #[test]
 fn a_rate_budget_holds_its_share() {
     let stream = synthetic_stream(3000, 5);
-    let mut cascade = Cascade::new(&config(42), LABELS, Routing::Gated).unwrap();
+    let mut cascade = new_cascade(&config(42), Routing::Gated);
     cascade.set_budget(Budget::Rate(0.25), 0.01, 0.7);
     let (metrics, _) = replay(&mut cascade, &stream);
     let share = metrics.summary().llm_fraction;
@@ -174,7 +185,7 @@ fn a_rate_budget_holds_its_share() {
 fn budgeted_runs_are_deterministic() {
     let stream = synthetic_stream(1500, 6);
     let run = || {
-        let mut cascade = Cascade::new(&config(3), LABELS, Routing::Gated).unwrap();
+        let mut cascade = new_cascade(&config(3), Routing::Gated);
         cascade.set_budget(
             Budget::Calls {
                 calls: 400,
@@ -235,7 +246,7 @@ fn save_restore_continue_equals_never_stopping() {
         let stream = synthetic_stream(len, 100 + case);
         let seed = rng.random_range(0..1000);
         let build = || {
-            let mut cascade = Cascade::new(&stateful_config(seed), LABELS, Routing::Gated).unwrap();
+            let mut cascade = new_cascade(&stateful_config(seed), Routing::Gated);
             if case % 2 == 0 {
                 let calls = len as u64 / 3;
                 cascade.set_budget(
@@ -275,9 +286,9 @@ fn save_restore_continue_equals_never_stopping() {
 
 #[test]
 fn a_state_from_another_config_is_refused() {
-    let cascade = Cascade::new(&stateful_config(1), LABELS, Routing::Gated).unwrap();
+    let cascade = new_cascade(&stateful_config(1), Routing::Gated);
     let state = cascade.save_state().unwrap();
-    let mut other = Cascade::new(&config(1), LABELS, Routing::Gated).unwrap();
+    let mut other = new_cascade(&config(1), Routing::Gated);
     let err = other.load_state(&state).unwrap_err().to_string();
     assert!(err.contains("levels"), "{err}");
     let err = other.load_state(b"not a state").unwrap_err().to_string();

@@ -7,8 +7,6 @@ use super::{decode_state, encode_state, Demonstration, Student, StudentError};
 use crate::config::{IdfMode, LogRegConfig};
 
 pub struct LogReg {
-    name: String,
-    cost: f64,
     labels: usize,
     features: HashedTfidf,
     idf: IdfMode,
@@ -16,10 +14,8 @@ pub struct LogReg {
 }
 
 impl LogReg {
-    pub fn new(name: impl Into<String>, cost: f64, labels: usize, config: &LogRegConfig) -> Self {
+    pub fn new(labels: usize, config: &LogRegConfig) -> Self {
         Self {
-            name: name.into(),
-            cost,
             labels,
             features: HashedTfidf::new(config.buckets, config.ngrams),
             idf: config.idf,
@@ -35,14 +31,6 @@ impl LogReg {
 }
 
 impl Student for LogReg {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn cost(&self) -> f64 {
-        self.cost
-    }
-
     fn predict_proba(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>, StudentError> {
         Ok(texts
             .iter()
@@ -53,9 +41,9 @@ impl Student for LogReg {
     fn learn(&mut self, batch: &[Demonstration<'_>]) -> Result<(), StudentError> {
         for demo in batch {
             if demo.label >= self.labels {
-                return Err(StudentError::Failed {
-                    student: self.name.clone(),
-                    reason: format!("label {} out of range 0..{}", demo.label, self.labels),
+                return Err(StudentError::LabelOutOfRange {
+                    label: demo.label,
+                    labels: self.labels,
                 });
             }
             self.model
@@ -75,16 +63,15 @@ impl Student for LogReg {
     }
 
     fn save_state(&self) -> Result<Vec<u8>, StudentError> {
-        encode_state(&self.name, &(&self.features, &self.model))
+        encode_state(&(&self.features, &self.model))
     }
 
     fn load_state(&mut self, state: &[u8]) -> Result<(), StudentError> {
-        let (features, model): (HashedTfidf, SoftmaxRegression) = decode_state(&self.name, state)?;
+        let (features, model): (HashedTfidf, SoftmaxRegression) = decode_state(state)?;
         if !features.same_shape(&self.features) || !model.same_shape(&self.model) {
-            return Err(StudentError::Failed {
-                student: self.name.clone(),
-                reason: "the checkpoint was written with other buckets or labels".into(),
-            });
+            return Err(StudentError::StateMismatch(
+                "written with other buckets or labels".into(),
+            ));
         }
         self.features = features;
         self.model = model;
@@ -115,7 +102,7 @@ mod tests {
     ];
 
     fn trained(optimizer: Optimizer) -> LogReg {
-        let mut lr = LogReg::new("lr", 1.0, 2, &config(optimizer));
+        let mut lr = LogReg::new(2, &config(optimizer));
         for (text, _) in TRAIN {
             lr.observe(text);
         }
@@ -131,7 +118,7 @@ mod tests {
 
     #[test]
     fn untrained_model_is_uniform() {
-        let mut lr = LogReg::new("lr", 1.0, 3, &config(Optimizer::Adagrad));
+        let mut lr = LogReg::new(3, &config(Optimizer::Adagrad));
         let p = lr.predict_proba(&["anything at all"]).unwrap();
         for x in &p[0] {
             assert!((x - 1.0 / 3.0).abs() < 1e-6);
@@ -154,7 +141,7 @@ mod tests {
 
     #[test]
     fn out_of_range_label_is_an_error() {
-        let mut lr = LogReg::new("lr", 1.0, 2, &config(Optimizer::Adagrad));
+        let mut lr = LogReg::new(2, &config(Optimizer::Adagrad));
         let err = lr
             .learn(&[Demonstration {
                 text: "x y",

@@ -3,14 +3,10 @@
 pub mod features;
 pub mod logreg;
 pub mod softmax_regression;
-pub mod transformer;
 
 use thiserror::Error;
 
 pub use logreg::LogReg;
-
-use crate::config::{LevelConfig, StudentKind};
-use transformer::{EmbeddingHead, FineTuned};
 
 /// A labelled example handed to a student: the text and the LLM's label.
 #[derive(Debug, Clone, Copy)]
@@ -19,24 +15,39 @@ pub struct Demonstration<'a> {
     pub label: usize,
 }
 
+/// Why a student failed. The cascade adds the level's name.
 #[derive(Debug, Error)]
 pub enum StudentError {
-    #[error("student `{student}`: {reason}")]
-    Failed { student: String, reason: String },
+    #[error("label {label} is out of range for {labels} labels")]
+    LabelOutOfRange { label: usize, labels: usize },
+    #[error("encoding its state: {0}")]
+    EncodeState(String),
+    #[error("its saved state is unreadable: {0}")]
+    UnreadableState(String),
+    /// A readable state written for another student (other sizes, labels, model).
+    #[error("its saved state does not fit: {0}")]
+    StateMismatch(String),
+    /// The model behind the student (an encoder, its files, its cache) failed.
+    #[error(transparent)]
+    Model(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// A model that gives class probabilities and learns from demonstrations.
+/// Its name and cost belong to the level it sits at, not to it.
 pub trait Student: Send {
-    fn name(&self) -> &str;
-
-    /// The cost of deferring past this student (the paper's c_j).
-    fn cost(&self) -> f64;
-
     /// Class probabilities for each text: one row per text, one column per label.
     fn predict_proba(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>, StudentError>;
 
     /// One optimisation pass over a batch of demonstrations.
     fn learn(&mut self, batch: &[Demonstration<'_>]) -> Result<(), StudentError>;
+
+    /// Everything the student has learned (weights, optimiser moments, corpus
+    /// statistics), for checkpoints; caches that can be recomputed are left out.
+    fn save_state(&self) -> Result<Vec<u8>, StudentError>;
+
+    /// Restores what `save_state` wrote, into a student built from the same
+    /// config; a state that does not fit is refused before anything changes.
+    fn load_state(&mut self, state: &[u8]) -> Result<(), StudentError>;
 
     /// Sees every text of the stream once, labelled or not, before it is routed.
     /// Streaming statistics (document frequencies) live here; most students ignore it.
@@ -51,53 +62,25 @@ pub trait Student: Send {
     fn precompute(&mut self, _texts: &[&str]) -> Result<(), StudentError> {
         Ok(())
     }
-
-    /// Everything the student has learned (weights, optimiser moments, corpus
-    /// statistics), for checkpoints; caches that can be recomputed are left out.
-    fn save_state(&self) -> Result<Vec<u8>, StudentError> {
-        Err(StudentError::Failed {
-            student: self.name().to_string(),
-            reason: "this kind of student cannot be checkpointed yet".into(),
-        })
-    }
-
-    /// Restores what `save_state` wrote, into a student built from the same config.
-    fn load_state(&mut self, _state: &[u8]) -> Result<(), StudentError> {
-        Err(StudentError::Failed {
-            student: self.name().to_string(),
-            reason: "this kind of student cannot be checkpointed yet".into(),
-        })
-    }
 }
 
 /// Encodes a student's state (CBOR).
-pub(crate) fn encode_state<T: serde::Serialize>(
-    student: &str,
-    state: &T,
-) -> Result<Vec<u8>, StudentError> {
+pub fn encode_state<T: serde::Serialize>(state: &T) -> Result<Vec<u8>, StudentError> {
     let mut bytes = Vec::new();
-    ciborium::into_writer(state, &mut bytes).map_err(|e| StudentError::Failed {
-        student: student.to_string(),
-        reason: format!("encoding its state: {e}"),
-    })?;
+    ciborium::into_writer(state, &mut bytes)
+        .map_err(|e| StudentError::EncodeState(e.to_string()))?;
     Ok(bytes)
 }
 
 /// Decodes a student's state written by [`encode_state`].
-pub(crate) fn decode_state<T: serde::de::DeserializeOwned>(
-    student: &str,
-    bytes: &[u8],
-) -> Result<T, StudentError> {
-    ciborium::from_reader(bytes).map_err(|e| StudentError::Failed {
-        student: student.to_string(),
-        reason: format!("its checkpointed state is unreadable: {e}"),
-    })
+pub fn decode_state<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StudentError> {
+    ciborium::from_reader(bytes).map_err(|e| StudentError::UnreadableState(e.to_string()))
 }
 
 /// f32 values stored as one little-endian byte string: in CBOR that is four
 /// bytes a value instead of five, and one copy instead of a value at a time,
 /// which matters for a fine-tuned encoder's millions of weights and moments.
-pub(crate) mod f32_bytes {
+pub mod f32_bytes {
     use serde::{de::Error, Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(values: &[f32], serializer: S) -> Result<S::Ok, S::Error> {
@@ -118,29 +101,4 @@ pub(crate) mod f32_bytes {
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect())
     }
-}
-
-/// Builds the student a level's config describes.
-pub fn build_student(
-    level: &LevelConfig,
-    labels: usize,
-    seed: u64,
-) -> Result<Box<dyn Student>, StudentError> {
-    let (name, cost) = (level.name(), level.cost);
-    Ok(match level.kind {
-        StudentKind::Logreg => Box::new(LogReg::new(name, cost, labels, &level.logreg)),
-        StudentKind::Transformer => Box::new(FineTuned::new(
-            name,
-            cost,
-            labels,
-            &level.transformer,
-            seed,
-        )?),
-        StudentKind::EmbeddingHead => Box::new(EmbeddingHead::new(
-            name,
-            cost,
-            labels,
-            &level.embedding_head,
-        )?),
-    })
 }

@@ -1,4 +1,5 @@
-//! The replay expert: answers recorded from an LLM, read from a dataset folder.
+//! Dataset folders: a recorded stream with gold labels and the answers an LLM
+//! gave (which [`crate::RecordedExpert`] plays back).
 //!
 //! A dataset folder holds
 //! - `stream.jsonl.zst` (or `stream.jsonl`): one JSON object per line with an
@@ -11,12 +12,12 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use cascade::Task;
+use crate::task::Task;
 use serde_json::Value;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
-pub enum ReplayError {
+pub enum DatasetError {
     #[error("cannot read {path}")]
     Io {
         path: PathBuf,
@@ -73,7 +74,7 @@ pub struct Dataset {
 }
 
 /// Reads `labels.txt`: one non-empty label name per line.
-pub fn read_labels(dir: &Path) -> Result<Vec<String>, ReplayError> {
+pub fn read_labels(dir: &Path) -> Result<Vec<String>, DatasetError> {
     let path = dir.join("labels.txt");
     let text = read_to_string(&path)?;
     let labels: Vec<String> = text
@@ -83,7 +84,7 @@ pub fn read_labels(dir: &Path) -> Result<Vec<String>, ReplayError> {
         .map(String::from)
         .collect();
     if labels.len() < 2 {
-        return Err(ReplayError::Invalid {
+        return Err(DatasetError::Invalid {
             path,
             line: 1,
             reason: format!("needs at least 2 labels, found {}", labels.len()),
@@ -95,7 +96,7 @@ pub fn read_labels(dir: &Path) -> Result<Vec<String>, ReplayError> {
 impl Dataset {
     /// Loads the stream, reading recorded answers from `expert_field`. Answers
     /// that are not a label name are parsed with the task's rules.
-    pub fn load(dir: &Path, task: &Task, expert_field: &str) -> Result<Self, ReplayError> {
+    pub fn load(dir: &Path, task: &Task, expert_field: &str) -> Result<Self, DatasetError> {
         let (path, text) = read_stream(dir)?;
         let mut items = Vec::new();
         let mut by_id = HashMap::new();
@@ -105,7 +106,7 @@ impl Dataset {
             if line.trim().is_empty() {
                 continue;
             }
-            let invalid = |reason: String| ReplayError::Invalid {
+            let invalid = |reason: String| DatasetError::Invalid {
                 path: path.clone(),
                 line: line_no,
                 reason,
@@ -123,6 +124,11 @@ impl Dataset {
         })
     }
 
+    /// Every item, in file order.
+    pub fn items(&self) -> &[Item] {
+        &self.items
+    }
+
     pub fn len(&self) -> usize {
         self.items.len()
     }
@@ -137,7 +143,7 @@ impl Dataset {
     }
 
     /// The items in the requested order.
-    pub fn stream(&self, order: &StreamOrder) -> Result<Vec<&Item>, ReplayError> {
+    pub fn stream(&self, order: &StreamOrder) -> Result<Vec<&Item>, DatasetError> {
         let ids_path = match order {
             StreamOrder::All => return Ok(self.items.iter().collect()),
             StreamOrder::Test => self.dir.join("split_test_ids.txt"),
@@ -150,7 +156,7 @@ impl Dataset {
             if line.is_empty() {
                 continue;
             }
-            let invalid = |reason: String| ReplayError::Invalid {
+            let invalid = |reason: String| DatasetError::Invalid {
                 path: ids_path.clone(),
                 line: index + 1,
                 reason,
@@ -212,17 +218,17 @@ fn parse_item(line: &str, task: &Task, expert_field: &str) -> Result<Item, Strin
     })
 }
 
-fn read_stream(dir: &Path) -> Result<(PathBuf, String), ReplayError> {
+fn read_stream(dir: &Path) -> Result<(PathBuf, String), DatasetError> {
     let compressed = dir.join("stream.jsonl.zst");
     if compressed.exists() {
-        let file = std::fs::File::open(&compressed).map_err(|source| ReplayError::Io {
+        let file = std::fs::File::open(&compressed).map_err(|source| DatasetError::Io {
             path: compressed.clone(),
             source,
         })?;
         let mut text = String::new();
         zstd::stream::read::Decoder::new(file)
             .and_then(|mut decoder| decoder.read_to_string(&mut text))
-            .map_err(|source| ReplayError::Io {
+            .map_err(|source| DatasetError::Io {
                 path: compressed.clone(),
                 source,
             })?;
@@ -233,13 +239,13 @@ fn read_stream(dir: &Path) -> Result<(PathBuf, String), ReplayError> {
         let text = read_to_string(&plain)?;
         return Ok((plain, text));
     }
-    Err(ReplayError::NoStream {
+    Err(DatasetError::NoStream {
         dir: dir.to_path_buf(),
     })
 }
 
-fn read_to_string(path: &Path) -> Result<String, ReplayError> {
-    std::fs::read_to_string(path).map_err(|source| ReplayError::Io {
+fn read_to_string(path: &Path) -> Result<String, DatasetError> {
+    std::fs::read_to_string(path).map_err(|source| DatasetError::Io {
         path: path.to_path_buf(),
         source,
     })
@@ -324,6 +330,6 @@ mod tests {
     fn missing_stream_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         let err = Dataset::load(dir.path(), &task(), "gpt").unwrap_err();
-        assert!(matches!(err, ReplayError::NoStream { .. }));
+        assert!(matches!(err, DatasetError::NoStream { .. }));
     }
 }

@@ -6,7 +6,7 @@
 mod common;
 
 use candle_core::Device;
-use cascade::student::transformer::{load_model, mean_pool, Trainable};
+use cascade_encoders::{load_model, mean_pool, Trainable};
 
 const TEXTS: [&str; 4] = [
     "I love this movie",
@@ -29,7 +29,6 @@ const COSINES: [((usize, usize), f32); 3] =
 
 fn embeddings(texts: &[&str]) -> Vec<Vec<f32>> {
     let (encoder, text) = load_model(
-        "mpnet",
         &common::model_dir("all-mpnet-base-v2"),
         128,
         Trainable::NONE,

@@ -55,45 +55,44 @@ fn default_hidden_act() -> String {
 }
 
 impl BertConfig {
-    pub fn from_file(path: &Path) -> std::result::Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let config: Self = serde_json::from_str(&text)
-            .map_err(|e| format!("{}: not a BERT config: {e}", path.display()))?;
+    pub fn from_file(path: &Path) -> std::result::Result<Self, crate::error::EncoderError> {
+        let bad = |reason: String| crate::error::EncoderError::ModelFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let text =
+            std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+        let config: Self =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not a BERT config: {e}")))?;
         if !config
             .hidden_size
             .is_multiple_of(config.num_attention_heads)
         {
-            return Err(format!(
-                "{}: hidden_size {} is not a multiple of num_attention_heads {}",
-                path.display(),
-                config.hidden_size,
-                config.num_attention_heads
-            ));
+            return Err(bad(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                config.hidden_size, config.num_attention_heads
+            )));
         }
         if !matches!(
             config.model_type.as_deref(),
             None | Some("bert") | Some("mpnet")
         ) {
-            return Err(format!(
-                "{}: model_type `{}` is not supported (only `bert` and `mpnet`)",
-                path.display(),
+            return Err(bad(format!(
+                "model_type `{}` is not supported (only `bert` and `mpnet`)",
                 config.model_type.as_deref().unwrap_or_default()
-            ));
+            )));
         }
         if config.max_tokens() < 3 {
-            return Err(format!(
-                "{}: max_position_embeddings {} leaves fewer than 3 positions",
-                path.display(),
+            return Err(bad(format!(
+                "max_position_embeddings {} leaves fewer than 3 positions",
                 config.max_position_embeddings
-            ));
+            )));
         }
         if config.hidden_act != "gelu" {
-            return Err(format!(
-                "{}: hidden_act `{}` is not supported (only `gelu`)",
-                path.display(),
+            return Err(bad(format!(
+                "hidden_act `{}` is not supported (only `gelu`)",
                 config.hidden_act
-            ));
+            )));
         }
         Ok(config)
     }

@@ -2,6 +2,7 @@
 //! truncation and padding are switched off, texts are cut to `max_len` tokens
 //! (special tokens included) and each batch is padded to its longest member.
 
+use crate::error::EncoderError;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
@@ -23,32 +24,36 @@ pub struct TokenBatch {
 }
 
 impl TextEncoder {
-    pub fn load(path: &Path, max_len: usize) -> Result<Self, String> {
+    pub fn load(path: &Path, max_len: usize) -> Result<Self, EncoderError> {
+        let bad = |reason: String| EncoderError::ModelFile {
+            path: path.to_path_buf(),
+            reason,
+        };
         let mut tokenizer = Tokenizer::from_file(path)
-            .map_err(|e| format!("cannot load tokenizer {}: {e}", path.display()))?;
+            .map_err(|e| bad(format!("cannot load the tokenizer: {e}")))?;
         tokenizer
             .with_truncation(None)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(|e| bad(e.to_string()))?;
         tokenizer.with_padding(None);
         // The tokenizer's own opening and closing tokens ([CLS]/[SEP] for
         // BERT, <s>/</s> for MPNet): what it wraps an empty text in.
-        let empty = tokenizer
-            .encode("", true)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let empty = tokenizer.encode("", true).map_err(|e| bad(e.to_string()))?;
         let &[cls, sep] = empty.get_ids() else {
-            return Err(format!(
-                "{}: the tokenizer wraps a text in {} special tokens, not two",
-                path.display(),
+            return Err(bad(format!(
+                "the tokenizer wraps a text in {} special tokens, not two",
                 empty.get_ids().len()
-            ));
+            )));
         };
         // Padding is masked out, so its id only has to exist.
         let pad = ["[PAD]", "<pad>"]
             .into_iter()
             .find_map(|token| tokenizer.token_to_id(token))
-            .ok_or_else(|| format!("{}: no `[PAD]` or `<pad>` token", path.display()))?;
+            .ok_or_else(|| bad("no `[PAD]` or `<pad>` token".into()))?;
         if max_len < 3 {
-            return Err(format!("max length must be at least 3, got {max_len}"));
+            return Err(EncoderError::MaxLen {
+                max_len,
+                reason: "it must be at least 3".into(),
+            });
         }
         Ok(Self {
             cls,
@@ -64,11 +69,11 @@ impl TextEncoder {
     }
 
     /// The text's token ids without special tokens or truncation.
-    pub fn body_ids(&self, text: &str) -> Result<Vec<u32>, String> {
+    pub fn body_ids(&self, text: &str) -> Result<Vec<u32>, EncoderError> {
         let encoding = self
             .tokenizer
             .encode(text, false)
-            .map_err(|e| format!("tokenizer: {e}"))?;
+            .map_err(|e| EncoderError::Tokenizer(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -89,7 +94,7 @@ impl TextEncoder {
     }
 
     /// `[CLS] tokens… [SEP]`, cut to `max_len`.
-    pub fn token_ids(&self, text: &str) -> Result<Vec<u32>, String> {
+    pub fn token_ids(&self, text: &str) -> Result<Vec<u32>, EncoderError> {
         Ok(self.wrap(&self.body_ids(text)?))
     }
 
@@ -98,7 +103,7 @@ impl TextEncoder {
     }
 
     /// Tokenises and pads a batch to its longest member.
-    pub fn batch(&self, texts: &[&str], device: &Device) -> Result<TokenBatch, String> {
+    pub fn batch(&self, texts: &[&str], device: &Device) -> Result<TokenBatch, EncoderError> {
         let rows: Vec<Vec<u32>> = texts
             .iter()
             .map(|t| self.token_ids(t))
@@ -108,7 +113,7 @@ impl TextEncoder {
 }
 
 /// Pads token rows to the longest one.
-pub fn pad_batch(rows: &[Vec<u32>], pad: u32, device: &Device) -> Result<TokenBatch, String> {
+pub fn pad_batch(rows: &[Vec<u32>], pad: u32, device: &Device) -> Result<TokenBatch, EncoderError> {
     let seq = rows.iter().map(Vec::len).max().unwrap_or(0);
     let mut ids = Vec::with_capacity(rows.len() * seq);
     let mut mask = Vec::with_capacity(rows.len() * seq);
@@ -119,10 +124,9 @@ pub fn pad_batch(rows: &[Vec<u32>], pad: u32, device: &Device) -> Result<TokenBa
         mask.extend(std::iter::repeat_n(0f32, seq - row.len()));
     }
     let shape = (rows.len(), seq);
-    let err = |e: candle_core::Error| e.to_string();
     Ok(TokenBatch {
-        ids: Tensor::from_vec(ids, shape, device).map_err(err)?,
-        mask: Tensor::from_vec(mask, shape, device).map_err(err)?,
+        ids: Tensor::from_vec(ids, shape, device)?,
+        mask: Tensor::from_vec(mask, shape, device)?,
         lengths: rows.iter().map(Vec::len).collect(),
     })
 }

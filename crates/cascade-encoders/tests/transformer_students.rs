@@ -9,10 +9,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use cascade::config::{EmbeddingHeadConfig, TransformerConfig};
-use cascade::student::transformer::bert::WeightSource;
-use cascade::student::transformer::{BertConfig, BertEncoder, EmbeddingHead, FineTuned, Trainable};
+use cascade::config::{EmbeddingHeadConfig, StudentKind, TransformerConfig};
+use cascade::student::LogReg;
 use cascade::{Cascade, CascadeConfig, Demonstration, Outcome, Routing, Student};
+use cascade_encoders::bert::WeightSource;
+use cascade_encoders::{BertConfig, BertEncoder, EmbeddingHead, FineTuned, Trainable};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -65,7 +66,7 @@ fn fine_tuned(seed: u64) -> FineTuned {
         lr: 1e-4,
         ..TransformerConfig::default()
     };
-    FineTuned::new("minilm", 1182.0, 2, &config, seed).unwrap()
+    FineTuned::new(2, &config, seed).unwrap()
 }
 
 #[test]
@@ -104,7 +105,7 @@ fn embedding_head_learns_a_separable_labelling() {
         max_len: 32,
         ..EmbeddingHeadConfig::default()
     };
-    let mut student = EmbeddingHead::new("embed", 3.0, 2, &config).unwrap();
+    let mut student = EmbeddingHead::new(2, &config).unwrap();
     let demos = demonstrations();
     for _ in 0..10 {
         student.learn(&demos).unwrap();
@@ -147,7 +148,7 @@ fn fine_tuned_student_resumes_exactly_from_its_state() {
         frozen_layers: 2,
         ..TransformerConfig::default()
     };
-    let mut other = FineTuned::new("minilm", 1182.0, 2, &config, 3).unwrap();
+    let mut other = FineTuned::new(2, &config, 3).unwrap();
     let before = bits(&mut other);
     let err = other.load_state(&state).unwrap_err().to_string();
     assert!(err.contains("trainable tensors"), "{err}");
@@ -241,6 +242,28 @@ fn tiny_cascade_config(model: &Path, seed: u64) -> CascadeConfig {
     .unwrap()
 }
 
+/// The students a config names (the runtime's `build` does this for real).
+fn build_cascade(config: &CascadeConfig) -> Cascade {
+    let students: Vec<Box<dyn Student>> = config
+        .levels
+        .iter()
+        .enumerate()
+        .map(|(j, l)| -> Box<dyn Student> {
+            let seed = config.seed.wrapping_add(j as u64);
+            match l.kind {
+                StudentKind::Logreg => Box::new(LogReg::new(2, &l.logreg)),
+                StudentKind::Transformer => {
+                    Box::new(FineTuned::new(2, &l.transformer, seed).unwrap())
+                }
+                StudentKind::EmbeddingHead => {
+                    Box::new(EmbeddingHead::new(2, &l.embedding_head).unwrap())
+                }
+            }
+        })
+        .collect();
+    Cascade::with_students(config, students, 2, Routing::Gated).unwrap()
+}
+
 /// Routes a labelled stream; one line per item naming who answered, what, and the gates' outputs.
 fn replay(cascade: &mut Cascade, stream: &[(String, usize)]) -> Vec<String> {
     stream
@@ -275,7 +298,7 @@ fn a_cascade_with_a_fine_tuned_level_resumes_exactly() {
             (words.join(" "), label)
         })
         .collect();
-    let build = || Cascade::new(&tiny_cascade_config(model.path(), 4), 2, Routing::Gated).unwrap();
+    let build = || build_cascade(&tiny_cascade_config(model.path(), 4));
     let uninterrupted = replay(&mut build(), &stream);
     assert!(
         uninterrupted.iter().any(|line| line.starts_with("1 ")),
@@ -318,7 +341,7 @@ fn embedding_head_windows_read_past_max_len() {
             windows,
             ..EmbeddingHeadConfig::default()
         };
-        let mut student = EmbeddingHead::new("embed", 3.0, 2, &config).unwrap();
+        let mut student = EmbeddingHead::new(2, &config).unwrap();
         let batch: Vec<Demonstration> = demos
             .iter()
             .map(|(text, label)| Demonstration {
@@ -356,11 +379,11 @@ fn embedding_head_pools_the_asked_layers() {
             cache_dir: Some(cache.path().to_string_lossy().into_owned()),
             ..EmbeddingHeadConfig::default()
         };
-        let mut student = EmbeddingHead::new("embed", 3.0, 2, &config)?;
+        let mut student = EmbeddingHead::new(2, &config)?;
         for _ in 0..5 {
             student.learn(&demos).unwrap();
         }
-        Ok::<_, cascade::StudentError>(student.predict_proba(&texts).unwrap())
+        Ok::<_, cascade_encoders::EncoderError>(student.predict_proba(&texts).unwrap())
     };
     // The last layer by name is the default, bit for bit, and shares its cache.
     let last = train(Vec::new()).unwrap();

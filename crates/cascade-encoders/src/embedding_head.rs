@@ -12,17 +12,17 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 
 use super::{load_model, mean_pool, BertEncoder, TextEncoder, Trainable};
-use crate::config::{EmbeddingHeadConfig, Optimizer};
-use crate::student::features::SparseVector;
-use crate::student::softmax_regression::SoftmaxRegression;
-use crate::student::{Demonstration, Student, StudentError};
+use cascade::config::{EmbeddingHeadConfig, Optimizer};
+use cascade::student::features::SparseVector;
+use cascade::student::softmax_regression::SoftmaxRegression;
+use cascade::student::{Demonstration, Student, StudentError};
+
+use crate::error::EncoderError;
 
 /// Texts encoded per forward pass when filling the cache.
 const ENCODE_BATCH: usize = 32;
 
 pub struct EmbeddingHead {
-    name: String,
-    cost: f64,
     labels: usize,
     encoder: BertEncoder,
     text: TextEncoder,
@@ -35,15 +35,9 @@ pub struct EmbeddingHead {
 }
 
 impl EmbeddingHead {
-    pub fn new(
-        name: impl Into<String>,
-        cost: f64,
-        labels: usize,
-        config: &EmbeddingHeadConfig,
-    ) -> Result<Self, StudentError> {
-        let name = name.into();
+    pub fn new(labels: usize, config: &EmbeddingHeadConfig) -> Result<Self, EncoderError> {
         let dir = Path::new(&config.model);
-        let (encoder, text) = load_model(&name, dir, config.max_len, Trainable::NONE)?;
+        let (encoder, text) = load_model(dir, config.max_len, Trainable::NONE)?;
         let depth = encoder.config().num_hidden_layers;
         let layers = if config.layers.is_empty() {
             vec![depth]
@@ -51,12 +45,10 @@ impl EmbeddingHead {
             config.layers.clone()
         };
         if let Some(too_deep) = layers.iter().find(|&&l| l > depth) {
-            return Err(StudentError::Failed {
-                student: name,
-                reason: format!(
-                    "layer {too_deep} asked for, but {} has {depth} layers",
-                    dir.display()
-                ),
+            return Err(EncoderError::TooDeep {
+                layer: *too_deep,
+                depth,
+                dir: dir.to_path_buf(),
             });
         }
         let dim = encoder.config().hidden_size * layers.len();
@@ -64,17 +56,15 @@ impl EmbeddingHead {
             None => EmbeddingCache::in_memory(dim),
             Some(cache_dir) => {
                 let key = model_key(dir, config.max_len, config.windows, &layers, depth);
-                EmbeddingCache::open(Path::new(cache_dir), &key, dim).map_err(|e| {
-                    StudentError::Failed {
-                        student: name.clone(),
-                        reason: format!("embedding cache in {cache_dir}: {e}"),
+                EmbeddingCache::open(Path::new(cache_dir), &key, dim).map_err(|source| {
+                    EncoderError::Cache {
+                        dir: cache_dir.into(),
+                        source,
                     }
                 })?
             }
         };
         Ok(Self {
-            name,
-            cost,
             labels,
             encoder,
             text,
@@ -86,13 +76,6 @@ impl EmbeddingHead {
         })
     }
 
-    fn fail(&self, reason: impl ToString) -> StudentError {
-        StudentError::Failed {
-            student: self.name.clone(),
-            reason: reason.to_string(),
-        }
-    }
-
     /// Encodes the texts not yet cached, in length-sorted batches of windows.
     fn fill_cache(&mut self, texts: &[&str]) -> Result<(), StudentError> {
         let mut missing: Vec<&str> = Vec::new();
@@ -101,7 +84,7 @@ impl EmbeddingHead {
         let mut seen = std::collections::HashSet::new();
         for text in texts {
             if self.cache.get(text).is_none() && seen.insert(*text) {
-                let body = self.text.body_ids(text).map_err(|e| self.fail(e))?;
+                let body = self.text.body_ids(text).map_err(StudentError::from)?;
                 let width = self.text.body_capacity();
                 // At least one window, so an empty text is encoded as `[CLS] [SEP]`.
                 let count = body.len().div_ceil(width).clamp(1, self.windows);
@@ -120,10 +103,10 @@ impl EmbeddingHead {
         for chunk in rows.chunks(ENCODE_BATCH) {
             let ids: Vec<Vec<u32>> = chunk.iter().map(|(ids, _)| ids.clone()).collect();
             let batch = super::tokenize::pad_batch(&ids, self.text.pad_id(), &self.device)
-                .map_err(|e| self.fail(e))?;
+                .map_err(StudentError::from)?;
             let embeddings = self
                 .encode(&batch.ids, &batch.mask)
-                .map_err(|e| self.fail(e))?;
+                .map_err(|e| StudentError::from(EncoderError::from(e)))?;
             for ((_, text), embedding) in chunk.iter().zip(embeddings) {
                 match &mut sums[*text] {
                     Some((sum, count)) => {
@@ -135,7 +118,9 @@ impl EmbeddingHead {
             }
         }
         for (text, sum) in missing.into_iter().zip(sums) {
-            let (mut embedding, count) = sum.ok_or_else(|| self.fail("a text got no window"))?;
+            // Every missing text has at least one window.
+            let (mut embedding, count) =
+                sum.ok_or(StudentError::from(EncoderError::MissingEmbedding))?;
             if count > 1 {
                 // The mean of unit vectors, made unit again. One window is
                 // kept as encoded, bit for bit.
@@ -144,9 +129,11 @@ impl EmbeddingHead {
             }
             self.cache
                 .insert(text, embedding)
-                .map_err(|e| self.fail(e))?;
+                .map_err(|e| StudentError::from(EncoderError::CacheWrite(e)))?;
         }
-        self.cache.flush().map_err(|e| self.fail(e))
+        self.cache
+            .flush()
+            .map_err(|e| StudentError::from(EncoderError::CacheWrite(e)))
     }
 
     /// Per text: each asked layer's mean-pooled output made unit, concatenated
@@ -174,7 +161,7 @@ impl EmbeddingHead {
         let embedding = self
             .cache
             .get(text)
-            .ok_or_else(|| self.fail("embedding missing"))?;
+            .ok_or(StudentError::from(EncoderError::MissingEmbedding))?;
         Ok(embedding
             .iter()
             .enumerate()
@@ -184,14 +171,6 @@ impl EmbeddingHead {
 }
 
 impl Student for EmbeddingHead {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn cost(&self) -> f64 {
-        self.cost
-    }
-
     fn predict_proba(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>, StudentError> {
         self.fill_cache(texts)?;
         texts
@@ -202,10 +181,10 @@ impl Student for EmbeddingHead {
 
     fn learn(&mut self, batch: &[Demonstration<'_>]) -> Result<(), StudentError> {
         if let Some(bad) = batch.iter().find(|d| d.label >= self.labels) {
-            return Err(self.fail(format!(
-                "label {} out of range 0..{}",
-                bad.label, self.labels
-            )));
+            return Err(StudentError::LabelOutOfRange {
+                label: bad.label,
+                labels: self.labels,
+            });
         }
         let texts: Vec<&str> = batch.iter().map(|d| d.text).collect();
         self.fill_cache(&texts)?;
@@ -222,16 +201,15 @@ impl Student for EmbeddingHead {
 
     /// The head only: the encoder is frozen and the embeddings can be recomputed.
     fn save_state(&self) -> Result<Vec<u8>, StudentError> {
-        crate::student::encode_state(&self.name, &self.head)
+        cascade::student::encode_state(&self.head)
     }
 
     fn load_state(&mut self, state: &[u8]) -> Result<(), StudentError> {
-        let head: SoftmaxRegression = crate::student::decode_state(&self.name, state)?;
+        let head: SoftmaxRegression = cascade::student::decode_state(state)?;
         if !head.same_shape(&self.head) {
-            return Err(StudentError::Failed {
-                student: self.name.clone(),
-                reason: "the checkpoint was written for another encoder or labels".into(),
-            });
+            return Err(StudentError::StateMismatch(
+                "written for another encoder or labels".into(),
+            ));
         }
         self.head = head;
         Ok(())

@@ -2,6 +2,7 @@
 //! in place in one fused pass. candle-nn's AdamW spends ~0.9 s a step on
 //! MiniLM in allocations of temporaries; this does one read and write per weight.
 
+use crate::error::EncoderError;
 use std::sync::Mutex;
 
 use candle_core::{backprop::GradStore, bail, CpuStorage, InplaceOp2, Layout, Result, Var};
@@ -36,9 +37,9 @@ pub struct AdamW {
 
 #[derive(Clone, serde::Serialize, serde::Deserialize)]
 struct Moments {
-    #[serde(with = "crate::student::f32_bytes")]
+    #[serde(with = "cascade::student::f32_bytes")]
     m: Vec<f32>,
-    #[serde(with = "crate::student::f32_bytes")]
+    #[serde(with = "cascade::student::f32_bytes")]
     v: Vec<f32>,
 }
 
@@ -129,11 +130,11 @@ impl AdamW {
 
     /// Restores a saved state, or refuses one that does not fit these
     /// parameters and changes nothing.
-    pub fn restore(&mut self, state: AdamWState) -> std::result::Result<(), String> {
-        self.check(&state)?;
+    pub fn restore(&mut self, state: AdamWState) -> std::result::Result<(), EncoderError> {
+        self.check(&state).map_err(EncoderError::StateMismatch)?;
         self.steps = state.steps;
         for ((_, moments), saved) in self.params.iter_mut().zip(state.moments) {
-            *moments.get_mut().map_err(|_| "poisoned".to_string())? = saved;
+            *moments.get_mut().unwrap_or_else(|e| e.into_inner()) = saved;
         }
         Ok(())
     }

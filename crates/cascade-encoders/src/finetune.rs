@@ -9,12 +9,17 @@ use rand_chacha::ChaCha8Rng;
 
 use super::optim::AdamWState;
 use super::{load_model, mean_pool, AdamW, AdamWConfig, BertEncoder, TextEncoder, Trainable};
-use crate::config::TransformerConfig;
-use crate::student::{Demonstration, Student, StudentError};
+use cascade::config::TransformerConfig;
+use cascade::student::{Demonstration, Student, StudentError};
+
+use crate::error::EncoderError;
+
+/// Any encoder failure, as a student error.
+fn model_error(error: impl Into<EncoderError>) -> StudentError {
+    error.into().into()
+}
 
 pub struct FineTuned {
-    name: String,
-    cost: f64,
     labels: usize,
     encoder: BertEncoder,
     text: TextEncoder,
@@ -35,28 +40,20 @@ struct FineTunedState {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct NamedWeights {
     name: String,
-    #[serde(with = "crate::student::f32_bytes")]
+    #[serde(with = "cascade::student::f32_bytes")]
     values: Vec<f32>,
 }
 
 impl FineTuned {
     /// The head is initialised from `seed`, so runs are reproducible.
-    pub fn new(
-        name: impl Into<String>,
-        cost: f64,
-        labels: usize,
-        config: &TransformerConfig,
-        seed: u64,
-    ) -> Result<Self, StudentError> {
-        let name = name.into();
+    pub fn new(labels: usize, config: &TransformerConfig, seed: u64) -> Result<Self, EncoderError> {
         let trainable = Trainable {
             enabled: true,
             embeddings: !config.freeze_embeddings,
             frozen_layers: config.frozen_layers,
         };
         let device = Device::Cpu;
-        let (encoder, text) =
-            load_model(&name, Path::new(&config.model), config.max_len, trainable)?;
+        let (encoder, text) = load_model(Path::new(&config.model), config.max_len, trainable)?;
         let hidden = encoder.config().hidden_size;
         // PyTorch's Linear init: uniform in ±1/√fan_in.
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -67,15 +64,8 @@ impl FineTuned {
         let b: Vec<f32> = (0..labels)
             .map(|_| rng.random_range(-bound..bound))
             .collect();
-        let fail = |e: candle_core::Error| StudentError::Failed {
-            student: name.clone(),
-            reason: e.to_string(),
-        };
-        let head_w =
-            Var::from_tensor(&Tensor::from_vec(w, (hidden, labels), &device).map_err(fail)?)
-                .map_err(fail)?;
-        let head_b =
-            Var::from_tensor(&Tensor::from_vec(b, labels, &device).map_err(fail)?).map_err(fail)?;
+        let head_w = Var::from_tensor(&Tensor::from_vec(w, (hidden, labels), &device)?)?;
+        let head_b = Var::from_tensor(&Tensor::from_vec(b, labels, &device)?)?;
         let mut vars: Vec<Var> = encoder.vars().iter().map(|(_, v)| v.clone()).collect();
         vars.extend([head_w.clone(), head_b.clone()]);
         let optimizer = AdamW::new(
@@ -87,8 +77,6 @@ impl FineTuned {
             },
         );
         Ok(Self {
-            name,
-            cost,
             labels,
             encoder,
             text,
@@ -100,10 +88,7 @@ impl FineTuned {
     }
 
     fn logits(&self, texts: &[&str]) -> Result<Tensor, StudentError> {
-        let batch = self
-            .text
-            .batch(texts, &self.device)
-            .map_err(|e| self.fail(e))?;
+        let batch = self.text.batch(texts, &self.device).map_err(model_error)?;
         let run = || -> candle_core::Result<Tensor> {
             let hidden = self.encoder.forward(&batch.ids, &batch.mask)?;
             let pooled = mean_pool(&hidden, &batch.mask)?;
@@ -111,7 +96,7 @@ impl FineTuned {
                 .matmul(self.head_w.as_tensor())?
                 .broadcast_add(self.head_b.as_tensor())
         };
-        run().map_err(|e| self.fail(e))
+        run().map_err(model_error)
     }
 
     /// The trainable weights by name, in the optimiser's order.
@@ -124,37 +109,22 @@ impl FineTuned {
             .chain(head)
             .collect()
     }
-
-    fn fail(&self, reason: impl ToString) -> StudentError {
-        StudentError::Failed {
-            student: self.name.clone(),
-            reason: reason.to_string(),
-        }
-    }
 }
 
 impl Student for FineTuned {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn cost(&self) -> f64 {
-        self.cost
-    }
-
     fn predict_proba(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>, StudentError> {
         let logits = self.logits(texts)?.detach();
         candle_nn::ops::softmax_last_dim(&logits)
             .and_then(|p| p.to_vec2::<f32>())
-            .map_err(|e| self.fail(e))
+            .map_err(model_error)
     }
 
     fn learn(&mut self, batch: &[Demonstration<'_>]) -> Result<(), StudentError> {
         if let Some(bad) = batch.iter().find(|d| d.label >= self.labels) {
-            return Err(self.fail(format!(
-                "label {} out of range 0..{}",
-                bad.label, self.labels
-            )));
+            return Err(StudentError::LabelOutOfRange {
+                label: bad.label,
+                labels: self.labels,
+            });
         }
         let texts: Vec<&str> = batch.iter().map(|d| d.text).collect();
         let labels: Vec<u32> = batch.iter().map(|d| d.label as u32).collect();
@@ -165,7 +135,7 @@ impl Student for FineTuned {
             let grads = loss.backward()?;
             self.optimizer.step(&grads)
         };
-        step().map_err(|e| self.fail(e))
+        step().map_err(model_error)
     }
 
     fn save_state(&self) -> Result<Vec<u8>, StudentError> {
@@ -179,18 +149,18 @@ impl Student for FineTuned {
                 })
             })
             .collect::<candle_core::Result<_>>()
-            .map_err(|e| self.fail(e))?;
-        let optimizer = self.optimizer.state().map_err(|e| self.fail(e))?;
-        crate::student::encode_state(&self.name, &FineTunedState { weights, optimizer })
+            .map_err(model_error)?;
+        let optimizer = self.optimizer.state().map_err(model_error)?;
+        cascade::student::encode_state(&FineTunedState { weights, optimizer })
     }
 
     /// Checks the whole state against this model before changing anything, so a
     /// refused checkpoint leaves the student as it was.
     fn load_state(&mut self, state: &[u8]) -> Result<(), StudentError> {
-        let state: FineTunedState = crate::student::decode_state(&self.name, state)?;
+        let state: FineTunedState = cascade::student::decode_state(state)?;
         let trainable = self.trainable();
         if state.weights.len() != trainable.len() {
-            return Err(self.fail(format!(
+            return Err(StudentError::StateMismatch(format!(
                 "the checkpoint holds {} trainable tensors, this model {} \
                  (another model, or other frozen layers)",
                 state.weights.len(),
@@ -199,7 +169,7 @@ impl Student for FineTuned {
         }
         for (saved, (name, var)) in state.weights.iter().zip(&trainable) {
             if saved.name != *name || saved.values.len() != var.elem_count() {
-                return Err(self.fail(format!(
+                return Err(StudentError::StateMismatch(format!(
                     "the checkpoint's tensor `{}` ({} values) does not fit `{name}` ({} values)",
                     saved.name,
                     saved.values.len(),
@@ -212,13 +182,13 @@ impl Student for FineTuned {
         let trainable: Vec<Var> = trainable.into_iter().map(|(_, var)| var.clone()).collect();
         self.optimizer
             .restore(state.optimizer)
-            .map_err(|e| self.fail(e))?;
+            .map_err(model_error)?;
         let restore = || -> candle_core::Result<()> {
             for (saved, var) in state.weights.into_iter().zip(&trainable) {
                 var.set(&Tensor::from_vec(saved.values, var.shape(), &self.device)?)?;
             }
             Ok(())
         };
-        restore().map_err(|e| self.fail(e))
+        restore().map_err(model_error)
     }
 }

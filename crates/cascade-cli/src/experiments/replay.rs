@@ -1,0 +1,675 @@
+//! Replays of a recorded stream (`cascade bench`, and each run of the grid):
+//! the cascade, driven by the runtime's pipeline with one call in flight, or
+//! a baseline, scored against gold and the recorded LLM.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use cascade::config::{LevelConfig, StudentKind};
+use cascade::{AnsweredBy, Budget, CascadeConfig, Demonstration, Metrics, Routing, Summary};
+use cascade_expert::Task;
+use cascade_expert::{
+    read_labels, Dataset, Expert, Item, LocalConfig, LocalExpert, Query, RecordedExpert,
+    StreamOrder,
+};
+use cascade_runtime::progress::Progress;
+use cascade_runtime::students::build_student;
+use cascade_runtime::{
+    build, load_config, OnExpertFailure, Overrides, Pipeline, Session, SessionOptions, Settled,
+};
+use clap::ValueEnum;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::item_log::{print_live_expert, print_table, ItemLog};
+
+#[derive(Clone, Copy, Debug, ValueEnum, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Baseline {
+    /// Every item goes to the LLM.
+    LlmOnly,
+    /// The same online students with fixed routing probabilities and no gates.
+    OnlineEnsemble,
+    /// One student trained offline on the LLM's labels of the first
+    /// `--llm-budget` items of split_train_ids.txt, then alone on the stream.
+    Distilled,
+}
+
+/// One replay: what `cascade bench` runs and `cascade reproduce` runs many of.
+#[derive(Clone, Debug)]
+pub struct ReplaySpec {
+    pub data: PathBuf,
+    pub stream: String,
+    pub limit: Option<usize>,
+    pub expert_field: String,
+    /// A local model plays the LLM instead of the recorded answers.
+    pub local_expert: Option<LocalConfig>,
+    pub config: Option<PathBuf>,
+    pub task: Option<String>,
+    pub mu: Option<f64>,
+    pub llm_budget: Option<u64>,
+    pub llm_rate: Option<f64>,
+    pub seed: Option<u64>,
+    pub baseline: Option<Baseline>,
+    pub route_prob: Vec<f64>,
+    pub level: Option<String>,
+    pub distill_epochs: usize,
+    pub log: Option<PathBuf>,
+    pub models: PathBuf,
+    /// When the LLM gives no label: by default (`Error`) an LLM answer
+    /// without a label, as in the paper's accounting.
+    pub on_failure: OnExpertFailure,
+}
+
+impl ReplaySpec {
+    /// A gated-cascade replay of the test stream with defaults for the rest.
+    pub fn new(data: PathBuf, config: Option<PathBuf>, models: PathBuf) -> Self {
+        Self {
+            data,
+            stream: "test".into(),
+            limit: None,
+            expert_field: "gpt35".into(),
+            local_expert: None,
+            config,
+            task: None,
+            mu: None,
+            llm_budget: None,
+            llm_rate: None,
+            seed: None,
+            baseline: None,
+            route_prob: vec![0.5],
+            level: None,
+            distill_epochs: 3,
+            log: None,
+            models,
+            on_failure: OnExpertFailure::Error,
+        }
+    }
+
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            mu: self.mu,
+            seed: self.seed,
+            llm_budget: self.llm_budget,
+            llm_rate: self.llm_rate,
+        }
+    }
+}
+
+/// Who answered within one window of the stream, and the accuracy so far.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Window {
+    /// Items routed up to the end of this window.
+    pub end: u64,
+    /// Items answered in this window by each level, then the LLM.
+    pub answered: Vec<u64>,
+    /// Accuracy of all answers up to the end of this window.
+    pub running_accuracy: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub dataset: String,
+    pub stream: String,
+    #[serde(default)]
+    pub limit: Option<usize>,
+    pub expert_field: String,
+    pub config: Option<String>,
+    pub baseline: Option<Baseline>,
+    pub mu: Option<f64>,
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub budget: Option<Budget>,
+    /// The budget controller's final price (log-odds of the answer threshold).
+    #[serde(default)]
+    pub budget_price: Option<f64>,
+    /// Items a student answered because the budget was spent.
+    #[serde(default)]
+    pub forced_answers: Option<u64>,
+    /// Items the LLM answered because only they could reach the budget.
+    #[serde(default)]
+    pub forced_deferrals: Option<u64>,
+    /// LLM calls spent before the stream (the distilled baseline's train labels).
+    #[serde(default)]
+    pub offline_llm_calls: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_expert: Option<LiveExpertReport>,
+    #[serde(flatten)]
+    pub summary: Summary,
+    /// Who answered over the stream, in windows of equal length.
+    #[serde(default)]
+    pub timeline: Vec<Window>,
+    pub wall_seconds: f64,
+}
+
+/// What a live expert cost in a run.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LiveExpertReport {
+    pub model: String,
+    /// Prompts the model ran on the stream (the run's LLM calls).
+    pub prompts: u64,
+    pub prompt_tokens: u64,
+    /// Time inside the model on the stream.
+    pub model_seconds: f64,
+    pub prompt_tokens_per_second: f64,
+    pub labels_per_second: f64,
+    /// Items whose expert-alone label came from the response cache, or was
+    /// computed after the stream, to measure agreement.
+    pub reference_items: u64,
+    pub peak_rss_mb: f64,
+}
+
+impl Report {
+    /// Every LLM call the run paid for, on the stream and before it.
+    pub fn total_llm_calls(&self) -> u64 {
+        self.summary.llm_calls + self.offline_llm_calls
+    }
+}
+
+/// Windows per timeline.
+const TIMELINE_WINDOWS: usize = 50;
+
+/// Runs one replay and prints its table when `print` is set.
+pub fn replay(spec: &ReplaySpec, print: bool) -> Result<Report> {
+    let started = Instant::now();
+    // A live expert needs the task file's prompt, which the built-in presets lack.
+    let task_name = match (&spec.task, &spec.local_expert) {
+        (None, Some(_)) => task_file_for(&spec.data),
+        (name, _) => name.clone(),
+    };
+    let task = load_task(&spec.data, task_name.as_deref())?;
+    let dataset = Dataset::load(&spec.data, &task, &spec.expert_field)?;
+    let mut stream = dataset.stream(&StreamOrder::parse(&spec.stream))?;
+    if let Some(limit) = spec.limit {
+        stream.truncate(limit);
+    }
+    if stream.is_empty() {
+        bail!("the stream `{}` has no items", spec.stream);
+    }
+    let (expert, local): (Arc<dyn Expert>, Option<LocalExpert>) = match &spec.local_expert {
+        None => (
+            Arc::new(RecordedExpert::new(&dataset, Duration::ZERO)),
+            None,
+        ),
+        Some(config) => {
+            if spec.baseline == Some(Baseline::Distilled) {
+                bail!("--baseline distilled trains on recorded labels; it does not run with --expert local");
+            }
+            // Deferred items are always computed live, to measure the model's cost.
+            let config = LocalConfig {
+                reuse_cached: false,
+                ..config.clone()
+            };
+            let expert = LocalExpert::load(&config, task.clone())
+                .with_context(|| format!("loading the local expert {}", config.model.display()))?;
+            (Arc::new(expert.clone()), Some(expert))
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let (mut answerers, offline_calls) = match spec.baseline {
+        Some(Baseline::LlmOnly) => (Answerers::Llm, 0),
+        Some(Baseline::Distilled) => {
+            let (name, student, calls) = distil(spec, &task, &dataset, &stream)?;
+            (Answerers::Alone(name, student), calls)
+        }
+        _ => {
+            let session = build_session(spec, &task, &stream)?;
+            let pipeline =
+                Pipeline::new(session, expert.clone(), runtime.handle().clone(), 1, true)?;
+            (Answerers::Cascade(Box::new(pipeline)), 0)
+        }
+    };
+    let level_names = answerers.level_names();
+    let mut metrics = Metrics::new(level_names.clone(), task.num_labels());
+    let mut log = match &spec.log {
+        Some(path) => Some(ItemLog::create(path, &level_names)?),
+        None => None,
+    };
+    let window = stream.len().div_ceil(TIMELINE_WINDOWS);
+    let mut timeline = Vec::new();
+    let mut in_window = vec![0u64; level_names.len() + 1];
+    // The LLM's label is known without a call when it is the recorded one.
+    let recorded_llm = local.is_none();
+
+    let mut predictions = Vec::with_capacity(stream.len());
+    let mut progress = Progress::new(stream.len() as u64, "items");
+    let mut position = 0;
+    let mut score = |record: ItemRecord| -> Result<()> {
+        let item = stream[position];
+        metrics.record(
+            record.by,
+            record.prediction,
+            item.gold,
+            recorded_llm.then_some(item.expert),
+        );
+        predictions.push((record.by, record.prediction));
+        in_window[match record.by {
+            AnsweredBy::Level(j) => j,
+            AnsweredBy::Llm => level_names.len(),
+        }] += 1;
+        if (position + 1) % window == 0 || position + 1 == stream.len() {
+            timeline.push(Window {
+                end: position as u64 + 1,
+                answered: std::mem::replace(&mut in_window, vec![0; level_names.len() + 1]),
+                running_accuracy: metrics.summary().accuracy,
+            });
+        }
+        if let Some(log) = &mut log {
+            log.write(position, item, &record, &task)?;
+        }
+        progress.inc(1);
+        if position % 256 == 0 {
+            let calls = metrics.llm_calls() as f64 / metrics.items() as f64;
+            progress.set_message(format!("LLM calls {:.1}%", 100.0 * calls));
+        }
+        position += 1;
+        Ok(())
+    };
+    for (index, item) in stream.iter().enumerate() {
+        for record in answerers.answer(index, item, &*expert, &runtime)? {
+            score(record)?;
+        }
+    }
+    for record in answerers.finish()? {
+        score(record)?;
+    }
+    progress.finish();
+    if let Some(log) = log {
+        log.finish()?;
+    }
+
+    let mut summary = metrics.summary();
+    let wall_seconds = started.elapsed().as_secs_f64();
+    let live_expert = match &local {
+        None => None,
+        Some(expert) => Some(measure_local_expert(
+            expert,
+            spec,
+            &stream,
+            &predictions,
+            &mut summary,
+        )?),
+    };
+    if print {
+        print_table(&spec.data, &summary);
+        if offline_calls > 0 {
+            println!("plus {offline_calls} LLM calls to label the distilled student's train items");
+        }
+    }
+    let cascade = match &answerers {
+        Answerers::Cascade(c) => Some(c.session().cascade()),
+        _ => None,
+    };
+    let budget = cascade.and_then(|c| c.budget());
+    let report = Report {
+        dataset: spec.data.display().to_string(),
+        stream: spec.stream.clone(),
+        limit: spec.limit,
+        expert_field: spec.expert_field.clone(),
+        config: spec.config.as_ref().map(|p| p.display().to_string()),
+        baseline: spec.baseline,
+        mu: cascade.map(|c| c.mu()),
+        seed: spec.seed,
+        budget: budget.map(|b| b.budget()),
+        budget_price: budget.map(|b| b.price()),
+        forced_answers: budget.map(|b| b.forced_answers()),
+        forced_deferrals: budget.map(|b| b.forced_deferrals()),
+        offline_llm_calls: offline_calls,
+        live_expert,
+        summary,
+        timeline,
+        wall_seconds,
+    };
+    if print {
+        if let Some(live) = &report.live_expert {
+            print_live_expert(live, &report.summary);
+        }
+        println!("wall time: {:.2} s", report.wall_seconds);
+    }
+    Ok(report)
+}
+
+/// Who answers the stream's items.
+enum Answerers {
+    Llm,
+    /// The cascade, one expert call in flight: each label is learned before
+    /// the next item is routed.
+    Cascade(Box<Pipeline>),
+    /// A distilled student (its level's name) answers everything.
+    Alone(String, Box<dyn cascade::Student>),
+}
+
+impl Answerers {
+    fn level_names(&self) -> Vec<String> {
+        match self {
+            Self::Llm => Vec::new(),
+            Self::Cascade(p) => p.session().level_names().to_vec(),
+            Self::Alone(name, _) => vec![name.clone()],
+        }
+    }
+
+    /// The records of the items settled by now, in stream order.
+    fn answer(
+        &mut self,
+        index: usize,
+        item: &Item,
+        expert: &dyn Expert,
+        runtime: &tokio::runtime::Runtime,
+    ) -> Result<Vec<ItemRecord>> {
+        Ok(match self {
+            Self::Llm => {
+                let id = serde_json::json!(item.id);
+                let answer = runtime.block_on(expert.label(Query {
+                    id: &id,
+                    text: &item.text,
+                }));
+                vec![ItemRecord {
+                    by: AnsweredBy::Llm,
+                    prediction: answer.ok().map(|a| a.label),
+                    gate_outputs: Vec::new(),
+                }]
+            }
+            Self::Cascade(pipeline) => {
+                pipeline.push(index + 1, serde_json::json!(item.id), Ok(&item.text))?;
+                pipeline
+                    .take_ready()
+                    .into_iter()
+                    .map(ItemRecord::from)
+                    .collect()
+            }
+            Self::Alone(_, student) => {
+                let probs = student.predict_proba(&[&item.text])?;
+                vec![ItemRecord {
+                    by: AnsweredBy::Level(0),
+                    prediction: probs.first().map(|p| cascade::gate::argmax(p)),
+                    gate_outputs: Vec::new(),
+                }]
+            }
+        })
+    }
+
+    /// The records still in flight at the end of the stream.
+    fn finish(&mut self) -> Result<Vec<ItemRecord>> {
+        Ok(match self {
+            Self::Cascade(pipeline) => {
+                pipeline.settle_all()?;
+                pipeline
+                    .take_ready()
+                    .into_iter()
+                    .map(ItemRecord::from)
+                    .collect()
+            }
+            _ => Vec::new(),
+        })
+    }
+}
+
+/// What happened to one item.
+pub struct ItemRecord {
+    pub by: AnsweredBy,
+    pub prediction: Option<usize>,
+    pub gate_outputs: Vec<Option<f32>>,
+}
+
+impl From<cascade_runtime::Finished> for ItemRecord {
+    fn from(done: cascade_runtime::Finished) -> Self {
+        let (by, prediction) = match done.settled {
+            Settled::Student { level, label, .. } | Settled::Fallback { level, label, .. } => {
+                (AnsweredBy::Level(level), Some(label))
+            }
+            Settled::Llm { label } => (AnsweredBy::Llm, Some(label)),
+            // An LLM answer without a label: an LLM call, and an error.
+            Settled::Failed { .. } | Settled::BadInput { .. } => (AnsweredBy::Llm, None),
+        };
+        Self {
+            by,
+            prediction,
+            gate_outputs: done.gate_outputs,
+        }
+    }
+}
+
+/// The replay's session: the cascade the config describes (through the
+/// runtime's one build), the online ensemble's fixed routing, and the work
+/// ahead of the stream that changes no decision.
+fn build_session(spec: &ReplaySpec, task: &Task, stream: &[&Item]) -> Result<Session> {
+    let (config, path) = read_config(spec)?;
+    let routing = match spec.baseline {
+        Some(Baseline::OnlineEnsemble) => {
+            let levels = config.levels.len();
+            let probs = match spec.route_prob.as_slice() {
+                [p] => vec![*p; levels],
+                many => many.to_vec(),
+            };
+            Routing::Fixed(probs)
+        }
+        _ => Routing::Gated,
+    };
+    let mut cascade = build(
+        &config,
+        task.num_labels(),
+        routing,
+        Some(stream.len() as u64),
+    )
+    .with_context(|| format!("in {}", path.display()))?;
+    let corpus: Vec<&str> = stream.iter().map(|item| item.text.as_str()).collect();
+    cascade.prefit(&corpus);
+    if config.levels.iter().any(uses_embedding_cache) {
+        // Encode the stream once up front, in batches; this changes no decision.
+        let mut progress = Progress::new(corpus.len() as u64, "texts embedded");
+        for chunk in corpus.chunks(512) {
+            cascade.precompute(chunk)?;
+            progress.inc(chunk.len() as u64);
+        }
+        progress.finish();
+    }
+    let options = SessionOptions {
+        audit_rate: 0.0,
+        on_failure: spec.on_failure,
+    };
+    Ok(Session::new(cascade, config.seed, options))
+}
+
+fn read_config(spec: &ReplaySpec) -> Result<(CascadeConfig, &Path)> {
+    let path = spec
+        .config
+        .as_deref()
+        .context("--config is required unless --baseline llm-only")?;
+    let config = load_config(path, &spec.overrides(), &spec.models)
+        .with_context(|| format!("{} with the command line's settings", path.display()))?;
+    Ok((config, path))
+}
+
+fn uses_embedding_cache(level: &LevelConfig) -> bool {
+    level.kind == StudentKind::EmbeddingHead
+}
+
+/// The distilled baseline: trains one configured student offline on the LLM's
+/// labels of the first `llm_budget` items of split_train_ids.txt (items the
+/// LLM gave no label teach nothing but were still paid for), in a seeded
+/// shuffled order per epoch. IDF statistics see the train texts only.
+fn distil(
+    spec: &ReplaySpec,
+    task: &Task,
+    dataset: &Dataset,
+    stream: &[&Item],
+) -> Result<(String, Box<dyn cascade::Student>, u64)> {
+    let calls = spec
+        .llm_budget
+        .context("--baseline distilled needs --llm-budget N (train items the LLM labels)")?;
+    let (config, path) = read_config(spec)?;
+    let level = match &spec.level {
+        Some(name) => config
+            .levels
+            .iter()
+            .find(|l| &l.name() == name)
+            .with_context(|| format!("{} has no level named `{name}`", path.display()))?,
+        None => config.levels.last().context("config has no levels")?,
+    };
+    let train_ids = spec.data.join("split_train_ids.txt");
+    let train = dataset.stream(&StreamOrder::Ids(train_ids.clone()))?;
+    if (train.len() as u64) < calls {
+        bail!(
+            "{} lists {} items, fewer than the {calls} to distil from",
+            train_ids.display(),
+            train.len()
+        );
+    }
+    let train = &train[..calls as usize];
+    let mut student = build_student(level, task.num_labels(), config.seed)?;
+    let texts: Vec<&str> = train.iter().map(|i| i.text.as_str()).collect();
+    for text in &texts {
+        student.observe(text);
+    }
+    if uses_embedding_cache(level) {
+        let all: Vec<&str> = texts
+            .iter()
+            .copied()
+            .chain(stream.iter().map(|i| i.text.as_str()))
+            .collect();
+        let mut progress = Progress::new(all.len() as u64, "texts embedded");
+        for chunk in all.chunks(512) {
+            student.precompute(chunk)?;
+            progress.inc(chunk.len() as u64);
+        }
+        progress.finish();
+    }
+    let mut demos: Vec<Demonstration> = train
+        .iter()
+        .filter_map(|item| {
+            item.expert.map(|label| Demonstration {
+                text: &item.text,
+                label,
+            })
+        })
+        .collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+    let batch = level.batch();
+    let mut progress = Progress::new(
+        (spec.distill_epochs * demos.len()) as u64,
+        "distillation examples",
+    );
+    for _ in 0..spec.distill_epochs {
+        demos.shuffle(&mut rng);
+        for chunk in demos.chunks(batch) {
+            student.learn(chunk)?;
+            progress.inc(chunk.len() as u64);
+        }
+    }
+    progress.finish();
+    Ok((level.name(), student, calls))
+}
+
+/// The task: an explicit preset, the folder's preset, or label names from labels.txt.
+fn load_task(data: &Path, name: Option<&str>) -> Result<Task> {
+    let labels = read_labels(data)?;
+    let folder = data
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let task = match name {
+        Some(name) => Task::load(name)?,
+        None => match Task::preset(&folder) {
+            Some(task) => task,
+            None => Task::with_default_rules(folder, labels.clone())?,
+        },
+    };
+    if task.labels() != labels.as_slice() {
+        bail!(
+            "task `{}` has labels {:?} but {} lists {:?}",
+            task.name(),
+            task.labels(),
+            data.join("labels.txt").display(),
+            labels
+        );
+    }
+    Ok(task)
+}
+
+/// `tasks/<dataset folder>.toml`, when it exists.
+fn task_file_for(data: &Path) -> Option<String> {
+    let folder = data.file_name()?.to_string_lossy();
+    let path = Path::new("tasks").join(format!("{folder}.toml"));
+    path.is_file().then(|| path.display().to_string())
+}
+
+/// The local expert's cost on the stream and, where its label of every item
+/// is known (an LLM-only run, or a cascade run with `--expert-cache` after an
+/// LLM-only run filled it), the expert alone's accuracy and the run's
+/// agreement with it. Labels missing from the cache are computed here, after
+/// the stream and outside its wall time.
+fn measure_local_expert(
+    expert: &LocalExpert,
+    spec: &ReplaySpec,
+    stream: &[&Item],
+    predictions: &[(AnsweredBy, Option<usize>)],
+    summary: &mut Summary,
+) -> Result<LiveExpertReport> {
+    let compute = expert.compute_time();
+    let peak_rss_mb = crate::bench_encoder::peak_rss_mb();
+    let has_cache = spec
+        .local_expert
+        .as_ref()
+        .is_some_and(|c| c.cache.is_some());
+    let all_deferred = predictions.iter().all(|(by, _)| *by == AnsweredBy::Llm);
+    let mut reference_items = 0;
+    if has_cache || all_deferred {
+        let mut progress = Progress::new(stream.len() as u64, "expert-alone labels");
+        let (mut agree, mut expert_correct, mut with_gold) = (0u64, 0u64, 0u64);
+        // The expert alone on the items the students answered.
+        let (mut student_items_correct, mut student_items_with_gold) = (0u64, 0u64);
+        for (item, (by, prediction)) in stream.iter().zip(predictions) {
+            let reference = match by {
+                AnsweredBy::Llm => *prediction,
+                AnsweredBy::Level(_) => {
+                    reference_items += 1;
+                    Some(expert.label_now(&item.text, true)?.label)
+                }
+            };
+            agree += u64::from(reference == *prediction);
+            if let Some(gold) = item.gold {
+                with_gold += 1;
+                expert_correct += u64::from(reference == Some(gold));
+                if *by != AnsweredBy::Llm {
+                    student_items_with_gold += 1;
+                    student_items_correct += u64::from(reference == Some(gold));
+                }
+            }
+            progress.inc(1);
+        }
+        progress.finish();
+        summary.agreement_with_llm = Some(agree as f64 / stream.len().max(1) as f64);
+        summary.llm_accuracy = (with_gold > 0).then(|| expert_correct as f64 / with_gold as f64);
+        summary.llm_accuracy_on_student_items = (student_items_with_gold > 0)
+            .then(|| student_items_correct as f64 / student_items_with_gold as f64);
+    }
+    let seconds = compute.elapsed.as_secs_f64();
+    let per_second = |n: u64| {
+        if seconds > 0.0 {
+            n as f64 / seconds
+        } else {
+            0.0
+        }
+    };
+    Ok(LiveExpertReport {
+        model: spec
+            .local_expert
+            .as_ref()
+            .map(|c| c.model.display().to_string())
+            .unwrap_or_default(),
+        prompts: compute.prompts,
+        prompt_tokens: compute.prompt_tokens,
+        model_seconds: seconds,
+        prompt_tokens_per_second: per_second(compute.prompt_tokens),
+        labels_per_second: per_second(compute.prompts),
+        reference_items,
+        peak_rss_mb,
+    })
+}

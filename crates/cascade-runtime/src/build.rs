@@ -1,0 +1,99 @@
+//! The one place a cascade is built: a config file, the caller's overrides,
+//! the students, the routing and the LLM budget.
+
+use std::path::Path;
+
+use cascade::{Budget, Cascade, CascadeConfig, Routing};
+
+use crate::error::{Result, RuntimeError};
+use crate::students::build_students;
+
+/// What the command line (or any caller) changes in a config file's settings.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides {
+    pub mu: Option<f64>,
+    pub seed: Option<u64>,
+    /// Replaces the config's budget, whichever kind (with `llm_rate`).
+    pub llm_budget: Option<u64>,
+    pub llm_rate: Option<f64>,
+}
+
+impl Overrides {
+    pub fn apply(&self, config: &mut CascadeConfig) {
+        if let Some(mu) = self.mu {
+            config.mu = mu;
+        }
+        if let Some(seed) = self.seed {
+            config.seed = seed;
+        }
+        if self.llm_budget.is_some() || self.llm_rate.is_some() {
+            config.llm_budget = self.llm_budget;
+            config.llm_rate = self.llm_rate;
+        }
+    }
+}
+
+/// Reads a config file, applies the overrides, validates the result and
+/// points model names at the models folder.
+pub fn load_config(path: &Path, overrides: &Overrides, models: &Path) -> Result<CascadeConfig> {
+    let text = std::fs::read_to_string(path).map_err(RuntimeError::io(path))?;
+    config_from_toml(&text, overrides, models).map_err(|source| match source {
+        RuntimeError::Config { source, .. } => RuntimeError::Config {
+            path: path.to_path_buf(),
+            source,
+        },
+        other => other,
+    })
+}
+
+/// [`load_config`] for a config given as text (a path-less caller: tests, Python).
+pub fn config_from_toml(text: &str, overrides: &Overrides, models: &Path) -> Result<CascadeConfig> {
+    let invalid = |source| RuntimeError::Config {
+        path: "<config>".into(),
+        source,
+    };
+    let mut config = CascadeConfig::from_toml(text).map_err(invalid)?;
+    overrides.apply(&mut config);
+    config.validate().map_err(invalid)?;
+    resolve_models(&mut config, models);
+    Ok(config)
+}
+
+/// Points each level's model name at `models/<name>` unless it already names a folder.
+pub fn resolve_models(config: &mut CascadeConfig, models: &Path) {
+    for model in config.levels.iter_mut().filter_map(|l| l.model_mut()) {
+        if !Path::new(model.as_str()).is_dir() {
+            *model = models.join(model.as_str()).to_string_lossy().into_owned();
+        }
+    }
+}
+
+/// Builds the cascade a checked config describes: its students, gates and
+/// routing, and the LLM budget when the config sets one. `stream_length` is
+/// the number of items to come, when known; `llm_budget` needs it.
+pub fn build(
+    config: &CascadeConfig,
+    labels: usize,
+    routing: Routing,
+    stream_length: Option<u64>,
+) -> Result<Cascade> {
+    let budget = match (config.llm_budget, config.llm_rate) {
+        (Some(calls), _) => Some(Budget::Calls {
+            calls,
+            stream_length: stream_length.ok_or_else(|| {
+                RuntimeError::setting(
+                    "llm_budget",
+                    "needs a stream of known length (an input file, or --stream-length); use llm_rate for an open stream",
+                )
+            })?,
+        }),
+        (None, Some(rate)) => Some(Budget::Rate(rate)),
+        (None, None) => None,
+    };
+    let students = build_students(config, labels)?;
+    let mut cascade = Cascade::with_students(config, students, labels, routing)?;
+    if let Some(budget) = budget {
+        cascade.set_budget(budget, config.budget_step, config.budget_pacing);
+    }
+    Ok(cascade)
+}

@@ -1,0 +1,290 @@
+//! A session over a JSONL stream (`cascade run`): one output record per
+//! input line, checkpoints that let a killed run resume and lose nothing.
+//!
+//! Checkpoints: every `checkpoint_every` lines and when `stop` is raised,
+//! every call in flight is settled, the output is flushed and fsynced, then
+//! the session, the input position and the output length are written
+//! (temp file, fsync, rename). A resumed run cuts the output back to the
+//! checkpoint's length (records written after it are recomputed,
+//! identically) and continues from the next input line.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, BufWriter, Seek, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde_json::Value;
+
+use crate::checkpoint::Position;
+use crate::error::{Result, RuntimeError};
+use crate::input::{read_item, LineReader};
+use crate::live::Live;
+use crate::pipeline::Pipeline;
+use crate::progress::Progress;
+
+/// A run's stream settings.
+#[derive(Debug, Clone)]
+pub struct JsonlRun {
+    /// A file, or `-` for stdin.
+    pub input: String,
+    /// A file, or `-` for stdout.
+    pub output: String,
+    pub checkpoint_every: u64,
+    pub max_line_bytes: usize,
+    pub max_in_flight: usize,
+    /// Records leave as settled instead of in input order.
+    pub unordered: bool,
+}
+
+/// How a run ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// The input is done.
+    Complete,
+    /// `stop` was raised; a checkpoint (if any state folder) was written after this line.
+    Interrupted { after_line: u64 },
+}
+
+impl JsonlRun {
+    /// What a checkpoint of this run must match beside the config.
+    pub fn schedule(&self) -> String {
+        format!(
+            "run: {} in flight, checkpoint every {}",
+            self.max_in_flight, self.checkpoint_every
+        )
+    }
+
+    /// The input's line count, when it is a file (the stream's length).
+    pub fn input_lines(&self) -> Result<Option<u64>> {
+        match self.input.as_str() {
+            "-" => Ok(None),
+            path => count_lines(Path::new(path)).map(Some),
+        }
+    }
+
+    /// Refuses settings that cannot work, before anything is loaded.
+    pub fn check(&self, with_state: bool) -> Result<()> {
+        if self.checkpoint_every == 0 {
+            return Err(RuntimeError::setting(
+                "--checkpoint-every",
+                "must be at least 1",
+            ));
+        }
+        if self.max_in_flight == 0 {
+            return Err(RuntimeError::setting(
+                "--max-in-flight",
+                "must be at least 1",
+            ));
+        }
+        if with_state && (self.input == "-" || self.output == "-") {
+            return Err(RuntimeError::setting("--state", "needs --input and --output files (a resumed run re-reads the input and cuts the output back)"));
+        }
+        Ok(())
+    }
+
+    pub fn run(&self, live: Live, stop: &AtomicBool) -> Result<(Ended, Live)> {
+        self.check(live.state.is_some())?;
+        let Live {
+            task,
+            session,
+            expert,
+            state,
+            resumed,
+        } = live;
+        let position = resumed.unwrap_or_default();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| RuntimeError::setting("async runtime", e.to_string()))?;
+        let mut input: LineReader<Box<dyn BufRead>> = LineReader::new(
+            match self.input.as_str() {
+                "-" => Box::new(std::io::stdin().lock()),
+                path => Box::new(BufReader::new(
+                    File::open(path).map_err(RuntimeError::io(path))?,
+                )),
+            },
+            self.max_line_bytes,
+        );
+        // Skip what the checkpoint covers.
+        while input.lines < position.lines_done {
+            if input
+                .next_line()
+                .map_err(RuntimeError::io(&self.input))?
+                .is_none()
+            {
+                return Err(RuntimeError::Input(format!(
+                    "it has fewer lines than the checkpoint's {}: is it the same input?",
+                    position.lines_done
+                )));
+            }
+        }
+        let mut progress = Progress::new(self.input_lines()?.unwrap_or(0), "lines");
+        progress.inc(position.lines_done);
+        let mut pipeline = Pipeline::new(
+            session,
+            expert.clone(),
+            runtime.handle().clone(),
+            self.max_in_flight,
+            !self.unordered,
+        )?;
+        let levels = pipeline.session().level_names().to_vec();
+        let mut sink = Sink {
+            output: Output::open(&self.output, resumed.map(|p| p.output_bytes))?,
+            task: &task,
+            levels: &levels,
+            state: state.as_ref(),
+        };
+        let mut ended = Ended::Complete;
+        while let Some(raw) = input.next_line().map_err(RuntimeError::io(&self.input))? {
+            let line = input.lines as usize;
+            match read_item(line, raw, self.max_line_bytes) {
+                Ok(item) => pipeline.push(line, item.id, Ok(&item.text))?,
+                Err(reason) => pipeline.push(line, Value::Null, Err(reason))?,
+            }
+            sink.write_ready(&mut pipeline)?;
+            progress.inc(1);
+            if input.lines.is_multiple_of(256) {
+                progress.set_message(pipeline.session().counts().status_line());
+            }
+            let stopping = stop.load(Ordering::Relaxed);
+            if input.lines.is_multiple_of(self.checkpoint_every) || stopping {
+                sink.checkpoint(&mut pipeline, input.lines)?;
+            }
+            if stopping {
+                ended = Ended::Interrupted {
+                    after_line: input.lines,
+                };
+                break;
+            }
+        }
+        if ended == Ended::Complete {
+            sink.checkpoint(&mut pipeline, input.lines)?;
+        }
+        progress.finish();
+        sink.output.sync()?;
+        Ok((
+            ended,
+            Live {
+                task,
+                session: pipeline.into_session(),
+                expert,
+                state,
+                resumed,
+            },
+        ))
+    }
+}
+
+/// Where settled items go: output records, and checkpoints of the session.
+struct Sink<'a> {
+    output: Output,
+    task: &'a cascade_expert::Task,
+    levels: &'a [String],
+    state: Option<&'a crate::checkpoint::StateDir>,
+}
+
+impl Sink<'_> {
+    fn write_ready(&mut self, pipeline: &mut Pipeline) -> Result<()> {
+        for done in pipeline.take_ready() {
+            let record = done
+                .settled
+                .record(Some(done.line), &done.id, self.task, self.levels);
+            self.output.write(&record)?;
+        }
+        Ok(())
+    }
+
+    /// A checkpoint holds no call in flight: they are all settled first.
+    fn checkpoint(&mut self, pipeline: &mut Pipeline, lines_done: u64) -> Result<()> {
+        pipeline.settle_all()?;
+        self.write_ready(pipeline)?;
+        let Some(state) = self.state else {
+            return Ok(());
+        };
+        let output_bytes = self.output.sync()?;
+        state.write(
+            pipeline.session(),
+            Position {
+                lines_done,
+                output_bytes,
+            },
+        )
+    }
+}
+
+fn count_lines(path: &Path) -> Result<u64> {
+    let io = RuntimeError::io(path);
+    let mut reader = BufReader::new(File::open(path).map_err(io)?);
+    let mut count = 0u64;
+    loop {
+        let buffer = reader.fill_buf().map_err(RuntimeError::io(path))?;
+        if buffer.is_empty() {
+            return Ok(count);
+        }
+        count += buffer.iter().filter(|&&b| b == b'\n').count() as u64;
+        let n = buffer.len();
+        reader.consume(n);
+    }
+}
+
+/// The output stream: a file that can be synced and cut back, or stdout.
+enum Output {
+    File { writer: BufWriter<File>, bytes: u64 },
+    Stdout(BufWriter<std::io::Stdout>),
+}
+
+impl Output {
+    /// Opens `path`; on resume, cuts the file back to `resume_at` bytes.
+    fn open(path: &str, resume_at: Option<u64>) -> Result<Self> {
+        if path == "-" {
+            return Ok(Self::Stdout(BufWriter::new(std::io::stdout())));
+        }
+        let io = RuntimeError::io(path);
+        let file = match resume_at {
+            Some(bytes) => {
+                let mut file = OpenOptions::new().write(true).open(path).map_err(io)?;
+                let length = file.metadata().map_err(RuntimeError::Output)?.len();
+                if length < bytes {
+                    return Err(RuntimeError::Input(format!("{path} is shorter ({length} bytes) than the checkpoint says ({bytes}): was it replaced?")));
+                }
+                file.set_len(bytes).map_err(RuntimeError::Output)?;
+                file.seek(std::io::SeekFrom::End(0))
+                    .map_err(RuntimeError::Output)?;
+                file
+            }
+            None => File::create(path).map_err(io)?,
+        };
+        Ok(Self::File {
+            writer: BufWriter::new(file),
+            bytes: resume_at.unwrap_or(0),
+        })
+    }
+
+    fn write(&mut self, record: &Value) -> Result<()> {
+        let mut line = serde_json::to_vec(record).map_err(|e| RuntimeError::Output(e.into()))?;
+        line.push(b'\n');
+        match self {
+            Self::File { writer, bytes } => {
+                writer.write_all(&line).map_err(RuntimeError::Output)?;
+                *bytes += line.len() as u64;
+            }
+            Self::Stdout(writer) => writer.write_all(&line).map_err(RuntimeError::Output)?,
+        }
+        Ok(())
+    }
+
+    /// Flushes to disk; returns the bytes written so far.
+    fn sync(&mut self) -> Result<u64> {
+        match self {
+            Self::File { writer, bytes } => {
+                writer.flush().map_err(RuntimeError::Output)?;
+                writer.get_ref().sync_data().map_err(RuntimeError::Output)?;
+                Ok(*bytes)
+            }
+            Self::Stdout(writer) => {
+                writer.flush().map_err(RuntimeError::Output)?;
+                Ok(0)
+            }
+        }
+    }
+}

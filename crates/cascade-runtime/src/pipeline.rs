@@ -1,0 +1,197 @@
+//! The ordered driver of a session over a stream: `run` and the replays.
+//!
+//! Items are routed in input order; a call to the expert starts as soon as
+//! an item needs one. Before the item on line L is routed, every call for an
+//! item on line L − N or earlier is settled, oldest first, so at most N calls
+//! are in flight and what the cascade knows at each routing depends only on
+//! config, seed, stream and N, never on which call returns first. With N = 1
+//! each item's label is learned before the next item is routed (Algorithm 1).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use cascade_expert::{Answer, Expert, ExpertError, Query};
+use serde_json::Value;
+use tokio::task::JoinHandle;
+
+use crate::error::{Result, RuntimeError};
+use crate::session::{Next, Session, Settled, Ticket};
+
+/// An item once it is settled.
+#[derive(Debug)]
+pub struct Finished {
+    pub line: usize,
+    pub id: Value,
+    pub settled: Settled,
+    pub gate_outputs: Vec<Option<f32>>,
+}
+
+enum Entry {
+    Ready(Finished),
+    Waiting {
+        line: usize,
+        id: Value,
+        gate_outputs: Vec<Option<f32>>,
+        ticket: Ticket,
+        call: JoinHandle<std::result::Result<Answer, ExpertError>>,
+    },
+}
+
+pub struct Pipeline {
+    session: Session,
+    expert: Arc<dyn Expert>,
+    runtime: tokio::runtime::Handle,
+    max_in_flight: usize,
+    ordered: bool,
+    queue: VecDeque<Entry>,
+}
+
+impl Pipeline {
+    /// `max_in_flight` ≥ 1; `ordered`: items leave in input order (else as settled).
+    pub fn new(
+        session: Session,
+        expert: Arc<dyn Expert>,
+        runtime: tokio::runtime::Handle,
+        max_in_flight: usize,
+        ordered: bool,
+    ) -> Result<Self> {
+        if max_in_flight == 0 {
+            return Err(RuntimeError::setting("max_in_flight", "must be at least 1"));
+        }
+        Ok(Self {
+            session,
+            expert,
+            runtime,
+            max_in_flight,
+            ordered,
+            queue: VecDeque::new(),
+        })
+    }
+
+    /// Routes the item on input line `line` (numbered from 1, increasing),
+    /// or records why the line is not an item.
+    pub fn push(
+        &mut self,
+        line: usize,
+        id: Value,
+        text: std::result::Result<&str, String>,
+    ) -> Result<()> {
+        self.settle_upto(line.saturating_sub(self.max_in_flight))?;
+        let text = match text {
+            Ok(text) => text,
+            Err(reason) => {
+                let settled = self.session.bad_input(reason);
+                self.queue.push_back(Entry::Ready(Finished {
+                    line,
+                    id,
+                    settled,
+                    gate_outputs: Vec::new(),
+                }));
+                return Ok(());
+            }
+        };
+        let routed = self.session.route(text)?;
+        let entry = match routed.next {
+            Next::Done(settled) => Entry::Ready(Finished {
+                line,
+                id,
+                settled,
+                gate_outputs: routed.gate_outputs,
+            }),
+            Next::Ask(ticket) => {
+                let (expert, call_id, call_text) = (
+                    Arc::clone(&self.expert),
+                    id.clone(),
+                    ticket.text().to_string(),
+                );
+                let call = self.runtime.spawn(async move {
+                    expert
+                        .label(Query {
+                            id: &call_id,
+                            text: &call_text,
+                        })
+                        .await
+                });
+                Entry::Waiting {
+                    line,
+                    id,
+                    gate_outputs: routed.gate_outputs,
+                    ticket,
+                    call,
+                }
+            }
+        };
+        self.queue.push_back(entry);
+        Ok(())
+    }
+
+    /// Settles every call in flight (before a checkpoint, at the end).
+    pub fn settle_all(&mut self) -> Result<()> {
+        self.settle_upto(usize::MAX)
+    }
+
+    /// Items ready to leave: in input order, or (unordered) every settled one.
+    pub fn take_ready(&mut self) -> Vec<Finished> {
+        let mut ready = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.queue.len());
+        let mut blocked = false;
+        while let Some(entry) = self.queue.pop_front() {
+            match entry {
+                Entry::Ready(finished) if !blocked => ready.push(finished),
+                entry => {
+                    blocked |= self.ordered;
+                    kept.push_back(entry);
+                }
+            }
+        }
+        self.queue = kept;
+        ready
+    }
+
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    pub fn session_mut(&mut self) -> &mut Session {
+        &mut self.session
+    }
+
+    pub fn into_session(self) -> Session {
+        self.session
+    }
+
+    /// Oldest first, every call for an item on line `upto` or before.
+    fn settle_upto(&mut self, upto: usize) -> Result<()> {
+        while let Some(index) = self
+            .queue
+            .iter()
+            .position(|e| matches!(e, Entry::Waiting { line, .. } if *line <= upto))
+        {
+            let Some(Entry::Waiting {
+                line,
+                id,
+                gate_outputs,
+                ticket,
+                call,
+            }) = self.queue.remove(index)
+            else {
+                unreachable!("position found a waiting entry");
+            };
+            let answer = self
+                .runtime
+                .block_on(call)
+                .unwrap_or_else(|e| Err(ExpertError::Failed(format!("expert task: {e}"))));
+            let settled = self.session.settle(ticket, answer)?;
+            self.queue.insert(
+                index,
+                Entry::Ready(Finished {
+                    line,
+                    id,
+                    settled,
+                    gate_outputs,
+                }),
+            );
+        }
+        Ok(())
+    }
+}

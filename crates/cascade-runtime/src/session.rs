@@ -1,0 +1,457 @@
+//! The session engine: the per-item cycle every front end drives.
+//!
+//! `route` decides who answers (and, by a coin of its own, whether a student's
+//! answer is also audited); an item that needs the expert comes back as a
+//! [`Ticket`]. Whoever holds the ticket asks the expert however it likes
+//! (at once, concurrently, over the network) and hands the answer to
+//! `settle`, which learns the label or applies the failure policy. Every item
+//! is counted exactly once, when it is settled.
+
+use cascade::{Cascade, Deferred, Outcome};
+use cascade_expert::{Answer, ExpertError};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+
+/// What to do when the expert gives no label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnExpertFailure {
+    /// The deepest student answers, with `status: "expert_unavailable"`.
+    Student,
+    /// The item gets an error record (in a replay: an LLM answer without a label).
+    Error,
+}
+
+/// How one item ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Settled {
+    Student {
+        level: usize,
+        label: usize,
+        probs: Option<Vec<f32>>,
+    },
+    Llm {
+        label: usize,
+    },
+    /// The expert gave no label; the deepest student answered.
+    Fallback {
+        level: usize,
+        label: usize,
+        probs: Vec<f32>,
+        reason: String,
+    },
+    Failed {
+        reason: String,
+    },
+    BadInput {
+        reason: String,
+    },
+}
+
+impl Settled {
+    /// The label given, if any.
+    pub fn label(&self) -> Option<usize> {
+        match self {
+            Self::Student { label, .. } | Self::Llm { label } | Self::Fallback { label, .. } => {
+                Some(*label)
+            }
+            Self::Failed { .. } | Self::BadInput { .. } => None,
+        }
+    }
+}
+
+/// Counters of a session; checkpointed with it.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Counts {
+    pub lines: u64,
+    pub answered: Vec<u64>,
+    /// Deferred items the expert answered.
+    pub llm: u64,
+    pub bad_input: u64,
+    pub expert_unavailable: u64,
+    pub errors: u64,
+    pub audits: u64,
+    pub audit_agreements: u64,
+}
+
+impl Counts {
+    pub fn new(levels: usize) -> Self {
+        Self {
+            answered: vec![0; levels],
+            ..Self::default()
+        }
+    }
+
+    fn add(&mut self, settled: &Settled) {
+        self.lines += 1;
+        match settled {
+            Settled::Student { level, .. } => self.answered[*level] += 1,
+            Settled::Llm { .. } => self.llm += 1,
+            Settled::Fallback { .. } => self.expert_unavailable += 1,
+            Settled::Failed { .. } => self.errors += 1,
+            Settled::BadInput { .. } => self.bad_input += 1,
+        }
+    }
+
+    /// Items the expert was asked to label because the cascade deferred them
+    /// (answered or not; audits not included).
+    pub fn deferred(&self) -> u64 {
+        self.llm + self.expert_unavailable + self.errors
+    }
+
+    pub fn status_line(&self) -> String {
+        let items = self.lines - self.bad_input;
+        let share = |n: u64| 100.0 * n as f64 / items.max(1) as f64;
+        let mut line = format!(
+            "{} lines: {} bad input, LLM {:.1}%, expert unavailable {}, errors {}",
+            self.lines,
+            self.bad_input,
+            share(self.llm),
+            self.expert_unavailable,
+            self.errors
+        );
+        if let Some((p, half)) = self.audited_agreement() {
+            line += &format!(
+                "; audited agreement {p:.3} ± {half:.3} ({} audits)",
+                self.audits
+            );
+        }
+        line
+    }
+
+    /// Agreement with the LLM on audited items: Wilson 95% (centre, half-width).
+    pub fn audited_agreement(&self) -> Option<(f64, f64)> {
+        (self.audits > 0).then(|| wilson(self.audit_agreements, self.audits))
+    }
+}
+
+/// Wilson score interval at 95%: (centre, half-width).
+pub fn wilson(successes: u64, n: u64) -> (f64, f64) {
+    let (n, p, z) = (n as f64, successes as f64 / n as f64, 1.96f64);
+    let denominator = 1.0 + z * z / n;
+    let centre = (p + z * z / (2.0 * n)) / denominator;
+    let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / denominator;
+    (centre, half)
+}
+
+/// The result of routing one item.
+#[derive(Debug)]
+pub struct Routed {
+    pub next: Next,
+    /// Gate output of each level that was evaluated.
+    pub gate_outputs: Vec<Option<f32>>,
+}
+
+#[derive(Debug)]
+pub enum Next {
+    /// A student answered; the item is settled and counted.
+    Done(Settled),
+    /// Ask the expert, then hand its answer to [`Session::settle`].
+    Ask(Ticket),
+}
+
+/// An item waiting for the expert.
+#[derive(Debug)]
+pub struct Ticket {
+    text: String,
+    waiting: Waiting,
+}
+
+#[derive(Debug)]
+enum Waiting {
+    /// A deferred item: its label is learned.
+    Label(Deferred),
+    /// An audited student answer: the expert's label is only compared.
+    Audit(Settled),
+}
+
+impl Ticket {
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// An audit (the item is answered; the expert's label is only compared).
+    pub fn is_audit(&self) -> bool {
+        matches!(self.waiting, Waiting::Audit(_))
+    }
+}
+
+/// The session's settings beside the cascade's config.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SessionOptions {
+    /// Share of student answers also sent to the expert, to measure agreement
+    /// without bias; audits never train the cascade.
+    pub audit_rate: f64,
+    pub on_failure: OnExpertFailure,
+}
+
+/// What a session saves beside the cascade.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionState {
+    pub counts: Counts,
+    pub audit_rng: ChaCha8Rng,
+    #[serde(with = "serde_bytes")]
+    pub cascade: Vec<u8>,
+}
+
+/// A cascade and the per-item cycle around it.
+pub struct Session {
+    cascade: Cascade,
+    level_names: Vec<String>,
+    counts: Counts,
+    options: SessionOptions,
+    /// Its own stream, so audits never move the cascade's coins.
+    audit_rng: ChaCha8Rng,
+}
+
+impl Session {
+    pub fn new(cascade: Cascade, seed: u64, options: SessionOptions) -> Self {
+        let level_names: Vec<String> = cascade
+            .level_names()
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        Self {
+            counts: Counts::new(level_names.len()),
+            level_names,
+            cascade,
+            options,
+            audit_rng: ChaCha8Rng::seed_from_u64(seed ^ 0xa0d1),
+        }
+    }
+
+    /// Decides who answers `text`.
+    pub fn route(&mut self, text: &str) -> Result<Routed> {
+        let routed = self.cascade.route(text)?;
+        let next = match routed.outcome {
+            Outcome::Answered { level, label } => {
+                let settled = Settled::Student {
+                    level,
+                    label,
+                    probs: routed.level_probs[level].clone(),
+                };
+                if self.audit_rng.random::<f64>() < self.options.audit_rate {
+                    Next::Ask(Ticket {
+                        text: text.to_string(),
+                        waiting: Waiting::Audit(settled),
+                    })
+                } else {
+                    self.counts.add(&settled);
+                    Next::Done(settled)
+                }
+            }
+            Outcome::Deferred(deferred) => Next::Ask(Ticket {
+                text: text.to_string(),
+                waiting: Waiting::Label(deferred),
+            }),
+        };
+        Ok(Routed {
+            next,
+            gate_outputs: routed.gate_outputs,
+        })
+    }
+
+    /// Ends a ticket with the expert's answer: a deferred item's label is
+    /// learned (no label teaches nothing, and the failure policy answers); an
+    /// audit is compared with the student's answer.
+    pub fn settle(
+        &mut self,
+        ticket: Ticket,
+        answer: std::result::Result<Answer, ExpertError>,
+    ) -> Result<Settled> {
+        let settled = match (ticket.waiting, answer) {
+            (Waiting::Audit(settled), answer) => {
+                if let (Ok(answer), Settled::Student { label, .. }) = (answer, &settled) {
+                    self.counts.audits += 1;
+                    self.counts.audit_agreements += u64::from(*label == answer.label);
+                }
+                settled
+            }
+            (Waiting::Label(deferred), Ok(answer)) => {
+                self.cascade.learn(deferred, Some(answer.label))?;
+                Settled::Llm {
+                    label: answer.label,
+                }
+            }
+            (Waiting::Label(deferred), Err(error)) => {
+                self.cascade.learn(deferred, None)?;
+                let reason = error.to_string();
+                match self.options.on_failure {
+                    OnExpertFailure::Student => {
+                        let (level, probs) = self.cascade.fallback(&ticket.text)?;
+                        Settled::Fallback {
+                            level,
+                            label: cascade::gate::argmax(&probs),
+                            probs,
+                            reason,
+                        }
+                    }
+                    OnExpertFailure::Error => Settled::Failed { reason },
+                }
+            }
+        };
+        self.counts.add(&settled);
+        Ok(settled)
+    }
+
+    /// An input that is not an item: counted, never routed.
+    pub fn bad_input(&mut self, reason: String) -> Settled {
+        let settled = Settled::BadInput { reason };
+        self.counts.add(&settled);
+        settled
+    }
+
+    pub fn counts(&self) -> &Counts {
+        &self.counts
+    }
+
+    pub fn cascade(&self) -> &Cascade {
+        &self.cascade
+    }
+
+    /// Work that changes no decision (prefit statistics, embedding caches).
+    pub fn cascade_mut(&mut self) -> &mut Cascade {
+        &mut self.cascade
+    }
+
+    pub fn level_names(&self) -> &[String] {
+        &self.level_names
+    }
+
+    pub fn options(&self) -> SessionOptions {
+        self.options
+    }
+
+    /// Everything the session has learned and counted.
+    pub fn save_state(&self) -> Result<SessionState> {
+        Ok(SessionState {
+            counts: self.counts.clone(),
+            audit_rng: self.audit_rng.clone(),
+            cascade: self.cascade.save_state()?,
+        })
+    }
+
+    /// Restores [`Session::save_state`] into a session built from the same config.
+    pub fn load_state(&mut self, state: SessionState) -> Result<()> {
+        if state.counts.answered.len() != self.level_names.len() {
+            return Err(crate::RuntimeError::setting(
+                "state",
+                format!(
+                    "the saved counts have {} levels; this cascade has {}",
+                    state.counts.answered.len(),
+                    self.level_names.len()
+                ),
+            ));
+        }
+        self.cascade.load_state(&state.cascade)?;
+        self.counts = state.counts;
+        self.audit_rng = state.audit_rng;
+        Ok(())
+    }
+}
+
+impl Settled {
+    /// The output record of `run` and `serve` (`line` is omitted when `None`).
+    pub fn record(
+        &self,
+        line: Option<usize>,
+        id: &serde_json::Value,
+        task: &cascade_expert::Task,
+        levels: &[String],
+    ) -> serde_json::Value {
+        use serde_json::{json, Value};
+        let label = |l: &usize| json!(task.labels()[*l]);
+        let (label, by, probs, status, error) = match self {
+            Self::Student {
+                level,
+                label: l,
+                probs,
+            } => (label(l), json!(levels[*level]), json!(probs), "ok", None),
+            Self::Llm { label: l } => (label(l), json!("llm"), Value::Null, "ok", None),
+            Self::Fallback {
+                level,
+                label: l,
+                probs,
+                reason,
+            } => (
+                label(l),
+                json!(levels[*level]),
+                json!(probs),
+                "expert_unavailable",
+                Some(reason),
+            ),
+            Self::Failed { reason } => {
+                (Value::Null, Value::Null, Value::Null, "error", Some(reason))
+            }
+            Self::BadInput { reason } => (
+                Value::Null,
+                Value::Null,
+                Value::Null,
+                "bad_input",
+                Some(reason),
+            ),
+        };
+        let mut record =
+            json!({"id": id, "label": label, "answered_by": by, "probs": probs, "status": status});
+        if let Some(line) = line {
+            record["line"] = json!(line);
+        }
+        if let Some(error) = error {
+            record["error"] = json!(error);
+        }
+        record
+    }
+}
+
+impl SessionOptions {
+    /// The share of student answers audited: as given, or by default the
+    /// deepest level's floor of exploration, `1 − decaying_factor` (0.03 for
+    /// the authors' 0.97): where exploration fades, a small share stays.
+    pub fn audit_rate(given: Option<f64>, config: &cascade::CascadeConfig) -> Result<f64> {
+        let rate = match given {
+            Some(rate) => rate,
+            None => config
+                .levels
+                .last()
+                .map_or(0.0, |level| 1.0 - level.gate.decaying_factor),
+        };
+        if !(0.0..=1.0).contains(&rate) {
+            return Err(crate::RuntimeError::setting(
+                "--audit-rate",
+                format!("must be in [0, 1], got {rate}"),
+            ));
+        }
+        Ok(rate)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wilson_interval_is_centred_and_shrinks() {
+        let (p, half) = wilson(90, 100);
+        assert!(
+            (p - 0.8852).abs() < 1e-3 && (half - 0.0596).abs() < 1e-3,
+            "{p} {half}"
+        );
+        let (_, wide) = wilson(9, 10);
+        assert!(wide > half);
+    }
+
+    #[test]
+    fn the_audit_rate_defaults_to_the_exploration_floor() {
+        let config = cascade::CascadeConfig::from_toml(
+            "mu = 1e-4\n[[levels]]\nkind = \"logreg\"\ncost = 1\ncache_size = 4\n[levels.gate]\ndecaying_factor = 0.97\ncalibration = 0.4\n",
+        )
+        .unwrap();
+        let rate = |given| SessionOptions::audit_rate(given, &config);
+        assert!((rate(None).unwrap() - 0.03).abs() < 1e-12);
+        assert_eq!(rate(Some(0.5)).unwrap(), 0.5);
+        assert!(rate(Some(1.5)).is_err());
+    }
+}
