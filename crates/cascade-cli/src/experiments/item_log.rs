@@ -1,5 +1,4 @@
-//! What a replay prints and logs: the per-item CSV, the summary table, the
-//! local expert's cost.
+//! What a replay prints and logs: the per-item CSV and the summary table.
 
 use std::path::Path;
 
@@ -8,7 +7,7 @@ use cascade::{AnsweredBy, Summary};
 use cascade_expert::Item;
 use cascade_expert::Task;
 
-use super::replay::{ItemRecord, LiveExpertReport};
+use super::replay::ItemRecord;
 
 pub struct ItemLog {
     writer: csv::Writer<std::fs::File>,
@@ -102,27 +101,6 @@ pub fn print_table(data: &Path, s: &Summary) {
             level.answered,
             100.0 * level.answered as f64 / s.items.max(1) as f64,
             fmt(level.accuracy)
-        );
-    }
-}
-
-pub fn print_live_expert(live: &LiveExpertReport, summary: &Summary) {
-    println!(
-        "local expert {}: {} prompts, {} prompt tokens in {:.1} s ({:.0} tokens/s, {:.2} labels/s), peak RSS {:.0} MB",
-        live.model,
-        live.prompts,
-        live.prompt_tokens,
-        live.model_seconds,
-        live.prompt_tokens_per_second,
-        live.labels_per_second,
-        live.peak_rss_mb
-    );
-    if summary.agreement_with_llm.is_none() {
-        println!("agreement with the expert alone: not measured (give --expert-cache filled by an LLM-only run)");
-    } else if live.reference_items > 0 {
-        println!(
-            "agreement and LLM-alone accuracy use the expert's labels of {} student-answered items, from --expert-cache or computed after the stream",
-            live.reference_items
         );
     }
 }

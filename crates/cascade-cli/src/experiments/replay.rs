@@ -8,24 +8,22 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use cascade::config::{LevelConfig, StudentKind};
-use cascade::{AnsweredBy, Budget, CascadeConfig, Demonstration, Metrics, Routing, Summary};
+use cascade::{AnsweredBy, Budget, CascadeConfig, Metrics, Routing, Summary};
 use cascade_expert::Task;
 use cascade_expert::{
     read_labels, Dataset, Expert, Item, LocalConfig, LocalExpert, Query, RecordedExpert,
     StreamOrder,
 };
 use cascade_runtime::progress::Progress;
-use cascade_runtime::students::build_student;
 use cascade_runtime::{
     build, load_config, OnExpertFailure, Overrides, Pipeline, Session, SessionOptions, Settled,
 };
 use clap::ValueEnum;
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::item_log::{print_live_expert, print_table, ItemLog};
+use super::distil::distil;
+use super::item_log::{print_table, ItemLog};
+use super::local_cost::{measure_local_expert, print_live_expert};
 
 #[derive(Clone, Copy, Debug, ValueEnum, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "kebab-case")]
@@ -477,7 +475,7 @@ fn build_session(spec: &ReplaySpec, task: &Task, stream: &[&Item]) -> Result<Ses
     Ok(Session::new(cascade, config.seed, options))
 }
 
-fn read_config(spec: &ReplaySpec) -> Result<(CascadeConfig, &Path)> {
+pub(super) fn read_config(spec: &ReplaySpec) -> Result<(CascadeConfig, &Path)> {
     let path = spec
         .config
         .as_deref()
@@ -487,84 +485,8 @@ fn read_config(spec: &ReplaySpec) -> Result<(CascadeConfig, &Path)> {
     Ok((config, path))
 }
 
-fn uses_embedding_cache(level: &LevelConfig) -> bool {
+pub(super) fn uses_embedding_cache(level: &LevelConfig) -> bool {
     level.kind == StudentKind::EmbeddingHead
-}
-
-/// The distilled baseline: trains one configured student offline on the LLM's
-/// labels of the first `llm_budget` items of split_train_ids.txt (items the
-/// LLM gave no label teach nothing but were still paid for), in a seeded
-/// shuffled order per epoch. IDF statistics see the train texts only.
-fn distil(
-    spec: &ReplaySpec,
-    task: &Task,
-    dataset: &Dataset,
-    stream: &[&Item],
-) -> Result<(String, Box<dyn cascade::Student>, u64)> {
-    let calls = spec
-        .llm_budget
-        .context("--baseline distilled needs --llm-budget N (train items the LLM labels)")?;
-    let (config, path) = read_config(spec)?;
-    let level = match &spec.level {
-        Some(name) => config
-            .levels
-            .iter()
-            .find(|l| &l.name() == name)
-            .with_context(|| format!("{} has no level named `{name}`", path.display()))?,
-        None => config.levels.last().context("config has no levels")?,
-    };
-    let train_ids = spec.data.join("split_train_ids.txt");
-    let train = dataset.stream(&StreamOrder::Ids(train_ids.clone()))?;
-    if (train.len() as u64) < calls {
-        bail!(
-            "{} lists {} items, fewer than the {calls} to distil from",
-            train_ids.display(),
-            train.len()
-        );
-    }
-    let train = &train[..calls as usize];
-    let mut student = build_student(level, task.num_labels(), config.seed)?;
-    let texts: Vec<&str> = train.iter().map(|i| i.text.as_str()).collect();
-    for text in &texts {
-        student.observe(text);
-    }
-    if uses_embedding_cache(level) {
-        let all: Vec<&str> = texts
-            .iter()
-            .copied()
-            .chain(stream.iter().map(|i| i.text.as_str()))
-            .collect();
-        let mut progress = Progress::new(all.len() as u64, "texts embedded");
-        for chunk in all.chunks(512) {
-            student.precompute(chunk)?;
-            progress.inc(chunk.len() as u64);
-        }
-        progress.finish();
-    }
-    let mut demos: Vec<Demonstration> = train
-        .iter()
-        .filter_map(|item| {
-            item.expert.map(|label| Demonstration {
-                text: &item.text,
-                label,
-            })
-        })
-        .collect();
-    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-    let batch = level.batch();
-    let mut progress = Progress::new(
-        (spec.distill_epochs * demos.len()) as u64,
-        "distillation examples",
-    );
-    for _ in 0..spec.distill_epochs {
-        demos.shuffle(&mut rng);
-        for chunk in demos.chunks(batch) {
-            student.learn(chunk)?;
-            progress.inc(chunk.len() as u64);
-        }
-    }
-    progress.finish();
-    Ok((level.name(), student, calls))
 }
 
 /// The task: an explicit preset, the folder's preset, or label names from labels.txt.
@@ -598,78 +520,4 @@ fn task_file_for(data: &Path) -> Option<String> {
     let folder = data.file_name()?.to_string_lossy();
     let path = Path::new("tasks").join(format!("{folder}.toml"));
     path.is_file().then(|| path.display().to_string())
-}
-
-/// The local expert's cost on the stream and, where its label of every item
-/// is known (an LLM-only run, or a cascade run with `--expert-cache` after an
-/// LLM-only run filled it), the expert alone's accuracy and the run's
-/// agreement with it. Labels missing from the cache are computed here, after
-/// the stream and outside its wall time.
-fn measure_local_expert(
-    expert: &LocalExpert,
-    spec: &ReplaySpec,
-    stream: &[&Item],
-    predictions: &[(AnsweredBy, Option<usize>)],
-    summary: &mut Summary,
-) -> Result<LiveExpertReport> {
-    let compute = expert.compute_time();
-    let peak_rss_mb = crate::bench_encoder::peak_rss_mb();
-    let has_cache = spec
-        .local_expert
-        .as_ref()
-        .is_some_and(|c| c.cache.is_some());
-    let all_deferred = predictions.iter().all(|(by, _)| *by == AnsweredBy::Llm);
-    let mut reference_items = 0;
-    if has_cache || all_deferred {
-        let mut progress = Progress::new(stream.len() as u64, "expert-alone labels");
-        let (mut agree, mut expert_correct, mut with_gold) = (0u64, 0u64, 0u64);
-        // The expert alone on the items the students answered.
-        let (mut student_items_correct, mut student_items_with_gold) = (0u64, 0u64);
-        for (item, (by, prediction)) in stream.iter().zip(predictions) {
-            let reference = match by {
-                AnsweredBy::Llm => *prediction,
-                AnsweredBy::Level(_) => {
-                    reference_items += 1;
-                    Some(expert.label_now(&item.text, true)?.label)
-                }
-            };
-            agree += u64::from(reference == *prediction);
-            if let Some(gold) = item.gold {
-                with_gold += 1;
-                expert_correct += u64::from(reference == Some(gold));
-                if *by != AnsweredBy::Llm {
-                    student_items_with_gold += 1;
-                    student_items_correct += u64::from(reference == Some(gold));
-                }
-            }
-            progress.inc(1);
-        }
-        progress.finish();
-        summary.agreement_with_llm = Some(agree as f64 / stream.len().max(1) as f64);
-        summary.llm_accuracy = (with_gold > 0).then(|| expert_correct as f64 / with_gold as f64);
-        summary.llm_accuracy_on_student_items = (student_items_with_gold > 0)
-            .then(|| student_items_correct as f64 / student_items_with_gold as f64);
-    }
-    let seconds = compute.elapsed.as_secs_f64();
-    let per_second = |n: u64| {
-        if seconds > 0.0 {
-            n as f64 / seconds
-        } else {
-            0.0
-        }
-    };
-    Ok(LiveExpertReport {
-        model: spec
-            .local_expert
-            .as_ref()
-            .map(|c| c.model.display().to_string())
-            .unwrap_or_default(),
-        prompts: compute.prompts,
-        prompt_tokens: compute.prompt_tokens,
-        model_seconds: seconds,
-        prompt_tokens_per_second: per_second(compute.prompt_tokens),
-        labels_per_second: per_second(compute.prompts),
-        reference_items,
-        peak_rss_mb,
-    })
 }

@@ -1,0 +1,202 @@
+//! `cascade serve`: the cascade behind HTTP (axum).
+//!
+//! - `POST /v1/classify`: `{"text", "id"?}` or `{"items": [{"text", "id"?}, …]}`;
+//!   answers `{"results": [record, …]}` (a single item: the record itself).
+//! - `GET /healthz`, `GET /metrics` (Prometheus text format).
+//!
+//! Students answer under a short lock on the cascade; a deferred item's expert
+//! call runs without it, so other requests keep being answered while LLM calls
+//! are in flight, and the label is learned when it arrives. Requests beyond
+//! `--max-pending` get 503 with Retry-After. SIGINT/SIGTERM stop accepting,
+//! finish what is in flight and write a checkpoint.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use cascade_expert::Expert;
+use cascade_expert::Task;
+use cascade_runtime::{Live, Position, Session, StateDir};
+use clap::Args;
+use serde_json::json;
+use tokio::sync::Semaphore;
+
+use crate::args::SessionArgs;
+
+mod classify;
+mod metrics;
+
+use classify::classify;
+use metrics::{metrics, Latency};
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    session: SessionArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Seconds between periodic checkpoints (with --state).
+    #[arg(long, default_value_t = 60)]
+    checkpoint_secs: u64,
+    /// Environment variable holding a bearer token that requests must carry
+    /// (all but /healthz). Unset: no authentication.
+    #[arg(long)]
+    token_env: Option<String>,
+    /// Largest request body.
+    #[arg(long, default_value_t = 8 << 20)]
+    max_body_bytes: usize,
+    /// Requests in progress at once; more get 503 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    max_pending: usize,
+    /// Most items in one request.
+    #[arg(long, default_value_t = 4096)]
+    max_batch: usize,
+}
+
+struct Service {
+    session: Mutex<Session>,
+    expert: Arc<dyn Expert>,
+    task: Task,
+    levels: Vec<String>,
+    latency: Mutex<Latency>,
+    pending: Semaphore,
+    token: Option<String>,
+    max_batch: usize,
+    requests: std::sync::atomic::AtomicU64,
+}
+
+pub fn run(args: &ServeArgs) -> Result<()> {
+    if args.max_pending == 0 || args.max_batch == 0 {
+        bail!("--max-pending and --max-batch must be at least 1");
+    }
+    let token = match &args.token_env {
+        Some(name) => Some(
+            std::env::var(name)
+                .with_context(|| format!("--token-env: environment variable {name} is not set"))?,
+        ),
+        None => None,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let Live {
+        task,
+        session,
+        expert,
+        state,
+        resumed,
+    } = Live::start(&args.session.spec(None)?, "serve")?;
+    let service = Arc::new(Service {
+        levels: session.level_names().to_vec(),
+        session: Mutex::new(session),
+        expert,
+        task,
+        latency: Mutex::new(Latency::default()),
+        pending: Semaphore::new(args.max_pending),
+        token,
+        max_batch: args.max_batch,
+        requests: std::sync::atomic::AtomicU64::new(resumed.unwrap_or_default().lines_done),
+    });
+    let state: Option<Arc<StateDir>> = state.map(Arc::new);
+    let save = {
+        let service = Arc::clone(&service);
+        move || -> Result<()> {
+            let Some(state) = &state else {
+                return Ok(());
+            };
+            let position = Position {
+                lines_done: service.requests.load(std::sync::atomic::Ordering::Relaxed),
+                output_bytes: 0,
+            };
+            state.write(&lock(&service.session), position)?;
+            Ok(())
+        }
+    };
+    let app = Router::new()
+        .route("/v1/classify", post(classify))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(args.max_body_bytes))
+        .with_state(Arc::clone(&service));
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        eprintln!(
+            "cascade serve: listening on http://{}",
+            listener.local_addr()?
+        );
+        let periodic = {
+            let save = save.clone();
+            let every = Duration::from_secs(args.checkpoint_secs.max(1));
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let save = save.clone();
+                    match tokio::task::spawn_blocking(save).await {
+                        Ok(Err(e)) => eprintln!("checkpoint failed: {e:#}"),
+                        Err(e) => eprintln!("checkpoint task failed: {e}"),
+                        Ok(Ok(())) => {}
+                    }
+                }
+            })
+        };
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("serving")?;
+        periodic.abort();
+        anyhow::Ok(())
+    })?;
+    save()?;
+    eprintln!("{}", lock(&service.session).counts().status_line());
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = interrupt => {}
+        _ = terminate => {}
+    }
+    eprintln!("cascade serve: shutting down");
+}
+
+/// A poisoned lock means a request panicked mid-update; the data is still
+/// the best we have, so keep serving rather than fail every later request.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({"error": message.into()}))).into_response()
+}
+
+fn authorized(service: &Service, headers: &HeaderMap) -> bool {
+    let Some(token) = &service.token else {
+        return true;
+    };
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|given| given == token)
+}
