@@ -2,7 +2,7 @@
 //! label in range or none.
 #![no_main]
 
-use cascade::Task;
+use cascade_expert::Task;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|answer: &str| {

@@ -2,7 +2,7 @@
 //! cascade that still routes; never a panic.
 #![no_main]
 
-use cascade::{Cascade, CascadeConfig, Routing};
+use cascade::{CascadeConfig, Routing};
 use libfuzzer_sys::fuzz_target;
 
 const CONFIG: &str = r#"
@@ -24,7 +24,7 @@ buckets = 64
 
 fuzz_target!(|data: &[u8]| {
     let config = CascadeConfig::from_toml(CONFIG).expect("config");
-    let mut cascade = Cascade::new(&config, 2, Routing::Gated).expect("cascade");
+    let mut cascade = cascade_runtime::build(&config, 2, Routing::Gated, None).expect("cascade");
     if cascade.load_state(data).is_ok() {
         // A state that loads must leave a cascade that works.
         let _ = cascade.route("a short text");

@@ -2,7 +2,8 @@
 //! and a config that validates can build a cascade of LR students.
 #![no_main]
 
-use cascade::{Cascade, CascadeConfig, Routing, Task};
+use cascade::{CascadeConfig, Routing};
+use cascade_expert::Task;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -18,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
         // Building allocates the hashing space: keep it small.
         let small = config.levels.iter().all(|l| l.logreg.buckets <= 1 << 16);
         if config.validate().is_ok() && only_logreg && small {
-            let _ = Cascade::new(&config, 2, Routing::Gated);
+            let _ = cascade_runtime::build(&config, 2, Routing::Gated, Some(100));
         }
     }
 });

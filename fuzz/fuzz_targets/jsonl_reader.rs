@@ -2,7 +2,7 @@
 //! line is an item or a bad-input reason.
 #![no_main]
 
-use cascade_expert::input::{read_item, LineReader, RawLine};
+use cascade_runtime::input::{read_item, LineReader, RawLine};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -20,6 +20,7 @@ pub fn build_students(config: &CascadeConfig, labels: usize) -> Result<Vec<Box<d
 
 /// The student a level's config describes.
 pub fn build_student(level: &LevelConfig, labels: usize, seed: u64) -> Result<Box<dyn Student>> {
+    #[cfg(feature = "encoders")]
     let encoder_error = |source| RuntimeError::Encoder {
         level: level.name(),
         source: Box::new(source),
@@ -38,7 +39,7 @@ pub fn build_student(level: &LevelConfig, labels: usize, seed: u64) -> Result<Bo
         ),
         #[cfg(not(feature = "encoders"))]
         StudentKind::Transformer | StudentKind::EmbeddingHead => {
-            let _ = (seed, encoder_error);
+            let _ = seed;
             return Err(RuntimeError::setting(
                 format!("level `{}`", level.name()),
                 "is a transformer student: build cascade-runtime with its `encoders` feature",
