@@ -179,10 +179,7 @@ fn label_stream(args: &LabelArgs, task: &Task, expert: &dyn Expert) -> Result<()
             std::fs::File::create(path).with_context(|| format!("creating {path}"))?,
         )),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = cascade_runtime::async_runtime()?;
     let mut progress = Progress::new(lines.len() as u64, "lines labelled");
     let (mut ok, mut failed) = (0u64, 0u64);
     for (chunk_index, chunk) in lines.chunks(args.chunk.max(1)).enumerate() {

@@ -28,6 +28,16 @@ fn cascade() -> Command {
     command
 }
 
+/// Runs the command and fails the test with its stderr unless it succeeds.
+fn succeed(command: &mut Command) {
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// `configs/imdb-lr.toml` with `budget` (a top-level line, or nothing) in front.
 fn config(dir: &Path, name: &str, budget: &str) -> PathBuf {
     let shipped = std::fs::read_to_string(repo_root().join("configs/imdb-lr.toml")).unwrap();
@@ -42,19 +52,14 @@ type Decisions = Vec<(String, String)>;
 
 fn bench(config: &Path, dir: &Path) -> Decisions {
     let log = dir.join("bench.csv");
-    let output = cascade()
-        .args(["bench", "--data"])
-        .arg(imdb())
-        .arg("--config")
-        .arg(config)
-        .args(["--limit", &ITEMS.to_string(), "--log"])
-        .arg(&log)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    succeed(
+        cascade()
+            .args(["bench", "--data"])
+            .arg(imdb())
+            .arg("--config")
+            .arg(config)
+            .args(["--limit", &ITEMS.to_string(), "--log"])
+            .arg(&log),
     );
     let mut reader = csv::Reader::from_path(&log).unwrap();
     reader
@@ -95,21 +100,16 @@ const SESSION: [&str; 12] = [
 
 fn run(config: &Path, input: &Path, dir: &Path) -> Decisions {
     let out = dir.join("run.jsonl");
-    let output = cascade()
-        .arg("run")
-        .args(SESSION)
-        .arg("--config")
-        .arg(config)
-        .arg("--input")
-        .arg(input)
-        .arg("--output")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    succeed(
+        cascade()
+            .arg("run")
+            .args(SESSION)
+            .arg("--config")
+            .arg(config)
+            .arg("--input")
+            .arg(input)
+            .arg("--output")
+            .arg(&out),
     );
     std::fs::read_to_string(&out)
         .unwrap()

@@ -180,12 +180,7 @@ impl Student for EmbeddingHead {
     }
 
     fn learn(&mut self, batch: &[Demonstration<'_>]) -> Result<(), StudentError> {
-        if let Some(bad) = batch.iter().find(|d| d.label >= self.labels) {
-            return Err(StudentError::LabelOutOfRange {
-                label: bad.label,
-                labels: self.labels,
-            });
-        }
+        cascade::student::check_labels(batch, self.labels)?;
         let texts: Vec<&str> = batch.iter().map(|d| d.text).collect();
         self.fill_cache(&texts)?;
         for demo in batch {

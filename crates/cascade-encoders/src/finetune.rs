@@ -120,12 +120,7 @@ impl Student for FineTuned {
     }
 
     fn learn(&mut self, batch: &[Demonstration<'_>]) -> Result<(), StudentError> {
-        if let Some(bad) = batch.iter().find(|d| d.label >= self.labels) {
-            return Err(StudentError::LabelOutOfRange {
-                label: bad.label,
-                labels: self.labels,
-            });
-        }
+        cascade::student::check_labels(batch, self.labels)?;
         let texts: Vec<&str> = batch.iter().map(|d| d.text).collect();
         let labels: Vec<u32> = batch.iter().map(|d| d.label as u32).collect();
         let logits = self.logits(&texts)?;

@@ -92,10 +92,7 @@ impl JsonlRun {
             resumed,
         } = live;
         let position = resumed.unwrap_or_default();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| RuntimeError::setting("async runtime", e.to_string()))?;
+        let runtime = crate::async_runtime()?;
         let mut input: LineReader<Box<dyn BufRead>> = LineReader::new(
             match self.input.as_str() {
                 "-" => Box::new(std::io::stdin().lock()),

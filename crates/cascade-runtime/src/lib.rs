@@ -29,3 +29,11 @@ pub use pipeline::{Finished, Pipeline};
 pub use session::{
     Counts, Next, OnExpertFailure, Routed, Session, SessionOptions, Settled, Ticket,
 };
+
+/// The async runtime every front end runs its expert calls on.
+pub fn async_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| RuntimeError::setting("the async runtime", format!("cannot start: {e}")))
+}

@@ -62,6 +62,17 @@ pub struct Routed {
     pub gate_outputs: Vec<Option<f32>>,
 }
 
+impl Routed {
+    /// No level evaluated yet; the outcome is set before it is returned.
+    fn unreached(levels: usize) -> Self {
+        Self {
+            outcome: Outcome::Answered { level: 0, label: 0 },
+            level_probs: vec![None; levels],
+            gate_outputs: vec![None; levels],
+        }
+    }
+}
+
 #[derive(Debug)]
 pub enum Outcome {
     Answered {
@@ -379,102 +390,128 @@ impl Cascade {
         }
     }
 
-    /// Decides who answers `text`. Only the levels the item reaches are evaluated.
+    /// Algorithm 1's inner loop for one query x: level j predicts p_j = f_j(x)
+    /// and its policy either answers argmax p_j (later levels never run) or
+    /// defers to level j + 1; past the last level the query goes to the LLM
+    /// (`Outcome::Deferred`), and [`Cascade::learn`] takes the LLM's label y,
+    /// adds (x, y) to every level's demonstrations and updates the gates and
+    /// students. Only the levels the item reaches are evaluated.
     pub fn route(&mut self, text: &str) -> Result<Routed, CascadeError> {
+        for level in &mut self.levels {
+            level.student.observe(text);
+        }
         let warmup = self.in_warmup();
-        let routed = self.decide(text, warmup)?;
+        let allowance = self
+            .budget
+            .as_ref()
+            .map_or(Allowance::Free, BudgetController::allowance);
+        let routed = if warmup {
+            self.route_warmup(text, allowance)?
+        } else {
+            if self.fixed_from_budget {
+                self.fix_routing_from_budget();
+            }
+            self.walk_levels(text, allowance)?
+        };
         if let Some(budget) = &mut self.budget {
             budget.record(matches!(routed.outcome, Outcome::Deferred(_)), warmup);
         }
         Ok(routed)
     }
 
-    fn decide(&mut self, text: &str, warmup: bool) -> Result<Routed, CascadeError> {
-        for level in &mut self.levels {
-            level.student.observe(text);
-        }
+    /// The walk down the levels, once warm-up is over.
+    fn walk_levels(&mut self, text: &str, allowance: Allowance) -> Result<Routed, CascadeError> {
         let n = self.levels.len();
-        let mut routed = Routed {
-            outcome: Outcome::Answered { level: 0, label: 0 },
-            level_probs: vec![None; n],
-            gate_outputs: vec![None; n],
-        };
-        let allowance = self
-            .budget
-            .as_ref()
-            .map_or(Allowance::Free, BudgetController::allowance);
-        if warmup {
-            if allowance == Allowance::MustAnswer {
-                // The budget is smaller than the warm-up: the deepest student answers.
-                let (label, _) = self.evaluate(n - 1, text, &mut routed)?;
-                routed.outcome = Outcome::Answered {
-                    level: n - 1,
-                    label,
-                };
+        let mut routed = Routed::unreached(n);
+        for j in 0..n {
+            // The budget's guards overrule the policy.
+            let forced = match allowance {
+                Allowance::MustDefer => Some(false),
+                Allowance::MustAnswer if j == n - 1 => Some(true),
+                _ => None,
+            };
+            let answer = match self.fixed_probability(j) {
+                // The paper's policy: the gate reads p_j; the level answers when
+                // the gate is under the threshold and its exploration coin allows.
+                None => {
+                    let (label, gate) = self.evaluate(j, text, &mut routed)?;
+                    let answers = forced.unwrap_or_else(|| {
+                        gate <= self.threshold(j) && self.coin(self.exploration_probability(j))
+                    });
+                    answers.then_some(label)
+                }
+                // The online ensemble: a fixed coin; the level runs only to answer.
+                Some(p) => {
+                    if forced.unwrap_or_else(|| self.coin(p)) {
+                        let probs = self.predict(j, text)?;
+                        let label = argmax(&probs);
+                        routed.level_probs[j] = Some(probs);
+                        Some(label)
+                    } else {
+                        None
+                    }
+                }
+            };
+            if let Some(label) = answer {
+                routed.outcome = Outcome::Answered { level: j, label };
                 return Ok(routed);
             }
-            let gates_learn =
-                self.routing == Routing::Gated && self.min_updates() > GATE_WARMUP_UPDATES;
-            let gate_inputs = if gates_learn {
-                for j in 0..n {
-                    self.evaluate(j, text, &mut routed)?;
-                }
-                Some(routed.level_probs.iter().flatten().cloned().collect())
-            } else {
-                None
+        }
+        // Every level deferred: the LLM answers. The gates learn from the
+        // probabilities they acted on.
+        let gate_inputs = (self.routing == Routing::Gated)
+            .then(|| routed.level_probs.iter().flatten().cloned().collect());
+        routed.outcome = self.defer(text, gate_inputs, false);
+        Ok(routed)
+    }
+
+    /// Warm-up: the LLM answers while some student has trained too little.
+    /// Once every level has trained a few times, all levels are evaluated so
+    /// the gates learn (with calibration 0, as in the authors' code).
+    fn route_warmup(&mut self, text: &str, allowance: Allowance) -> Result<Routed, CascadeError> {
+        let n = self.levels.len();
+        let mut routed = Routed::unreached(n);
+        if allowance == Allowance::MustAnswer {
+            // The budget is smaller than the warm-up: the deepest student answers.
+            let (label, _) = self.evaluate(n - 1, text, &mut routed)?;
+            routed.outcome = Outcome::Answered {
+                level: n - 1,
+                label,
             };
-            routed.outcome = self.defer(text, gate_inputs, true);
             return Ok(routed);
         }
-        if self.fixed_from_budget {
-            self.fix_routing_from_budget();
-        }
-        match self.routing.clone() {
-            Routing::Gated => {
-                let priced = self
-                    .budget
-                    .as_ref()
-                    .map_or(0.5, BudgetController::answer_threshold);
-                for j in 0..n {
-                    let threshold = match self.priced_levels {
-                        PricedLevels::Last if j + 1 < n => 0.5,
-                        _ => priced,
-                    };
-                    let (label, gate) = self.evaluate(j, text, &mut routed)?;
-                    let answers = match allowance {
-                        Allowance::MustDefer => false,
-                        Allowance::MustAnswer if j == n - 1 => true,
-                        _ => gate <= threshold && self.coin(self.exploration_probability(j)),
-                    };
-                    if answers {
-                        routed.outcome = Outcome::Answered { level: j, label };
-                        return Ok(routed);
-                    }
-                }
-                let gate_inputs = routed.level_probs.iter().flatten().cloned().collect();
-                routed.outcome = self.defer(text, Some(gate_inputs), false);
+        let gates_learn =
+            self.routing == Routing::Gated && self.min_updates() > GATE_WARMUP_UPDATES;
+        let gate_inputs = if gates_learn {
+            for j in 0..n {
+                self.evaluate(j, text, &mut routed)?;
             }
-            Routing::Fixed(answer_probability) => {
-                for (j, &p) in answer_probability.iter().enumerate() {
-                    let answers = match allowance {
-                        Allowance::MustDefer => false,
-                        Allowance::MustAnswer if j == n - 1 => true,
-                        _ => self.coin(p),
-                    };
-                    if answers {
-                        let probs = self.predict(j, text)?;
-                        routed.outcome = Outcome::Answered {
-                            level: j,
-                            label: argmax(&probs),
-                        };
-                        routed.level_probs[j] = Some(probs);
-                        return Ok(routed);
-                    }
-                }
-                routed.outcome = self.defer(text, None, false);
-            }
-        }
+            Some(routed.level_probs.iter().flatten().cloned().collect())
+        } else {
+            None
+        };
+        routed.outcome = self.defer(text, gate_inputs, true);
         Ok(routed)
+    }
+
+    /// Level j's fixed answer probability (the online ensemble); `None` under gates.
+    fn fixed_probability(&self, j: usize) -> Option<f64> {
+        match &self.routing {
+            Routing::Gated => None,
+            Routing::Fixed(p) => Some(p[j]),
+        }
+    }
+
+    /// The gate output at or under which level j may answer: 0.5 (the paper's
+    /// rule), or the budget's priced threshold.
+    fn threshold(&self, j: usize) -> f32 {
+        match self.priced_levels {
+            PricedLevels::Last if j + 1 < self.levels.len() => 0.5,
+            _ => self
+                .budget
+                .as_ref()
+                .map_or(0.5, BudgetController::answer_threshold),
+        }
     }
 
     /// Online ensemble under a budget: every level answers with the same fixed

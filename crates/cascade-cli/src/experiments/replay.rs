@@ -207,10 +207,7 @@ pub fn replay(spec: &ReplaySpec, print: bool) -> Result<Report> {
             (Arc::new(expert.clone()), Some(expert))
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = cascade_runtime::async_runtime()?;
     let (mut answerers, offline_calls) = match spec.baseline {
         Some(Baseline::LlmOnly) => (Answerers::Llm, 0),
         Some(Baseline::Distilled) => {

@@ -83,10 +83,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         ),
         None => None,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = cascade_runtime::async_runtime()?;
     let Live {
         task,
         session,

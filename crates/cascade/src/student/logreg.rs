@@ -39,13 +39,8 @@ impl Student for LogReg {
     }
 
     fn learn(&mut self, batch: &[Demonstration<'_>]) -> Result<(), StudentError> {
+        super::check_labels(batch, self.labels)?;
         for demo in batch {
-            if demo.label >= self.labels {
-                return Err(StudentError::LabelOutOfRange {
-                    label: demo.label,
-                    labels: self.labels,
-                });
-            }
             self.model
                 .step(&self.features.transform(demo.text), demo.label);
         }

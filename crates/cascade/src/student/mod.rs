@@ -64,6 +64,17 @@ pub trait Student: Send {
     }
 }
 
+/// Refuses a batch holding a label outside `0..labels`.
+pub fn check_labels(batch: &[Demonstration<'_>], labels: usize) -> Result<(), StudentError> {
+    match batch.iter().find(|d| d.label >= labels) {
+        Some(bad) => Err(StudentError::LabelOutOfRange {
+            label: bad.label,
+            labels,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Encodes a student's state (CBOR).
 pub fn encode_state<T: serde::Serialize>(state: &T) -> Result<Vec<u8>, StudentError> {
     let mut bytes = Vec::new();
