@@ -49,7 +49,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     };
     run.check(args.session.state.is_some())?;
     let live = Live::start(&args.session.spec(run.input_lines()?)?, &run.schedule())?;
-    if let (Some(position), Some(state)) = (live.resumed, &live.state) {
+    if let (Some(position), Some(state)) = (&live.resumed, &live.state) {
         eprintln!(
             "resuming from {} after input line {}",
             state.path().display(),
@@ -61,7 +61,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         signal_hook::flag::register(signal, Arc::clone(&stop))
             .context("installing the signal handler")?;
     }
-    let (ended, live) = run.run(live, &stop)?;
+    let (ended, live) = run.run(live, stop)?;
     eprintln!("{}", live.session.counts().status_line());
     if let Ended::Interrupted { after_line } = ended {
         bail!(

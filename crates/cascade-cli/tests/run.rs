@@ -478,3 +478,150 @@ fn calls_in_flight_keep_every_record_and_are_deterministic() {
     unordered.sort_by_key(|r| r["line"].as_u64());
     assert_eq!(unordered, first, "the same records, in another order");
 }
+
+// ---- Hardening: stops, edited checkpoints and inputs (issue 22, rows 2, 5, 6) ----
+
+/// Starts `cascade run`, raises SIGTERM after `after`, and waits for it to
+/// exit (at most `limit`); returns its stderr.
+fn terminate_after(mut command: Command, after: Duration, limit: Duration) -> String {
+    let mut child = command
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(after);
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let signalled = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            signalled.elapsed() < limit,
+            "still running {limit:?} after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    String::from_utf8_lossy(&child.wait_with_output().unwrap().stderr).to_string()
+}
+
+/// Row 2: a run waiting on an expert that takes ten minutes a call stops on
+/// SIGTERM within seconds, settles the call as unavailable and checkpoints;
+/// the resumed run finishes every line.
+#[test]
+fn sigterm_ends_a_wait_on_a_slow_expert_and_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, config) = setup(dir.path(), 40);
+    let output = dir.path().join("out.jsonl");
+    let state = dir.path().join("state");
+    let state_args = ["--state", state.to_str().unwrap()];
+    let mut slow = state_args.to_vec();
+    slow.extend(["--recorded-delay-ms", "600000"]);
+    let stderr = terminate_after(
+        run_command(&input, &output, &config, &slow),
+        Duration::from_millis(1500),
+        Duration::from_secs(8),
+    );
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(
+        state.join("checkpoint.cbor").exists(),
+        "no checkpoint: {stderr}"
+    );
+    let written = records(&output);
+    assert!(!written.is_empty());
+    assert!(
+        written.iter().any(|r| r["status"] == "expert_unavailable"
+            && r["error"].as_str().unwrap_or("").contains("interrupted")),
+        "{written:?}"
+    );
+    let mut resume = state_args.to_vec();
+    resume.push("--resume");
+    succeed(
+        run_command(&input, &output, &config, &resume)
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(records(&output).len(), 40, "one record per input line");
+}
+
+/// Row 5: a checkpoint changed in any byte (here one that still parses) is
+/// refused by its checksum, and the output is left as it was.
+#[test]
+fn an_edited_checkpoint_is_refused_and_the_output_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, config) = setup(dir.path(), 200);
+    let output = dir.path().join("out.jsonl");
+    let state = dir.path().join("state");
+    let mut args = vec![
+        "--state",
+        state.to_str().unwrap(),
+        "--checkpoint-every",
+        "50",
+    ];
+    succeed(
+        run_command(&input, &output, &config, &args)
+            .output()
+            .unwrap(),
+    );
+    let checkpoint = state.join("checkpoint.cbor");
+    let mut bytes = std::fs::read(&checkpoint).unwrap();
+    // Deep inside the students' weights: the file still parses.
+    let at = bytes.len() * 2 / 3;
+    bytes[at] ^= 0x01;
+    std::fs::write(&checkpoint, &bytes).unwrap();
+    let before = std::fs::read(&output).unwrap();
+    args.push("--resume");
+    let refused = run_command(&input, &output, &config, &args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(stderr.contains("checksum"), "{stderr}");
+    assert_eq!(
+        std::fs::read(&output).unwrap(),
+        before,
+        "the output was touched"
+    );
+}
+
+/// Row 6: an input edited before the checkpoint's position is refused on
+/// resume, before the output is cut; an input that only grew is accepted.
+#[test]
+fn an_input_edited_before_the_checkpoint_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, config) = setup(dir.path(), 120);
+    let output = dir.path().join("out.jsonl");
+    let state = dir.path().join("state");
+    let state_args = ["--state", state.to_str().unwrap()];
+    let mut slow = state_args.to_vec();
+    slow.extend(["--recorded-delay-ms", "30", "--checkpoint-every", "10"]);
+    terminate_after(
+        run_command(&input, &output, &config, &slow),
+        Duration::from_millis(1500),
+        Duration::from_secs(8),
+    );
+    let before = std::fs::read(&output).unwrap();
+    assert!(!before.is_empty(), "nothing was written before the stop");
+    let original = std::fs::read_to_string(&input).unwrap();
+    // The second line, re-written with another text.
+    let mut lines: Vec<String> = original.lines().map(String::from).collect();
+    lines[1] = serde_json::json!({"id": 1, "text": "an edited line"}).to_string();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let mut resume = state_args.to_vec();
+    resume.extend(["--checkpoint-every", "10", "--resume"]);
+    let refused = run_command(&input, &output, &config, &resume)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(stderr.contains("was it edited"), "{stderr}");
+    assert_eq!(
+        std::fs::read(&output).unwrap(),
+        before,
+        "the output was touched"
+    );
+    // The original input, with lines appended after it, resumes.
+    std::fs::write(&input, original.clone() + &original).unwrap();
+    succeed(
+        run_command(&input, &output, &config, &resume)
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(records(&output).len(), 240);
+}

@@ -4,6 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -216,4 +217,315 @@ async fn sigterm_writes_a_checkpoint_that_a_restart_resumes() {
         metrics.contains("cascade_items_total{answered_by=\"llm\",status=\"ok\"} 20"),
         "counts restored:\n{metrics}"
     );
+}
+
+// ---- Hardening: abusive clients (issue 22, rows 3, 4, 10, 13, 14) ----
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Instant;
+
+/// `host:port` of a server's URL.
+fn address(server: &Server) -> String {
+    server.url.trim_start_matches("http://").to_string()
+}
+
+/// Resident memory of a process, in MB.
+fn rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb / 1024.0
+}
+
+/// Whether the server closed the connection within `wait`: a read gives EOF
+/// or an error, rather than timing out with the socket still open.
+fn closed_within(stream: &mut TcpStream, wait: Duration) -> bool {
+    stream.set_read_timeout(Some(wait)).unwrap();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => return true,
+            // A response (e.g. 408) may come first; keep reading to the close.
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// The status code and body of the response on a raw connection.
+fn read_response(stream: &mut TcpStream, wait: Duration) -> (u16, String) {
+    stream.set_read_timeout(Some(wait)).unwrap();
+    let mut response = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buffer) {
+        if n == 0 {
+            break;
+        }
+        response.extend_from_slice(&buffer[..n]);
+        let text = String::from_utf8_lossy(&response);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse::<usize>().ok());
+            if length.is_some_and(|n| body.len() >= n) {
+                break;
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&response).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Row 3: 100 connections without a token, each sending all but the last
+/// byte of an 8 MB body. The token is checked from the headers, so no body
+/// is read: each gets 401 at once, and the server's memory stays small.
+#[test]
+fn unauthenticated_bodies_are_never_read() {
+    let server = serve(&["--token-env", "CASCADE_TEST_TOKEN"]);
+    let address = address(&server);
+    let body = Arc::new(vec![b'x'; (8 << 20) - 1000]);
+    let attackers: Vec<_> = (0..100)
+        .map(|_| {
+            let (address, body) = (address.clone(), Arc::clone(&body));
+            std::thread::spawn(move || {
+                let mut stream = TcpStream::connect(&address).unwrap();
+                let head = format!(
+                    "POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                    body.len() + 1
+                );
+                stream.write_all(head.as_bytes()).unwrap();
+                stream
+                    .set_write_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                // The server may close before taking it all: that is the point.
+                let _ = stream.write_all(&body);
+                read_response(&mut stream, Duration::from_secs(5)).0
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = attackers.into_iter().map(|a| a.join().unwrap()).collect();
+    let rss = rss_mb(server.child.id());
+    let refused = statuses.iter().filter(|s| **s == 401).count();
+    assert!(refused >= 95, "{refused} of 100 got 401: {statuses:?}");
+    assert!(
+        rss < 200.0,
+        "serve's RSS is {rss:.0} MB after 100 unauthenticated 8 MB bodies"
+    );
+    eprintln!("serve RSS after the attack: {rss:.0} MB; {refused} of 100 refused with 401");
+}
+
+/// Row 3: connections that never finish their headers are closed once the
+/// header timeout passes, and past --max-connections they are closed at once.
+#[test]
+fn slow_and_surplus_connections_are_closed() {
+    let server = serve(&["--header-timeout-secs", "1", "--max-connections", "50"]);
+    let address = address(&server);
+    let mut streams: Vec<TcpStream> = (0..200)
+        .map(|_| {
+            let mut stream = TcpStream::connect(&address).unwrap();
+            let _ = stream.write_all(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\n");
+            stream
+        })
+        .collect();
+    let started = Instant::now();
+    let open_after = |streams: &mut [TcpStream], wait| {
+        streams
+            .iter_mut()
+            .map(|s| closed_within(s, wait))
+            .filter(|closed| !closed)
+            .count()
+    };
+    // 150 were over the cap: closed at once (50 are still in their timeout).
+    let surplus_open = open_after(&mut streams[50..], Duration::from_millis(300));
+    assert_eq!(
+        surplus_open, 0,
+        "connections over --max-connections stayed open"
+    );
+    let slow_open = open_after(&mut streams[..50], Duration::from_secs(4));
+    assert_eq!(
+        slow_open,
+        0,
+        "slow-header connections still open after {:?}",
+        started.elapsed()
+    );
+    // The server still answers.
+    let mut fresh = TcpStream::connect(&address).unwrap();
+    fresh
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut fresh, Duration::from_secs(5)).0, 200);
+}
+
+/// Row 3: a request whose body stops arriving gets a JSON 408 after the body timeout.
+#[test]
+fn a_stalled_body_times_out_with_a_json_408() {
+    let server = serve(&["--body-timeout-secs", "1"]);
+    let mut stream = TcpStream::connect(address(&server)).unwrap();
+    stream
+        .write_all(
+            b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"text\": ",
+        )
+        .unwrap();
+    let (status, body) = read_response(&mut stream, Duration::from_secs(5));
+    assert_eq!(status, 408, "{body}");
+    let error: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        error["error"].as_str().unwrap().contains("did not arrive"),
+        "{body}"
+    );
+}
+
+/// Row 4: SIGTERM while a client holds a half-sent request: serve exits and
+/// checkpoints within the shutdown deadline instead of waiting for the client.
+#[test]
+fn sigterm_with_a_half_sent_request_exits_within_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut server = serve(&[
+        "--state",
+        state.to_str().unwrap(),
+        "--shutdown-secs",
+        "2",
+        "--body-timeout-secs",
+        "60",
+    ]);
+    let mut stream = TcpStream::connect(address(&server)).unwrap();
+    stream
+        .write_all(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"te")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let signalled = Instant::now();
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    let deadline = signalled + Duration::from_secs(6);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serve still running 6 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    assert!(state.join("checkpoint.cbor").exists(), "no checkpoint");
+    eprintln!("exited {:?} after SIGTERM", signalled.elapsed());
+    drop(stream);
+}
+
+/// Row 10: a large batch is routed and settled a slice at a time, so one-item
+/// requests sent meanwhile are never held for the whole batch: the slowest of
+/// them, measured beside the batch in the same run, is a small part of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_requests_are_not_held_behind_a_large_batch() {
+    let server = serve(&["--audit-rate", "0", "--max-body-bytes", "67108864"]);
+    // Long texts, so that routing and learning the batch take a while.
+    let filler = "the plot and the acting and the music of this film ".repeat(4000);
+    let items: Vec<Value> = (0..100)
+        .map(|i| json!({"id": i, "text": format!("review {i}: {filler}")}))
+        .collect();
+    let batch = json!({ "items": items }).to_string();
+    let url = server.url.clone();
+    let started = Instant::now();
+    let big = tokio::spawn(async move {
+        let response = reqwest::Client::new()
+            .post(format!("{url}/v1/classify"))
+            .body(batch)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        started.elapsed()
+    });
+    let mut small = Vec::new();
+    while !big.is_finished() {
+        let asked = Instant::now();
+        let (status, _, _) = post(&server, r#"{"id": 7, "text": "short"}"#, None).await;
+        assert_eq!(status, 200);
+        small.push(asked.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let batch_time = big.await.unwrap();
+    let slowest = small.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "batch of 100 long items: {batch_time:?}; slowest of {} one-item requests meanwhile: {slowest:?}",
+        small.len()
+    );
+    assert!(
+        slowest * 4 < batch_time,
+        "a one-item request took {slowest:?} beside a batch of {batch_time:?}"
+    );
+}
+
+/// Rows 13 and 14: an empty token is refused at start-up; errors are JSON,
+/// 413 and unknown paths included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_must_be_set_and_every_error_is_json() {
+    let empty = serve_command(&["--token-env", "CASCADE_EMPTY_TOKEN"])
+        .env("CASCADE_EMPTY_TOKEN", "")
+        .output()
+        .unwrap();
+    assert!(!empty.status.success());
+    assert!(
+        String::from_utf8_lossy(&empty.stderr).contains("CASCADE_EMPTY_TOKEN is empty"),
+        "{}",
+        String::from_utf8_lossy(&empty.stderr)
+    );
+    let server = serve(&[
+        "--token-env",
+        "CASCADE_TEST_TOKEN",
+        "--max-body-bytes",
+        "1000",
+    ]);
+    // A token right but for its last character, or with more after it, is refused.
+    for token in ["s3cres", "s3cret2", ""] {
+        let (status, body, _) = post(&server, r#"{"text": "x"}"#, Some(token)).await;
+        assert_eq!(status, 401, "{token:?}");
+        assert!(body["error"].is_string(), "{body}");
+    }
+    let big = json!({"text": "x".repeat(5000)}).to_string();
+    let (status, body, _) = post(&server, &big, Some("s3cret")).await;
+    assert_eq!(status, 413);
+    assert!(
+        body["error"].as_str().unwrap().contains("1000 bytes"),
+        "{body}"
+    );
+    // Without a Content-Length (chunked), the limit holds as the body is read.
+    let mut stream = TcpStream::connect(address(&server)).unwrap();
+    let mut request = b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..10 {
+        request.extend_from_slice(format!("1f4\r\n{}\r\n", "x".repeat(500)).as_bytes());
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    stream.write_all(&request).unwrap();
+    let (status, body) = read_response(&mut stream, Duration::from_secs(5));
+    assert_eq!(status, 413, "{body}");
+    assert!(
+        serde_json::from_str::<Value>(&body).unwrap()["error"].is_string(),
+        "{body}"
+    );
+    let missing = reqwest::get(format!("{}/nope", server.url)).await.unwrap();
+    assert_eq!(missing.status().as_u16(), 404);
+    let body: Value = missing.json().await.unwrap();
+    assert!(body["error"].is_string(), "{body}");
 }

@@ -90,6 +90,13 @@ pub fn build(
         (None, Some(rate)) => Some(Budget::Rate(rate)),
         (None, None) => None,
     };
+    // Before anything is allocated: a size typo is an error naming the field.
+    config
+        .check_memory(labels, cascade::config::limits::MEMORY_BYTES)
+        .map_err(|source| RuntimeError::Config {
+            path: "<config>".into(),
+            source,
+        })?;
     let students = build_students(config, labels)?;
     let mut cascade = Cascade::with_students(config, students, labels, routing)?;
     if let Some(budget) = budget {

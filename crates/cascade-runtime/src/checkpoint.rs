@@ -24,6 +24,9 @@ pub struct Checkpoint {
     pub lines_done: u64,
     /// Output bytes after those lines' records (`run`).
     pub output_bytes: u64,
+    /// SHA-256 (hex) of the input bytes those lines came from (`run`), so a
+    /// resume refuses an input edited before the checkpoint's position.
+    pub input_sha256: Option<String>,
     /// The session's state (not flattened: serde's flatten buffers values
     /// and cannot carry the RNGs' u128 through CBOR).
     pub session: SessionState,
@@ -42,10 +45,22 @@ pub enum Resume {
 }
 
 /// Where a restored session stands in its stream.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Position {
     pub lines_done: u64,
     pub output_bytes: u64,
+    /// SHA-256 (hex) of the input bytes of those lines, when the input is a file.
+    pub input_sha256: Option<String>,
+}
+
+/// The file as written: the checkpoint's bytes and their SHA-256, so that a
+/// checkpoint edited or damaged in any byte is refused, even one that parses.
+#[derive(Serialize, Deserialize)]
+struct Sealed {
+    #[serde(with = "serde_bytes")]
+    sha256: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    body: Vec<u8>,
 }
 
 /// What a checkpoint must match to be resumed: the checked config (with every
@@ -109,6 +124,7 @@ impl StateDir {
                 Some(Position {
                     lines_done: saved.lines_done,
                     output_bytes: saved.output_bytes,
+                    input_sha256: saved.input_sha256,
                 })
             }
             (false, Resume::Never | Resume::Auto) => {
@@ -139,6 +155,7 @@ impl StateDir {
             fingerprint: self.fingerprint.clone(),
             lines_done: position.lines_done,
             output_bytes: position.output_bytes,
+            input_sha256: position.input_sha256,
             session: session.save_state()?,
         };
         write_checkpoint(&self.path, &checkpoint)
@@ -148,11 +165,20 @@ impl StateDir {
 /// Reads a checkpoint and checks it belongs to `fingerprint`.
 pub fn read_checkpoint(path: &Path, fingerprint: &str) -> Result<Checkpoint> {
     let bytes = std::fs::read(path).map_err(RuntimeError::io(path))?;
-    let saved: Checkpoint =
-        ciborium::from_reader(bytes.as_slice()).map_err(|e| RuntimeError::Checkpoint {
-            path: path.to_path_buf(),
-            reason: format!("is not a readable checkpoint: {e}"),
-        })?;
+    let refuse = |reason: String| RuntimeError::Checkpoint {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let sealed: Sealed = ciborium::from_reader(bytes.as_slice())
+        .map_err(|e| refuse(format!("is not a readable checkpoint: {e}")))?;
+    if Sha256::digest(&sealed.body).as_slice() != sealed.sha256.as_slice() {
+        return Err(refuse(
+            "is damaged: its checksum does not match its content (edited or corrupted); remove it to start over"
+                .into(),
+        ));
+    }
+    let saved: Checkpoint = ciborium::from_reader(sealed.body.as_slice())
+        .map_err(|e| refuse(format!("is not a readable checkpoint: {e}")))?;
     if saved.fingerprint != fingerprint {
         return Err(RuntimeError::Checkpoint {
             path: path.to_path_buf(),
@@ -170,11 +196,18 @@ pub fn write_checkpoint(path: &Path, checkpoint: &Checkpoint) -> Result<()> {
         path: temp.clone(),
         source: e,
     };
-    let mut file = BufWriter::new(File::create(&temp).map_err(io)?);
-    ciborium::into_writer(checkpoint, &mut file).map_err(|e| RuntimeError::Checkpoint {
+    let encoding = |e: ciborium::ser::Error<std::io::Error>| RuntimeError::Checkpoint {
         path: path.to_path_buf(),
         reason: format!("encoding: {e}"),
-    })?;
+    };
+    let mut body = Vec::new();
+    ciborium::into_writer(checkpoint, &mut body).map_err(encoding)?;
+    let sealed = Sealed {
+        sha256: Sha256::digest(&body).to_vec(),
+        body,
+    };
+    let mut file = BufWriter::new(File::create(&temp).map_err(io)?);
+    ciborium::into_writer(&sealed, &mut file).map_err(encoding)?;
     let file = file.into_inner().map_err(|e| io(e.into_error()))?;
     file.sync_all().map_err(io)?;
     std::fs::rename(&temp, path).map_err(RuntimeError::io(path))?;
@@ -202,6 +235,7 @@ mod tests {
             fingerprint: "a".into(),
             lines_done: 3,
             output_bytes: 10,
+            input_sha256: None,
             session: SessionState {
                 counts: Counts::new(1),
                 audit_rng: rand::SeedableRng::seed_from_u64(1),
@@ -212,5 +246,12 @@ mod tests {
         assert_eq!(read_checkpoint(&path, "a").unwrap().lines_done, 3);
         let err = read_checkpoint(&path, "b").err().unwrap().to_string();
         assert!(err.contains("another config"), "{err}");
+        // Any changed byte of the content is caught, even where it still parses.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.len() - 5;
+        bytes[at] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = read_checkpoint(&path, "a").err().unwrap().to_string();
+        assert!(err.contains("checksum"), "{err}");
     }
 }

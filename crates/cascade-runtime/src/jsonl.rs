@@ -8,10 +8,15 @@
 //! checkpoint's length (records written after it are recomputed,
 //! identically) and continues from the next input line.
 
+use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, BufWriter, Seek, Write};
+use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
 
 use serde_json::Value;
 
@@ -82,7 +87,7 @@ impl JsonlRun {
         Ok(())
     }
 
-    pub fn run(&self, live: Live, stop: &AtomicBool) -> Result<(Ended, Live)> {
+    pub fn run(&self, live: Live, stop: Arc<AtomicBool>) -> Result<(Ended, Live)> {
         self.check(live.state.is_some())?;
         let Live {
             task,
@@ -91,26 +96,42 @@ impl JsonlRun {
             state,
             resumed,
         } = live;
-        let position = resumed.unwrap_or_default();
+        let position = resumed.clone().unwrap_or_default();
+        if resumed.is_some() && session.counts().lines != position.lines_done {
+            return Err(RuntimeError::Input(format!(
+                "the checkpoint counts {} records for {} lines: it does not belong to this run",
+                session.counts().lines,
+                position.lines_done
+            )));
+        }
         let runtime = crate::async_runtime()?;
-        let mut input: LineReader<Box<dyn BufRead>> = LineReader::new(
-            match self.input.as_str() {
-                "-" => Box::new(std::io::stdin().lock()),
-                path => Box::new(BufReader::new(
-                    File::open(path).map_err(RuntimeError::io(path))?,
-                )),
-            },
-            self.max_line_bytes,
-        );
-        // Skip what the checkpoint covers.
+        let digest = Rc::new(RefCell::new(Sha256::new()));
+        let reader: Box<dyn BufRead> = match self.input.as_str() {
+            "-" => Box::new(std::io::stdin().lock()),
+            path => Box::new(BufReader::new(
+                File::open(path).map_err(RuntimeError::io(path))?,
+            )),
+        };
+        let hashing = Hashing {
+            inner: reader,
+            digest: Rc::clone(&digest),
+        };
+        let mut input = LineReader::new(hashing, self.max_line_bytes);
+        // Skip what the checkpoint covers, and check that it is the same
+        // input before the output is touched.
         while input.lines < position.lines_done {
-            if input
-                .next_line()
-                .map_err(RuntimeError::io(&self.input))?
-                .is_none()
-            {
+            let line = input.next_line().map_err(RuntimeError::io(&self.input))?;
+            if line.is_none() {
                 return Err(RuntimeError::Input(format!(
                     "it has fewer lines than the checkpoint's {}: is it the same input?",
+                    position.lines_done
+                )));
+            }
+        }
+        if let Some(expected) = &position.input_sha256 {
+            if hex(&digest.borrow()) != *expected {
+                return Err(RuntimeError::Input(format!(
+                    "its first {} lines are not the ones the checkpoint covers: was it edited?",
                     position.lines_done
                 )));
             }
@@ -123,13 +144,15 @@ impl JsonlRun {
             runtime.handle().clone(),
             self.max_in_flight,
             !self.unordered,
-        )?;
+        )?
+        .stop_on(Arc::clone(&stop));
         let levels = pipeline.session().level_names().to_vec();
         let mut sink = Sink {
-            output: Output::open(&self.output, resumed.map(|p| p.output_bytes))?,
+            output: Output::open(&self.output, resumed.as_ref().map(|p| p.output_bytes))?,
             task: &task,
             levels: &levels,
             state: state.as_ref(),
+            digest: &digest,
         };
         let mut ended = Ended::Complete;
         while let Some(raw) = input.next_line().map_err(RuntimeError::io(&self.input))? {
@@ -178,6 +201,8 @@ struct Sink<'a> {
     task: &'a cascade_expert::Task,
     levels: &'a [String],
     state: Option<&'a crate::checkpoint::StateDir>,
+    /// The running digest of the input bytes read so far.
+    digest: &'a RefCell<Sha256>,
 }
 
 impl Sink<'_> {
@@ -199,14 +224,51 @@ impl Sink<'_> {
             return Ok(());
         };
         let output_bytes = self.output.sync()?;
-        state.write(
-            pipeline.session(),
-            Position {
-                lines_done,
-                output_bytes,
-            },
-        )
+        let position = Position {
+            lines_done,
+            output_bytes,
+            input_sha256: Some(hex(&self.digest.borrow())),
+        };
+        state.write(pipeline.session(), position)
     }
+}
+
+/// A reader that feeds every byte it hands out into a digest.
+struct Hashing<R> {
+    inner: R,
+    digest: Rc<RefCell<Sha256>>,
+}
+
+impl<R: BufRead> Read for Hashing<R> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(out)?;
+        self.digest.borrow_mut().update(&out[..n]);
+        Ok(n)
+    }
+}
+
+impl<R: BufRead> BufRead for Hashing<R> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        self.inner.fill_buf()
+    }
+
+    fn consume(&mut self, n: usize) {
+        if let Ok(buffer) = self.inner.fill_buf() {
+            self.digest
+                .borrow_mut()
+                .update(&buffer[..n.min(buffer.len())]);
+        }
+        self.inner.consume(n);
+    }
+}
+
+fn hex(digest: &Sha256) -> String {
+    digest
+        .clone()
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn count_lines(path: &Path) -> Result<u64> {
@@ -239,14 +301,29 @@ impl Output {
         let io = RuntimeError::io(path);
         let file = match resume_at {
             Some(bytes) => {
-                let mut file = OpenOptions::new().write(true).open(path).map_err(io)?;
+                let mut file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(path)
+                    .map_err(io)?;
                 let length = file.metadata().map_err(RuntimeError::Output)?.len();
                 if length < bytes {
                     return Err(RuntimeError::Input(format!("{path} is shorter ({length} bytes) than the checkpoint says ({bytes}): was it replaced?")));
                 }
+                if bytes > 0 {
+                    // The checkpoint's length must end a record.
+                    let mut last = [0u8];
+                    file.seek(SeekFrom::Start(bytes - 1))
+                        .map_err(RuntimeError::Output)?;
+                    file.read_exact(&mut last).map_err(RuntimeError::Output)?;
+                    if last[0] != b'\n' {
+                        return Err(RuntimeError::Input(format!(
+                            "{path}: the checkpoint's length ({bytes} bytes) does not end a record: was the output edited?"
+                        )));
+                    }
+                }
                 file.set_len(bytes).map_err(RuntimeError::Output)?;
-                file.seek(std::io::SeekFrom::End(0))
-                    .map_err(RuntimeError::Output)?;
+                file.seek(SeekFrom::End(0)).map_err(RuntimeError::Output)?;
                 file
             }
             None => File::create(path).map_err(io)?,

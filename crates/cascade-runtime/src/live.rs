@@ -60,7 +60,12 @@ impl Live {
         };
         let mut session = Session::new(cascade, config.seed, options);
         let expert = build_expert(&spec.expert, &task)?;
-        let schedule = format!("{schedule}|stream length {:?}", spec.stream_length);
+        // The stream's length matters to a call budget only: without one, a
+        // run may resume over an input that has grown since.
+        let schedule = match config.llm_budget {
+            Some(_) => format!("{schedule}|stream length {:?}", spec.stream_length),
+            None => schedule.to_string(),
+        };
         let fingerprint = fingerprint(&config, &task, &spec.expert, options, &schedule);
         let (state, resumed) = match &spec.state {
             Some(dir) => {

@@ -8,7 +8,9 @@
 //! each item's label is learned before the next item is routed (Algorithm 1).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use cascade_expert::{Answer, Expert, ExpertError, Query};
 use serde_json::Value;
@@ -44,7 +46,13 @@ pub struct Pipeline {
     max_in_flight: usize,
     ordered: bool,
     queue: VecDeque<Entry>,
+    /// Raised by SIGINT/SIGTERM: waits on the expert end (after a grace).
+    stop: Option<Arc<AtomicBool>>,
 }
+
+/// How long calls in flight may still finish once a stop is asked for; the
+/// rest end as expert failures, so the run can checkpoint and exit.
+const STOP_GRACE: Duration = Duration::from_secs(2);
 
 impl Pipeline {
     /// `max_in_flight` ≥ 1; `ordered`: items leave in input order (else as settled).
@@ -65,7 +73,16 @@ impl Pipeline {
             max_in_flight,
             ordered,
             queue: VecDeque::new(),
+            stop: None,
         })
+    }
+
+    /// Lets a raised `stop` end the waits on the expert: calls still out
+    /// after a short grace fail (the failure policy answers their items), so
+    /// a stopped run checkpoints at once instead of waiting on a slow remote.
+    pub fn stop_on(mut self, stop: Arc<AtomicBool>) -> Self {
+        self.stop = Some(stop);
+        self
     }
 
     /// Routes the item on input line `line` (numbered from 1, increasing),
@@ -177,10 +194,7 @@ impl Pipeline {
             else {
                 unreachable!("position found a waiting entry");
             };
-            let answer = self
-                .runtime
-                .block_on(call)
-                .unwrap_or_else(|e| Err(ExpertError::Failed(format!("expert task: {e}"))));
+            let answer = self.runtime.block_on(wait(call, self.stop.as_deref()));
             let settled = self.session.settle(ticket, answer)?;
             self.queue.insert(
                 index,
@@ -193,5 +207,36 @@ impl Pipeline {
             );
         }
         Ok(())
+    }
+}
+
+/// The call's answer; once `stop` is raised, at most [`STOP_GRACE`] more.
+async fn wait(
+    mut call: JoinHandle<std::result::Result<Answer, ExpertError>>,
+    stop: Option<&AtomicBool>,
+) -> std::result::Result<Answer, ExpertError> {
+    let joined = |result: std::result::Result<_, tokio::task::JoinError>| {
+        result.unwrap_or_else(|e| Err(ExpertError::Failed(format!("expert task: {e}"))))
+    };
+    let Some(stop) = stop else {
+        return joined(call.await);
+    };
+    let stopped = async {
+        while !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        result = &mut call => return joined(result),
+        _ = stopped => {}
+    }
+    match tokio::time::timeout(STOP_GRACE, &mut call).await {
+        Ok(result) => joined(result),
+        Err(_) => {
+            call.abort();
+            Err(ExpertError::Failed(
+                "interrupted: the run was stopped while this call was out".into(),
+            ))
+        }
     }
 }

@@ -684,22 +684,24 @@ mod tests {
     }
 
     fn config(levels: usize) -> CascadeConfig {
-        let level = r#"
-            [[levels]]
-            kind = "logreg"
-            cost = 1
-            cache_size = 4
-            [levels.gate]
-            decaying_factor = 0.5
-            calibration = 0.3
-            [levels.logreg]
-            buckets = 1024
-        "#;
-        CascadeConfig::from_toml(&format!(
-            "mu = 0.1\nwarmup_updates = 3\n{}",
-            level.repeat(levels)
-        ))
-        .unwrap()
+        let level = |j: usize| {
+            format!(
+                r#"
+                [[levels]]
+                name = "lr{j}"
+                kind = "logreg"
+                cost = 1
+                cache_size = 4
+                [levels.gate]
+                decaying_factor = 0.5
+                calibration = 0.3
+                [levels.logreg]
+                buckets = 1024
+                "#
+            )
+        };
+        let levels: String = (0..levels).map(level).collect();
+        CascadeConfig::from_toml(&format!("mu = 0.1\nwarmup_updates = 3\n{levels}")).unwrap()
     }
 
     fn fixed_students(n: usize) -> Vec<Box<dyn Student>> {

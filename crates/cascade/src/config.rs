@@ -7,6 +7,23 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+/// Upper bounds of the size-like fields, checked at load so that a typo
+/// (`cache_size = 1000000000000`) is an error that names the field, never an
+/// allocation that aborts the process or a loop that never ends.
+pub mod limits {
+    pub const LEVELS: usize = 16;
+    pub const CACHE_SIZE: usize = 100_000;
+    pub const EPOCHS: usize = 1_000;
+    pub const REPLAY: usize = 100_000;
+    pub const GATE_HIDDEN: usize = 4_096;
+    pub const WARMUP_UPDATES: u64 = 1_000_000;
+    pub const MAX_LEN: usize = 8_192;
+    pub const LAYERS: usize = 1_000;
+    /// What one cascade's students and gates may take, estimated before
+    /// anything is allocated (`CascadeConfig::check_memory`).
+    pub const MEMORY_BYTES: u64 = 8 << 30;
+}
+
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot parse config: {0}")]
@@ -289,11 +306,59 @@ impl CascadeConfig {
         check("levels", !self.levels.is_empty(), || {
             "needs at least one [[levels]] table".into()
         })?;
+        check("levels", self.levels.len() <= limits::LEVELS, || {
+            format!(
+                "{} levels; at most {} are supported",
+                self.levels.len(),
+                limits::LEVELS
+            )
+        })?;
+        check(
+            "warmup_updates",
+            self.warmup_updates <= limits::WARMUP_UPDATES,
+            || at_most(self.warmup_updates, limits::WARMUP_UPDATES),
+        )?;
         for (i, level) in self.levels.iter().enumerate() {
             level.validate(&format!("levels[{i}]"))?;
+            // Names tell levels apart in records, metrics and checkpoints.
+            let name = level.name();
+            if let Some(first) = self.levels[..i].iter().position(|l| l.name() == name) {
+                return Err(ConfigError::Invalid {
+                    field: format!("levels[{i}].name"),
+                    reason: format!(
+                        "`{name}` is already levels[{first}]'s name; give each level its own"
+                    ),
+                });
+            }
         }
         Ok(())
     }
+
+    /// Refuses a cascade whose students and gates would take more than
+    /// `limit` bytes for a task of `labels` labels, naming the level's field
+    /// that costs the most; checked before anything is allocated.
+    pub fn check_memory(&self, labels: usize, limit: u64) -> Result<(), ConfigError> {
+        let mut total = 0u64;
+        for (i, level) in self.levels.iter().enumerate() {
+            let (field, bytes) = level.estimated_bytes(labels);
+            total = total.saturating_add(bytes);
+            if total > limit {
+                return Err(ConfigError::Invalid {
+                    field: format!("levels[{i}].{field}"),
+                    reason: format!(
+                        "the cascade would need about {} MB for {labels} labels, more than the {} MB allowed",
+                        total >> 20,
+                        limit >> 20
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn at_most(value: impl std::fmt::Display, limit: impl std::fmt::Display) -> String {
+    format!("must be at most {limit}, got {value}")
 }
 
 impl LevelConfig {
@@ -327,6 +392,26 @@ impl LevelConfig {
         self.batch.unwrap_or(self.cache_size)
     }
 
+    /// The field that sizes this level's memory and an estimate of the bytes:
+    /// the LR's weights and two optimiser moments per bucket and label, the
+    /// gate, and the cache of demonstrations (texts not counted).
+    fn estimated_bytes(&self, labels: usize) -> (&'static str, u64) {
+        let per_float = 4u64;
+        let gate = (labels as u64 + 2).saturating_mul(self.gate.hidden as u64) * per_float * 3;
+        let cache = self.cache_size as u64 * 64;
+        let (field, student) = match self.kind {
+            StudentKind::Logreg => (
+                "logreg.buckets",
+                (self.logreg.buckets as u64)
+                    .saturating_mul(labels as u64)
+                    .saturating_mul(per_float * 3),
+            ),
+            // The encoders' size is the model folder's; only the head grows with labels.
+            StudentKind::Transformer | StudentKind::EmbeddingHead => ("cache_size", 0),
+        };
+        (field, student.saturating_add(gate).saturating_add(cache))
+    }
+
     fn validate(&self, at: &str) -> Result<(), ConfigError> {
         let field = |name: &str| format!("{at}.{name}");
         check(
@@ -334,15 +419,29 @@ impl LevelConfig {
             self.cost.is_finite() && self.cost >= 0.0,
             || format!("must be a finite number >= 0, got {}", self.cost),
         )?;
-        check(&field("cache_size"), self.cache_size >= 1, || {
-            "must be at least 1".into()
-        })?;
-        check(&field("epochs"), self.epochs >= 1, || {
-            "must be at least 1".into()
-        })?;
-        check(&field("batch"), self.batch() >= 1, || {
-            "must be at least 1".into()
-        })?;
+        let between = |min: usize, max: usize, value: usize| {
+            move || format!("must be between {min} and {max}, got {value}")
+        };
+        check(
+            &field("cache_size"),
+            (1..=limits::CACHE_SIZE).contains(&self.cache_size),
+            between(1, limits::CACHE_SIZE, self.cache_size),
+        )?;
+        check(
+            &field("epochs"),
+            (1..=limits::EPOCHS).contains(&self.epochs),
+            between(1, limits::EPOCHS, self.epochs),
+        )?;
+        check(
+            &field("batch"),
+            (1..=self.cache_size).contains(&self.batch()),
+            between(1, self.cache_size, self.batch()),
+        )?;
+        check(
+            &field("replay"),
+            self.replay <= limits::REPLAY,
+            between(0, limits::REPLAY, self.replay),
+        )?;
         let gate = &self.gate;
         check(
             &field("gate.lr"),
@@ -364,9 +463,27 @@ impl LevelConfig {
             (0.0..=1.0).contains(&gate.calibration),
             || format!("must be in [0, 1], got {}", gate.calibration),
         )?;
-        check(&field("gate.hidden"), gate.hidden >= 1, || {
-            "must be at least 1".into()
-        })?;
+        check(
+            &field("gate.hidden"),
+            (1..=limits::GATE_HIDDEN).contains(&gate.hidden),
+            between(1, limits::GATE_HIDDEN, gate.hidden),
+        )?;
+        let transformer = &self.transformer;
+        check(
+            &field("transformer.max_len"),
+            (3..=limits::MAX_LEN).contains(&transformer.max_len),
+            between(3, limits::MAX_LEN, transformer.max_len),
+        )?;
+        check(
+            &field("transformer.frozen_layers"),
+            transformer.frozen_layers <= limits::LAYERS,
+            between(0, limits::LAYERS, transformer.frozen_layers),
+        )?;
+        check(
+            &field("embedding_head.max_len"),
+            (3..=limits::MAX_LEN).contains(&self.embedding_head.max_len),
+            between(3, limits::MAX_LEN, self.embedding_head.max_len),
+        )?;
         let lr = &self.logreg;
         check(
             &field("logreg.buckets"),
@@ -402,8 +519,15 @@ impl LevelConfig {
         let layers = &self.embedding_head.layers;
         check(
             &field("embedding_head.layers"),
-            layers.windows(2).all(|w| w[0] < w[1]) && !layers.contains(&0),
-            || format!("must be ascending layer numbers from 1, got {layers:?}"),
+            layers.windows(2).all(|w| w[0] < w[1])
+                && !layers.contains(&0)
+                && layers.iter().all(|&l| l <= limits::LAYERS),
+            || {
+                format!(
+                    "must be ascending layer numbers from 1 to {}, got {layers:?}",
+                    limits::LAYERS
+                )
+            },
         )?;
         Ok(())
     }
@@ -494,11 +618,71 @@ mod tests {
                 "buckets = 65536\n[levels.embedding_head]\nlayers = [0]",
                 "`levels[0].embedding_head.layers`",
             ),
+            // Sizes past their bounds (issue 22, row 7): an error, never an abort.
+            (
+                "cache_size = 8",
+                "cache_size = 1000000000000",
+                "`levels[0].cache_size`",
+            ),
+            (
+                "decaying_factor = 0.97",
+                "decaying_factor = 0.97\nhidden = 1000000000",
+                "`levels[0].gate.hidden`",
+            ),
+            (
+                "cache_size = 8",
+                "cache_size = 8\nepochs = 1000000000000",
+                "`levels[0].epochs`",
+            ),
+            (
+                "cache_size = 8",
+                "cache_size = 8\nreplay = 1000000000000",
+                "`levels[0].replay`",
+            ),
+            (
+                "mu = 5e-4",
+                "mu = 5e-4\nwarmup_updates = 1000000000000",
+                "`warmup_updates`",
+            ),
+            (
+                "buckets = 65536",
+                "buckets = 65536\n[levels.embedding_head]\nmax_len = 1000000",
+                "`levels[0].embedding_head.max_len`",
+            ),
         ];
         for (from, to, field) in cases {
             let err = error_for(from, to);
             assert!(err.contains(field), "{err} should name {field}");
         }
+    }
+
+    #[test]
+    fn too_many_levels_duplicate_names_and_too_much_memory_are_refused() {
+        let level = GOOD.split_once("[[levels]]").unwrap().1;
+        let many = format!("mu = 1e-4\n{}", format!("[[levels]]{level}").repeat(10_000));
+        let err = CascadeConfig::from_toml(&many).unwrap_err().to_string();
+        assert!(
+            err.contains("`levels`") && err.contains("at most 16"),
+            "{err}"
+        );
+        let twice = format!("mu = 1e-4\n{}", format!("[[levels]]{level}").repeat(2));
+        let err = CascadeConfig::from_toml(&twice).unwrap_err().to_string();
+        assert!(
+            err.contains("`levels[1].name`") && err.contains("already levels[0]"),
+            "{err}"
+        );
+        let config = CascadeConfig::from_toml(GOOD).unwrap();
+        assert!(config.check_memory(2, limits::MEMORY_BYTES).is_ok());
+        let huge = GOOD.replace("buckets = 65536", "buckets = 67108864");
+        let config = CascadeConfig::from_toml(&huge).unwrap();
+        let err = config
+            .check_memory(1000, limits::MEMORY_BYTES)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`levels[0].logreg.buckets`") && err.contains("MB"),
+            "{err}"
+        );
     }
 
     #[test]

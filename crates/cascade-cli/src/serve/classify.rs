@@ -4,9 +4,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use cascade_expert::Query;
 use cascade_runtime::{Next, Settled};
@@ -14,13 +13,19 @@ use serde_json::{json, Value};
 
 use super::{authorized, error, lock, Service};
 
-pub(super) async fn classify(
-    State(service): State<Arc<Service>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if !authorized(&service, &headers) {
+pub(super) async fn classify(State(service): State<Arc<Service>>, request: Request) -> Response {
+    // Everything the headers can refuse is refused before a byte of the body is read.
+    let (parts, body) = request.into_parts();
+    if !authorized(&service, &parts.headers) {
         return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > service.limits.max_body_bytes as u64) {
+        return too_large(&service);
     }
     let Ok(_permit) = service.pending.try_acquire() else {
         let mut response = error(StatusCode::SERVICE_UNAVAILABLE, "queue full; retry shortly");
@@ -28,6 +33,21 @@ pub(super) async fn classify(
             .headers_mut()
             .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         return response;
+    };
+    let read = axum::body::to_bytes(body, service.limits.max_body_bytes);
+    let body = match tokio::time::timeout(service.limits.body_timeout, read).await {
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the body did not arrive within {:?}",
+                    service.limits.body_timeout
+                ),
+            )
+        }
+        Ok(Err(e)) if is_length_limit(&e) => return too_large(&service),
+        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("reading the body: {e}")),
+        Ok(Ok(body)) => body,
     };
     let started = Instant::now();
     let request: Value = match serde_json::from_slice(&body) {
@@ -39,13 +59,13 @@ pub(super) async fn classify(
         Some(_) => return error(StatusCode::BAD_REQUEST, "`items` must be an array"),
         None => (vec![request], true),
     };
-    if items.len() > service.max_batch {
+    if items.len() > service.limits.max_batch {
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
                 "{} items; at most {} per request",
                 items.len(),
-                service.max_batch
+                service.limits.max_batch
             ),
         );
     }
@@ -68,9 +88,34 @@ pub(super) async fn classify(
     axum::Json(body).into_response()
 }
 
-/// Routes every item under one short lock (students answer at once), asks
-/// the expert for the deferred and audited ones concurrently without the
-/// lock, and settles each answer under the lock: the runtime's session cycle.
+fn too_large(service: &Service) -> Response {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "the body is larger than {} bytes",
+            service.limits.max_body_bytes
+        ),
+    )
+}
+
+fn is_length_limit(error: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// Items routed or settled per hold of the session lock: a large batch lets
+/// other requests in between slices, so small requests stay fast.
+const SLICE: usize = 8;
+
+/// Routes the items (students answer at once), asks the expert for the
+/// deferred and audited ones concurrently without the lock, and settles each
+/// answer: the runtime's session cycle, under the lock a slice at a time.
 async fn settle_all(service: &Service, items: &[Value]) -> Result<Vec<Value>> {
     let parsed: Vec<(Value, std::result::Result<String, String>)> = items
         .iter()
@@ -85,14 +130,17 @@ async fn settle_all(service: &Service, items: &[Value]) -> Result<Vec<Value>> {
         })
         .collect();
     let mut routed = Vec::with_capacity(items.len());
-    {
-        let mut session = lock(&service.session);
-        for (_, text) in &parsed {
-            routed.push(match text {
-                Err(reason) => Next::Done(session.bad_input(reason.clone())),
-                Ok(text) => session.route(text)?.next,
-            });
+    for slice in parsed.chunks(SLICE) {
+        {
+            let mut session = lock(&service.session);
+            for (_, text) in slice {
+                routed.push(match text {
+                    Err(reason) => Next::Done(session.bad_input(reason.clone())),
+                    Ok(text) => session.route(text)?.next,
+                });
+            }
         }
+        tokio::task::yield_now().await;
     }
     let asks = parsed
         .iter()
@@ -112,15 +160,21 @@ async fn settle_all(service: &Service, items: &[Value]) -> Result<Vec<Value>> {
             }
         });
     let answers = futures::future::join_all(asks).await;
-    let mut session = lock(&service.session);
     let mut results = Vec::with_capacity(items.len());
-    for (((id, _), next), answer) in parsed.iter().zip(routed).zip(answers) {
-        let settled: Settled = match (next, answer) {
-            (Next::Done(settled), _) => settled,
-            (Next::Ask(ticket), Some(answer)) => session.settle(ticket, answer)?,
-            (Next::Ask(_), None) => bail!("an expert call was not made"),
-        };
-        results.push(settled.record(None, id, &service.task, &service.levels));
+    let mut settling = parsed.iter().zip(routed).zip(answers).peekable();
+    while settling.peek().is_some() {
+        {
+            let mut session = lock(&service.session);
+            for (((id, _), next), answer) in settling.by_ref().take(SLICE) {
+                let settled: Settled = match (next, answer) {
+                    (Next::Done(settled), _) => settled,
+                    (Next::Ask(ticket), Some(answer)) => session.settle(ticket, answer)?,
+                    (Next::Ask(_), None) => bail!("an expert call was not made"),
+                };
+                results.push(settled.record(None, id, &service.task, &service.levels));
+            }
+        }
+        tokio::task::yield_now().await;
     }
     Ok(results)
 }

@@ -25,14 +25,17 @@ use cascade_expert::Task;
 use cascade_runtime::{Live, Position, Session, StateDir};
 use clap::Args;
 use serde_json::json;
+use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 use crate::args::SessionArgs;
 
 mod classify;
+mod connections;
 mod metrics;
 
 use classify::classify;
+use connections::Connections;
 use metrics::{metrics, Latency};
 
 #[derive(Args, Debug)]
@@ -52,6 +55,20 @@ pub struct ServeArgs {
     /// Largest request body.
     #[arg(long, default_value_t = 8 << 20)]
     max_body_bytes: usize,
+    /// Connections open at once; more are closed as soon as they are accepted.
+    #[arg(long, default_value_t = 256)]
+    max_connections: usize,
+    /// Seconds a client has to send a request's headers (idle keep-alive
+    /// connections count too); then the connection is closed.
+    #[arg(long, default_value_t = 10)]
+    header_timeout_secs: u64,
+    /// Seconds a client has to send a request's whole body; then 408.
+    #[arg(long, default_value_t = 30)]
+    body_timeout_secs: u64,
+    /// On SIGINT/SIGTERM, seconds to let requests in progress finish; then
+    /// the connections still open are dropped and the checkpoint is written.
+    #[arg(long, default_value_t = 10)]
+    shutdown_secs: u64,
     /// Requests in progress at once; more get 503 with Retry-After.
     #[arg(long, default_value_t = 64)]
     max_pending: usize,
@@ -67,20 +84,32 @@ struct Service {
     levels: Vec<String>,
     latency: Mutex<Latency>,
     pending: Semaphore,
-    token: Option<String>,
-    max_batch: usize,
+    /// SHA-256 of the bearer token, compared in constant time.
+    token: Option<[u8; 32]>,
+    limits: Limits,
     requests: std::sync::atomic::AtomicU64,
 }
 
+/// What a client may send, and for how long.
+struct Limits {
+    max_batch: usize,
+    max_body_bytes: usize,
+    body_timeout: Duration,
+}
+
 pub fn run(args: &ServeArgs) -> Result<()> {
-    if args.max_pending == 0 || args.max_batch == 0 {
-        bail!("--max-pending and --max-batch must be at least 1");
+    if args.max_pending == 0 || args.max_batch == 0 || args.max_connections == 0 {
+        bail!("--max-pending, --max-batch and --max-connections must be at least 1");
     }
     let token = match &args.token_env {
-        Some(name) => Some(
-            std::env::var(name)
-                .with_context(|| format!("--token-env: environment variable {name} is not set"))?,
-        ),
+        Some(name) => {
+            let token = std::env::var(name)
+                .with_context(|| format!("--token-env: environment variable {name} is not set"))?;
+            if token.trim().is_empty() {
+                bail!("--token-env: environment variable {name} is empty; every request would be refused");
+            }
+            Some(digest(&token))
+        }
         None => None,
     };
     let runtime = cascade_runtime::async_runtime()?;
@@ -99,7 +128,11 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         latency: Mutex::new(Latency::default()),
         pending: Semaphore::new(args.max_pending),
         token,
-        max_batch: args.max_batch,
+        limits: Limits {
+            max_batch: args.max_batch,
+            max_body_bytes: args.max_body_bytes,
+            body_timeout: Duration::from_secs(args.body_timeout_secs.max(1)),
+        },
         requests: std::sync::atomic::AtomicU64::new(resumed.unwrap_or_default().lines_done),
     });
     let state: Option<Arc<StateDir>> = state.map(Arc::new);
@@ -112,6 +145,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             let position = Position {
                 lines_done: service.requests.load(std::sync::atomic::Ordering::Relaxed),
                 output_bytes: 0,
+                input_sha256: None,
             };
             state.write(&lock(&service.session), position)?;
             Ok(())
@@ -121,7 +155,9 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         .route("/v1/classify", post(classify))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
-        .layer(DefaultBodyLimit::max(args.max_body_bytes))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
+        // classify reads its body itself, after the headers are checked.
+        .layer(DefaultBodyLimit::disable())
         .with_state(Arc::clone(&service));
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.listen)
@@ -148,10 +184,12 @@ pub fn run(args: &ServeArgs) -> Result<()> {
                 }
             })
         };
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-            .context("serving")?;
+        let connections = Connections {
+            max: args.max_connections,
+            header_timeout: Duration::from_secs(args.header_timeout_secs.max(1)),
+            shutdown: Duration::from_secs(args.shutdown_secs),
+        };
+        connections.serve(listener, app, shutdown_signal()).await;
         periodic.abort();
         anyhow::Ok(())
     })?;
@@ -191,9 +229,21 @@ fn authorized(service: &Service, headers: &HeaderMap) -> bool {
     let Some(token) = &service.token else {
         return true;
     };
-    headers
+    let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|given| given == token)
+        .unwrap_or_default();
+    // Digests of equal length, compared without an early exit: the time
+    // taken says nothing about how much of the token was right.
+    let given = digest(given);
+    given
+        .iter()
+        .zip(token)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
 }
