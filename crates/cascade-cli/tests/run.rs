@@ -540,6 +540,19 @@ fn sigterm_ends_a_wait_on_a_slow_expert_and_checkpoints() {
     assert_eq!(records(&output).len(), 40, "one record per input line");
 }
 
+/// Runs `command`, which must fail saying `reason` and leave `output` as `before`.
+fn refused_untouched(mut command: Command, reason: &str, output: &Path, before: &[u8]) {
+    let refused = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(stderr.contains(reason), "{stderr}");
+    assert_eq!(
+        std::fs::read(output).unwrap(),
+        before,
+        "the output was touched"
+    );
+}
+
 /// Row 5: a checkpoint changed in any byte (here one that still parses) is
 /// refused by its checksum, and the output is left as it was.
 #[test]
@@ -567,16 +580,11 @@ fn an_edited_checkpoint_is_refused_and_the_output_kept() {
     std::fs::write(&checkpoint, &bytes).unwrap();
     let before = std::fs::read(&output).unwrap();
     args.push("--resume");
-    let refused = run_command(&input, &output, &config, &args)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success());
-    assert!(stderr.contains("checksum"), "{stderr}");
-    assert_eq!(
-        std::fs::read(&output).unwrap(),
-        before,
-        "the output was touched"
+    refused_untouched(
+        run_command(&input, &output, &config, &args),
+        "checksum",
+        &output,
+        &before,
     );
 }
 
@@ -605,16 +613,11 @@ fn an_input_edited_before_the_checkpoint_is_refused() {
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
     let mut resume = state_args.to_vec();
     resume.extend(["--checkpoint-every", "10", "--resume"]);
-    let refused = run_command(&input, &output, &config, &resume)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success());
-    assert!(stderr.contains("was it edited"), "{stderr}");
-    assert_eq!(
-        std::fs::read(&output).unwrap(),
-        before,
-        "the output was touched"
+    refused_untouched(
+        run_command(&input, &output, &config, &resume),
+        "was it edited",
+        &output,
+        &before,
     );
     // The original input, with lines appended after it, resumes.
     std::fs::write(&input, original.clone() + &original).unwrap();

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cascade_expert::{Answer, Expert, ExpertError, Query};
+use cascade_expert::{Answer, AnswerFuture, Expert, ExpertError, Query};
 use serde_json::Value;
 use tokio::task::JoinHandle;
 
@@ -35,8 +35,17 @@ enum Entry {
         id: Value,
         gate_outputs: Vec<Option<f32>>,
         ticket: Ticket,
-        call: JoinHandle<std::result::Result<Answer, ExpertError>>,
+        call: Call,
     },
+}
+
+/// An expert call between routing and settling.
+enum Call {
+    /// Started at once: it runs while later items are routed.
+    Spawned(JoinHandle<std::result::Result<Answer, ExpertError>>),
+    /// With one call in flight nothing is routed before it is settled, so it
+    /// runs then, on the settling thread: no hop to a worker and back per item.
+    Inline(AnswerFuture<'static>),
 }
 
 pub struct Pipeline {
@@ -121,7 +130,7 @@ impl Pipeline {
                     id.clone(),
                     ticket.text().to_string(),
                 );
-                let call = self.runtime.spawn(async move {
+                let future: AnswerFuture<'static> = Box::pin(async move {
                     expert
                         .label(Query {
                             id: &call_id,
@@ -129,6 +138,10 @@ impl Pipeline {
                         })
                         .await
                 });
+                let call = match self.max_in_flight {
+                    1 => Call::Inline(future),
+                    _ => Call::Spawned(self.runtime.spawn(future)),
+                };
                 Entry::Waiting {
                     line,
                     id,
@@ -211,10 +224,15 @@ impl Pipeline {
 }
 
 /// The call's answer; once `stop` is raised, at most [`STOP_GRACE`] more.
-async fn wait(
-    mut call: JoinHandle<std::result::Result<Answer, ExpertError>>,
-    stop: Option<&AtomicBool>,
-) -> std::result::Result<Answer, ExpertError> {
+async fn wait(call: Call, stop: Option<&AtomicBool>) -> std::result::Result<Answer, ExpertError> {
+    let mut call = match call {
+        Call::Inline(future) => {
+            // No task to abort: dropping the future ends the call.
+            let task = async move { Ok(future.await) };
+            Box::pin(task) as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>
+        }
+        Call::Spawned(handle) => Box::pin(AbortOnDrop(handle)),
+    };
     let joined = |result: std::result::Result<_, tokio::task::JoinError>| {
         result.unwrap_or_else(|e| Err(ExpertError::Failed(format!("expert task: {e}"))))
     };
@@ -233,10 +251,31 @@ async fn wait(
     match tokio::time::timeout(STOP_GRACE, &mut call).await {
         Ok(result) => joined(result),
         Err(_) => {
-            call.abort();
+            drop(call);
             Err(ExpertError::Failed(
                 "interrupted: the run was stopped while this call was out".into(),
             ))
         }
+    }
+}
+
+/// A spawned call that is aborted when its waiter gives up on it.
+struct AbortOnDrop(JoinHandle<std::result::Result<Answer, ExpertError>>);
+
+impl std::future::Future for AbortOnDrop {
+    type Output =
+        std::result::Result<std::result::Result<Answer, ExpertError>, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
