@@ -2,7 +2,8 @@
 //! input line, bad lines reported, a re-run served from the response cache.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use cascade_expert::testing::start_server;
 use serde_json::Value;
@@ -174,4 +175,95 @@ fn the_local_expert_labels_a_stream_offline() {
     assert!(second.status.success());
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(stderr.contains("0 requests"), "{stderr}");
+}
+
+/// Runs `cascade label` with `args` (after the task), killing it and failing
+/// the test if it has not ended within `limit`: a hang is a failure.
+fn label_within(task: &Path, args: &[&str], limit: Duration) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cascade"))
+        .arg("label")
+        .arg("--task")
+        .arg(task)
+        .args(args)
+        .current_dir(repo_root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > limit {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "cascade label still running after {limit:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn imdb() -> PathBuf {
+    repo_root().join("tasks/imdb.toml")
+}
+
+/// Output lines as written (raw text, so numbers are seen as written).
+fn output_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn read_records(path: &Path) -> Vec<Value> {
+    output_lines(path)
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_retry_after_values_neither_crash_nor_hang_label() {
+    let (url, log) = start_server().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("expert.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "base_url = \"{url}\"\nmodel = \"m\"\napi_key_env = \"CASCADE_TEST_NO_SUCH_KEY\"\nbackoff_base_ms = 10\nbackoff_max_ms = 100\nmax_attempts = 3\n"
+        ),
+    )
+    .unwrap();
+    let (input, output) = (dir.path().join("in.txt"), dir.path().join("out.jsonl"));
+    std::fs::write(
+        &input,
+        "a 429huge ok\nb 429long ok\nc 429far ok\nd 429junk ok\n",
+    )
+    .unwrap();
+    let args: Vec<String> = vec![
+        "--expert-config".into(),
+        config.display().to_string(),
+        "--cache".into(),
+        dir.path().join("cache.jsonl").display().to_string(),
+        "--input".into(),
+        input.display().to_string(),
+        "--output".into(),
+        output.display().to_string(),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        label_within(&imdb(), &args, Duration::from_secs(60))
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let records = read_records(&output);
+    assert_eq!(records.len(), 4);
+    assert!(records.iter().all(|r| r["status"] == "ok"), "{records:?}");
+    assert_eq!(log.total(), 8, "one 429 and one answer per item");
 }
