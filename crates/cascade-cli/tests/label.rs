@@ -225,6 +225,37 @@ fn read_records(path: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// Runs `cascade label` on `input` against a fresh test server: the process
+/// output, the output file and the folder holding it.
+async fn label_lines(input: &[u8], extra: &[&str]) -> (Output, PathBuf, tempfile::TempDir) {
+    let (url, _log) = start_server().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (i, o) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
+    std::fs::write(&i, input).unwrap();
+    let mut args: Vec<String> = vec![
+        "--base-url".into(),
+        url,
+        "--model".into(),
+        "m".into(),
+        "--max-attempts".into(),
+        "2".into(),
+        "--cache".into(),
+        dir.path().join("cache.jsonl").display().to_string(),
+        "--input".into(),
+        i.display().to_string(),
+        "--output".into(),
+        o.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let out = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        label_within(&imdb(), &args, Duration::from_secs(60))
+    })
+    .await
+    .unwrap();
+    (out, o, dir)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_retry_after_values_neither_crash_nor_hang_label() {
     let (url, log) = start_server().await.unwrap();
@@ -266,4 +297,80 @@ async fn hostile_retry_after_values_neither_crash_nor_hang_label() {
     assert_eq!(records.len(), 4);
     assert!(records.iter().all(|r| r["status"] == "ok"), "{records:?}");
     assert_eq!(log.total(), 8, "one 429 and one answer per item");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_over_max_line_bytes_is_one_bad_input_and_the_next_is_answered() {
+    // 2 MiB on one line: over the default limit of 1 MiB.
+    let mut input = b"first ok\n".to_vec();
+    input.extend(vec![b'x'; 2 << 20]);
+    input.extend_from_slice(b"\nnext ok\n");
+    let (out, output, _dir) = label_lines(&input, &[]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records = read_records(&output);
+    let status: Vec<&str> = records
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(status, ["ok", "bad_input", "ok"]);
+    let reason = records[1]["error"].as_str().unwrap();
+    assert!(reason.contains("max-line-bytes"), "{reason}");
+    assert_eq!(records[1]["line"], 2);
+    assert_eq!(records[2]["line"], 3);
+
+    // The limit is a flag.
+    let (out, output, _dir) =
+        label_lines(b"short ok\na longer line ok\n", &["--max-line-bytes", "10"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: Vec<String> = read_records(&output)
+        .iter()
+        .map(|r| r["status"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(status, ["ok", "bad_input"]);
+}
+
+#[test]
+fn a_prompt_that_cannot_fit_a_text_is_refused_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let task = dir.path().join("task.toml");
+    let user = format!("review: {}", "{text} ".repeat(100_000));
+    std::fs::write(
+        &task,
+        format!("name = \"t\"\nlabels = [\"neg\", \"pos\"]\nuser = \"{user}\"\n"),
+    )
+    .unwrap();
+    let input = dir.path().join("in.txt");
+    std::fs::write(&input, "a ok\n").unwrap();
+    let out = label_within(
+        &task,
+        &[
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+            "--model",
+            "m",
+            "--max-attempts",
+            "1",
+            "--cache",
+            dir.path().join("cache.jsonl").to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            dir.path().join("out.jsonl").to_str().unwrap(),
+        ],
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("`user`") && stderr.contains("max_request_bytes"),
+        "{stderr}"
+    );
 }

@@ -7,7 +7,8 @@
 //! Nothing a server says can crash, hang or exhaust the client: a
 //! `Retry-After` is parsed defensively ([`parse_retry_after`]) and every wait
 //! on the server is capped by `backoff_max_ms`; response bodies are read only
-//! up to `max_response_bytes` (error bodies only up to what is reported).
+//! up to `max_response_bytes` (error bodies only up to what is reported);
+//! requests are bounded by `max_request_bytes`.
 
 use std::collections::BTreeMap;
 use std::num::NonZeroU32;
@@ -64,6 +65,12 @@ pub struct OpenAiConfig {
     /// A chat completion of a few tokens with logprobs is a few KB.
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: usize,
+    /// The most bytes of prompt (system message + user message with the text
+    /// in it) one request may carry; a longer request is refused unsent. A
+    /// task whose prompt cannot carry a text of [`MAX_TEXT_BYTES`] within it is
+    /// refused at setup.
+    #[serde(default = "default_max_request_bytes")]
+    pub max_request_bytes: usize,
     pub requests_per_minute: Option<u32>,
     /// Estimated as (prompt characters / 4) + max_tokens per request.
     pub tokens_per_minute: Option<u32>,
@@ -95,6 +102,14 @@ fn default_concurrency() -> usize {
 fn default_max_response_bytes() -> usize {
     1 << 20
 }
+fn default_max_request_bytes() -> usize {
+    4 << 20
+}
+
+/// The text a task's prompt must be able to carry within `max_request_bytes`
+/// (checked at setup): 1 MiB, the default line limit of `cascade run` and
+/// `cascade label`. Longer texts are checked per request.
+pub const MAX_TEXT_BYTES: usize = 1 << 20;
 
 /// How much of an error response's body is read: the 200 characters an
 /// error reports, at up to 4 bytes each.
@@ -141,6 +156,7 @@ impl OpenAiConfig {
             backoff_max_ms: default_backoff_max_ms(),
             concurrency: default_concurrency(),
             max_response_bytes: default_max_response_bytes(),
+            max_request_bytes: default_max_request_bytes(),
             requests_per_minute: None,
             tokens_per_minute: None,
             cache: None,
@@ -154,6 +170,14 @@ pub enum SetupError {
     Invalid { field: &'static str, reason: String },
     #[error("task `{0}` has no prompt; use a task file (tasks/*.toml)")]
     NoPrompt(String),
+    #[error("task `{task}`: the prompt's `user` holds `{{text}}` {occurrences} time(s); with a text of {text_bytes} bytes a request would carry {bytes} bytes, over max_request_bytes ({limit})")]
+    PromptTooLarge {
+        task: String,
+        occurrences: usize,
+        text_bytes: usize,
+        bytes: u64,
+        limit: usize,
+    },
     #[error("response cache {path}: {source}")]
     Cache {
         path: PathBuf,
@@ -215,6 +239,18 @@ impl OpenAiExpert {
         let prompt = task
             .prompt()
             .ok_or_else(|| SetupError::NoPrompt(task.name().into()))?;
+        // A prompt that repeats `{text}` could turn one text into a request
+        // of gigabytes: refuse it before any item.
+        let bytes = prompt_bytes(prompt, MAX_TEXT_BYTES);
+        if bytes > config.max_request_bytes as u64 {
+            return Err(SetupError::PromptTooLarge {
+                task: task.name().into(),
+                occurrences: prompt.user.matches("{text}").count(),
+                text_bytes: MAX_TEXT_BYTES,
+                bytes,
+                limit: config.max_request_bytes,
+            });
+        }
         let limiter = |field, per_minute: Option<u32>| -> Result<_, SetupError> {
             per_minute
                 .map(|n| {
@@ -263,8 +299,17 @@ impl OpenAiExpert {
         })
     }
 
-    fn body(&self, text: &str) -> Value {
+    /// The request for one text, or why it is not sent: it would carry more
+    /// than `max_request_bytes` (checked before it is built).
+    fn body(&self, text: &str) -> Result<Value, ExpertError> {
         let prompt = self.task.prompt().expect("checked in new");
+        let bytes = prompt_bytes(prompt, text.len());
+        if bytes > self.config.max_request_bytes as u64 {
+            return Err(ExpertError::RequestTooLarge {
+                bytes,
+                limit: self.config.max_request_bytes,
+            });
+        }
         let mut messages = Vec::new();
         if let Some(system) = &prompt.system {
             messages.push(json!({"role": "system", "content": system}));
@@ -286,7 +331,7 @@ impl OpenAiExpert {
             body["logprobs"] = json!(true);
             body["top_logprobs"] = json!(10);
         }
-        body
+        Ok(body)
     }
 
     /// The longest the client waits on the server between attempts.
@@ -472,7 +517,7 @@ impl OpenAiExpert {
                 .cache_hits += 1;
             return self.answer(hit.raw, hit.probs, true);
         }
-        let body = self.body(text);
+        let body = self.body(text)?;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -522,6 +567,16 @@ impl OpenAiExpert {
             }
         }
     }
+}
+
+/// The bytes of prompt a request for a text of `text_bytes` carries: the
+/// system message and the user message with `{text}` replaced, computed
+/// without building it.
+fn prompt_bytes(prompt: &crate::task::Prompt, text_bytes: usize) -> u64 {
+    let occurrences = prompt.user.matches("{text}").count() as u64;
+    let template = prompt.user.len() as u64 - occurrences * "{text}".len() as u64;
+    let system = prompt.system.as_ref().map_or(0, |s| s.len() as u64);
+    (system + template).saturating_add(occurrences.saturating_mul(text_bytes as u64))
 }
 
 /// Reads a body up to `cap` bytes, chunk by chunk, never more: the bytes read

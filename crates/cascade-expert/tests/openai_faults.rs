@@ -307,3 +307,29 @@ async fn huge_bodies_are_read_only_up_to_a_cap() {
     assert_eq!(log.huge_bodies_sent_whole.load(Ordering::SeqCst), 0);
     assert_eq!(log.huge_bodies_cut_short.load(Ordering::SeqCst), 7);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_over_max_request_bytes_is_refused_unsent() {
+    let (url, log) = start_server().await.unwrap();
+    let mut c = config(&url, None);
+    // Too small for the prompt with a text of MAX_TEXT_BYTES: refused at setup.
+    c.max_request_bytes = 1_000;
+    let err = OpenAiExpert::new(c.clone(), imdb_task()).err().unwrap();
+    let message = err.to_string();
+    assert!(
+        message.contains("`user`") && message.contains("max_request_bytes"),
+        "{message}"
+    );
+    // Room for a text of MAX_TEXT_BYTES; a longer text is refused per item.
+    c.max_request_bytes = cascade_expert::openai::MAX_TEXT_BYTES + 4_096;
+    let expert = OpenAiExpert::new(c, imdb_task()).unwrap();
+    let long = format!("long {}", "x".repeat(2 << 20));
+    let result = label_within(&expert, &long, Duration::from_secs(10)).await;
+    assert!(
+        matches!(result, Err(ExpertError::RequestTooLarge { .. })),
+        "{result:?}"
+    );
+    let answer = label_within(&expert, "short ok", Duration::from_secs(10)).await;
+    assert_eq!(answer.unwrap().label, 1);
+    assert_eq!(log.total(), 1, "the long text was never sent");
+}

@@ -3,8 +3,12 @@
 //! record and never the end of the stream.
 
 use std::io::BufRead;
+use std::path::Path;
 
 use serde_json::{json, Value};
+
+/// The line limit `cascade run` and `cascade label` use unless told otherwise.
+pub const DEFAULT_MAX_LINE_BYTES: usize = 1 << 20;
 
 /// One input line, parsed.
 pub struct InputItem {
@@ -116,6 +120,22 @@ pub fn read_item(line: usize, raw: RawLine, max_bytes: usize) -> Result<InputIte
             Ok(text) => parse_line(line, text),
             Err(e) => Err(format!("invalid UTF-8 ({e})")),
         },
+    }
+}
+
+/// The number of newline-ended lines in a file (a stream's length), read in
+/// pieces.
+pub fn count_lines(path: &Path) -> std::io::Result<u64> {
+    let mut reader = std::io::BufReader::new(std::fs::File::open(path)?);
+    let mut count = 0u64;
+    loop {
+        let buffer = reader.fill_buf()?;
+        if buffer.is_empty() {
+            return Ok(count);
+        }
+        count += buffer.iter().filter(|&&b| b == b'\n').count() as u64;
+        let n = buffer.len();
+        reader.consume(n);
     }
 }
 
