@@ -15,7 +15,9 @@ use cascade_expert::{label_all, Expert, LocalConfig, LocalExpert, OpenAiConfig, 
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
-use cascade_runtime::input::{count_lines, read_item, LineReader, DEFAULT_MAX_LINE_BYTES};
+use cascade_runtime::input::{
+    count_lines, read_item, ItemId, LineReader, Record, DEFAULT_MAX_LINE_BYTES,
+};
 use cascade_runtime::progress::Progress;
 
 #[derive(Args, Debug)]
@@ -210,23 +212,39 @@ fn label_stream(args: &LabelArgs, task: &Task, expert: &dyn Expert) -> Result<()
         let mut answers = runtime.block_on(label_all(expert, &texts)).into_iter();
         drop(texts);
         for (line, item) in items {
-            let record = match item {
+            let (id, outcome) = match item {
                 Err(reason) => {
                     failed += 1;
-                    json!({"line": line, "id": null, "label": null, "status": "bad_input", "error": reason})
+                    (
+                        ItemId::null(),
+                        json!({"label": null, "status": "bad_input", "error": reason}),
+                    )
                 }
                 Ok(item) => match answers.next() {
                     Some(Ok(answer)) => {
                         ok += 1;
-                        json!({"line": line, "id": item.id, "label": task.labels()[answer.label],
-                               "probs": answer.probs, "status": "ok", "cached": answer.cached})
+                        (
+                            item.raw_id,
+                            json!({"label": task.labels()[answer.label], "probs": answer.probs,
+                                   "status": "ok", "cached": answer.cached}),
+                        )
                     }
                     Some(Err(e)) => {
                         failed += 1;
-                        json!({"line": line, "id": item.id, "label": null, "status": "error", "error": e.to_string()})
+                        (
+                            item.raw_id,
+                            json!({"label": null, "status": "error", "error": e.to_string()}),
+                        )
                     }
                     None => anyhow::bail!("the expert returned fewer answers than items"),
                 },
+            };
+            // The id exactly as the input wrote it: a Value would round ids
+            // beyond 64 bits.
+            let record = Record {
+                line: Some(line),
+                id: &id,
+                fields: outcome,
             };
             serde_json::to_writer(&mut output, &record)?;
             output.write_all(b"\n")?;

@@ -337,6 +337,84 @@ async fn a_line_over_max_line_bytes_is_one_bad_input_and_the_next_is_answered() 
     assert_eq!(status, ["ok", "bad_input"]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_come_back_exactly_as_the_input_wrote_them() {
+    let input = concat!(
+        r#"{"id": 18446744073709551617, "text": "a ok"}"#,
+        "\n",
+        r#"{"id": 18446744073709551618, "text": "b ok"}"#,
+        "\n",
+        r#"{"id": 0.10000000000000000001, "text": "c ok"}"#,
+        "\n",
+        r#"{"id": "s-1", "text": "d ok"}"#,
+        "\n",
+        r#"{"id": -7, "text": "e nolabel"}"#,
+        "\n",
+        "plain ok\n",
+    );
+    let (out, output, _dir) = label_lines(input.as_bytes(), &[]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = output_lines(&output);
+    assert_eq!(lines.len(), 6);
+    for (line, id) in lines.iter().zip([
+        "18446744073709551617",
+        "18446744073709551618",
+        "0.10000000000000000001",
+        "\"s-1\"",
+        "-7",
+        "6",
+    ]) {
+        assert!(line.contains(&format!("\"id\":{id},")), "{id}: {line}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_byte_order_mark_is_skipped_and_nul_bytes_are_bad_input() {
+    let mut input = b"\xEF\xBB\xBF".to_vec();
+    input.extend_from_slice(br#"{"id": "x", "text": "a ok"}"#);
+    input.extend_from_slice(b"\n\0\0\0\nafter ok\n");
+    let (out, output, _dir) = label_lines(&input, &[]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records = read_records(&output);
+    let status: Vec<&str> = records
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(status, ["ok", "bad_input", "ok"]);
+    assert_eq!(records[0]["id"], "x");
+    assert!(records[1]["error"].as_str().unwrap().contains("NUL"));
+
+    // UTF-16 (little-endian, with its byte-order mark): no line is an item.
+    let mut utf16 = vec![0xFF, 0xFE];
+    for unit in "{\"id\": 1, \"text\": \"a ok\"}\nb ok\n".encode_utf16() {
+        utf16.extend_from_slice(&unit.to_le_bytes());
+    }
+    let (out, output, _dir) = label_lines(&utf16, &[]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records = read_records(&output);
+    assert!(!records.is_empty());
+    for r in &records {
+        assert_eq!(r["status"], "bad_input", "{r}");
+        let reason = r["error"].as_str().unwrap();
+        assert!(
+            reason.contains("NUL") && reason.contains("UTF-16"),
+            "{reason}"
+        );
+    }
+}
+
 #[test]
 fn a_prompt_that_cannot_fit_a_text_is_refused_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,5 +1,7 @@
-//! `cascade run` against a hostile LLM server (issue 22): a Retry-After no
-//! Duration holds or of days neither crashes nor stalls the run.
+//! `cascade run` against hostile input and a hostile LLM server (issue 22):
+//! a Retry-After no Duration holds or of days neither crashes nor stalls the
+//! run; ids beyond 64 bits stay distinct and keep every digit; a byte-order
+//! mark is skipped and NUL lines are bad input.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -115,4 +117,32 @@ async fn hostile_retry_after_values_neither_crash_nor_stall_a_run() {
         assert_eq!(r["status"], "ok", "{r}");
         assert_eq!(r["answered_by"], "llm", "{r}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_beyond_64_bits_stay_distinct_and_keep_every_digit() {
+    let mut input = b"\xEF\xBB\xBF".to_vec();
+    input.extend_from_slice(
+        concat!(
+            r#"{"id": 18446744073709551617, "text": "a ok"}"#,
+            "\n",
+            r#"{"id": 18446744073709551618, "text": "b ok"}"#,
+            "\n",
+            "\0\0\0\n",
+            r#"{"id": 7, "text": "c ok"}"#,
+            "\n",
+        )
+        .as_bytes(),
+    );
+    let lines = run(&input).await;
+    assert_eq!(lines.len(), 4);
+    // The byte-order mark did not make the first line plain text.
+    assert!(lines[0].contains("18446744073709551617"), "{}", lines[0]);
+    assert!(lines[1].contains("18446744073709551618"), "{}", lines[1]);
+    let records = parse(&lines);
+    assert_ne!(records[0]["id"], records[1]["id"]);
+    assert_eq!(records[0]["status"], "ok");
+    assert_eq!(records[2]["status"], "bad_input");
+    assert!(records[2]["error"].as_str().unwrap().contains("NUL"));
+    assert_eq!(records[3]["id"], 7);
 }
