@@ -1,9 +1,12 @@
 //! `cascade label`: label a JSONL stream with the expert alone (the LLM-only
 //! baseline for live experts). Resumable: answers are cached per (model,
 //! prompt, text), so a re-run pays only for what the last run did not finish.
+//! The input is streamed: at most `--chunk` lines of at most
+//! `--max-line-bytes` each are held at once.
 
-use std::io::{BufRead, BufWriter, Write};
-use std::path::PathBuf;
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use cascade_expert::local::DEFAULT_MODEL;
@@ -12,7 +15,9 @@ use cascade_expert::{label_all, Expert, LocalConfig, LocalExpert, OpenAiConfig, 
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
-use cascade_runtime::input::{read_item, InputItem, RawLine};
+use cascade_runtime::input::{
+    count_lines, read_item, ItemId, LineReader, Record, DEFAULT_MAX_LINE_BYTES,
+};
 use cascade_runtime::progress::Progress;
 
 #[derive(Args, Debug)]
@@ -69,6 +74,9 @@ pub struct LabelArgs {
     /// Lines handed to the expert at once (memory bound; order is kept).
     #[arg(long, default_value_t = 256)]
     chunk: usize,
+    /// Longer lines get a bad_input record and are never held whole.
+    #[arg(long, default_value_t = DEFAULT_MAX_LINE_BYTES)]
+    max_line_bytes: usize,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
@@ -157,64 +165,86 @@ pub fn run(args: &LabelArgs) -> Result<()> {
     }
 }
 
-/// Labels the input with `expert` and writes one record per input line.
+/// Labels the input with `expert`, chunk by chunk, and writes one record per
+/// input line.
 fn label_stream(args: &LabelArgs, task: &Task, expert: &dyn Expert) -> Result<()> {
-    let input: Box<dyn BufRead> = match args.input.as_str() {
-        "-" => Box::new(std::io::stdin().lock()),
-        path => Box::new(std::io::BufReader::new(
-            std::fs::File::open(path).with_context(|| format!("opening {path}"))?,
-        )),
+    anyhow::ensure!(
+        args.max_line_bytes > 0,
+        "--max-line-bytes must be at least 1"
+    );
+    let (reader, total): (Box<dyn BufRead>, u64) = match args.input.as_str() {
+        "-" => (Box::new(std::io::stdin().lock()), 0),
+        path => (
+            Box::new(BufReader::new(
+                File::open(path).with_context(|| format!("opening {path}"))?,
+            )),
+            count_lines(Path::new(path)).with_context(|| format!("reading {path}"))?,
+        ),
     };
-    let mut lines: Vec<Vec<u8>> = input
-        .split(b'\n')
-        .collect::<std::io::Result<_>>()
-        .context("reading the input")?;
-    // A trailing newline leaves one empty last piece: not a line.
-    if lines.last().is_some_and(|l| l.is_empty()) {
-        lines.pop();
-    }
+    let mut input = LineReader::new(reader, args.max_line_bytes);
     let mut output: Box<dyn Write> = match args.output.as_str() {
         "-" => Box::new(BufWriter::new(std::io::stdout().lock())),
         path => Box::new(BufWriter::new(
-            std::fs::File::create(path).with_context(|| format!("creating {path}"))?,
+            File::create(path).with_context(|| format!("creating {path}"))?,
         )),
     };
     let runtime = cascade_runtime::async_runtime()?;
-    let mut progress = Progress::new(lines.len() as u64, "lines labelled");
+    let mut progress = Progress::new(total, "lines labelled");
+    let chunk = args.chunk.max(1);
     let (mut ok, mut failed) = (0u64, 0u64);
-    for (chunk_index, chunk) in lines.chunks(args.chunk.max(1)).enumerate() {
-        let parsed: Vec<Result<InputItem, String>> = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, raw)| {
-                let line = chunk_index * args.chunk.max(1) + i + 1;
-                read_item(line, RawLine::Bytes(raw.clone()), usize::MAX)
-            })
-            .collect();
-        let texts: Vec<String> = parsed
-            .iter()
-            .filter_map(|p| p.as_ref().ok().map(|item| item.text.clone()))
+    loop {
+        let mut items = Vec::new();
+        while items.len() < chunk {
+            let Some(raw) = input.next_line().context("reading the input")? else {
+                break;
+            };
+            let line = input.lines as usize;
+            items.push((line, read_item(line, raw, args.max_line_bytes)));
+        }
+        if items.is_empty() {
+            break;
+        }
+        // The texts move to the expert: each line is held once.
+        let texts: Vec<String> = items
+            .iter_mut()
+            .filter_map(|(_, item)| item.as_mut().ok().map(|i| std::mem::take(&mut i.text)))
             .collect();
         let mut answers = runtime.block_on(label_all(expert, &texts)).into_iter();
-        for (i, item) in parsed.into_iter().enumerate() {
-            let line = chunk_index * args.chunk.max(1) + i + 1;
-            let record = match item {
+        drop(texts);
+        for (line, item) in items {
+            let (id, outcome) = match item {
                 Err(reason) => {
                     failed += 1;
-                    json!({"line": line, "id": null, "label": null, "status": "bad_input", "error": reason})
+                    (
+                        ItemId::null(),
+                        json!({"label": null, "status": "bad_input", "error": reason}),
+                    )
                 }
                 Ok(item) => match answers.next() {
                     Some(Ok(answer)) => {
                         ok += 1;
-                        json!({"line": item.line, "id": item.id, "label": task.labels()[answer.label],
-                               "probs": answer.probs, "status": "ok", "cached": answer.cached})
+                        (
+                            item.raw_id,
+                            json!({"label": task.labels()[answer.label], "probs": answer.probs,
+                                   "status": "ok", "cached": answer.cached}),
+                        )
                     }
                     Some(Err(e)) => {
                         failed += 1;
-                        json!({"line": item.line, "id": item.id, "label": null, "status": "error", "error": e.to_string()})
+                        (
+                            item.raw_id,
+                            json!({"label": null, "status": "error", "error": e.to_string()}),
+                        )
                     }
                     None => anyhow::bail!("the expert returned fewer answers than items"),
                 },
+            };
+            // The id exactly as the input wrote it: a Value would round ids
+            // beyond 64 bits.
+            let record = Record {
+                line: Some(line),
+                id: &id,
+                fields: outcome,
             };
             serde_json::to_writer(&mut output, &record)?;
             output.write_all(b"\n")?;

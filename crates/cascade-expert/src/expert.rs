@@ -50,6 +50,9 @@ pub enum ExpertError {
     Connection(String),
     #[error("malformed response: {0}")]
     Malformed(String),
+    /// The request for this text would be over `max_request_bytes`; not sent.
+    #[error("the request would carry {bytes} bytes of prompt, over max_request_bytes ({limit})")]
+    RequestTooLarge { bytes: u64, limit: usize },
     #[error("gave up after {attempts} attempts; last error: {last}")]
     Exhausted {
         attempts: u32,
@@ -72,6 +75,7 @@ impl ExpertError {
             Self::Timeout(_) | Self::Connection(_) => true,
             Self::NoLabel { .. }
             | Self::Malformed(_)
+            | Self::RequestTooLarge { .. }
             | Self::Exhausted { .. }
             | Self::UnknownItem(_)
             | Self::Failed(_) => false,

@@ -3,12 +3,18 @@
 //! exponential backoff and jitter on 429/5xx/connection errors, `Retry-After`,
 //! a per-request timeout, bounded concurrency, a client-side rate limit and a
 //! persistent response cache.
+//!
+//! Nothing a server says can crash, hang or exhaust the client: a
+//! `Retry-After` is parsed defensively ([`parse_retry_after`]) and every wait
+//! on the server is capped by `backoff_max_ms`; response bodies are read only
+//! up to `max_response_bytes` (error bodies only up to what is reported);
+//! requests are bounded by `max_request_bytes`.
 
 use std::collections::BTreeMap;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::task::Task;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -55,6 +61,16 @@ pub struct OpenAiConfig {
     /// Requests in flight at once.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// The most bytes of a response body read; a longer answer is malformed.
+    /// A chat completion of a few tokens with logprobs is a few KB.
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
+    /// The most bytes of prompt (system message + user message with the text
+    /// in it) one request may carry; a longer request is refused unsent. A
+    /// task whose prompt cannot carry a text of [`MAX_TEXT_BYTES`] within it is
+    /// refused at setup.
+    #[serde(default = "default_max_request_bytes")]
+    pub max_request_bytes: usize,
     pub requests_per_minute: Option<u32>,
     /// Estimated as (prompt characters / 4) + max_tokens per request.
     pub tokens_per_minute: Option<u32>,
@@ -83,6 +99,44 @@ fn default_backoff_max_ms() -> u64 {
 fn default_concurrency() -> usize {
     8
 }
+fn default_max_response_bytes() -> usize {
+    1 << 20
+}
+fn default_max_request_bytes() -> usize {
+    4 << 20
+}
+
+/// The text a task's prompt must be able to carry within `max_request_bytes`
+/// (checked at setup): 1 MiB, the default line limit of `cascade run` and
+/// `cascade label`. Longer texts are checked per request.
+pub const MAX_TEXT_BYTES: usize = 1 << 20;
+
+/// How much of an error response's body is read: the 200 characters an
+/// error reports, at up to 4 bytes each.
+const ERROR_BODY_CHARS: usize = 200;
+const ERROR_BODY_BYTES: usize = ERROR_BODY_CHARS * 4;
+
+/// How long the server asks the client to wait, from a `Retry-After` value:
+/// seconds (an integer, or leniently a decimal; one too large for a
+/// `Duration` gives `Duration::MAX`) or an HTTP-date (a date already past
+/// gives zero). `None` for anything else (negative, not finite, nonsense,
+/// not UTF-8). Never panics; the caller caps the wait.
+pub fn parse_retry_after(value: &[u8], now: SystemTime) -> Option<Duration> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        // Whole seconds, the standard form: exact (an f64 would round 19 digits).
+        return Some(text.parse().map_or(Duration::MAX, Duration::from_secs));
+    }
+    if text.starts_with(|c: char| c.is_ascii_digit() || c == '.') {
+        let seconds: f64 = text.parse().ok()?;
+        if !seconds.is_finite() {
+            return None;
+        }
+        return Some(Duration::try_from_secs_f64(seconds).unwrap_or(Duration::MAX));
+    }
+    let at = httpdate::parse_http_date(text).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
 
 impl OpenAiConfig {
     /// Defaults for everything but the endpoint and model.
@@ -101,6 +155,8 @@ impl OpenAiConfig {
             backoff_base_ms: default_backoff_base_ms(),
             backoff_max_ms: default_backoff_max_ms(),
             concurrency: default_concurrency(),
+            max_response_bytes: default_max_response_bytes(),
+            max_request_bytes: default_max_request_bytes(),
             requests_per_minute: None,
             tokens_per_minute: None,
             cache: None,
@@ -114,6 +170,14 @@ pub enum SetupError {
     Invalid { field: &'static str, reason: String },
     #[error("task `{0}` has no prompt; use a task file (tasks/*.toml)")]
     NoPrompt(String),
+    #[error("task `{task}`: the prompt's `user` holds `{{text}}` {occurrences} time(s); with a text of {text_bytes} bytes a request would carry {bytes} bytes, over max_request_bytes ({limit})")]
+    PromptTooLarge {
+        task: String,
+        occurrences: usize,
+        text_bytes: usize,
+        bytes: u64,
+        limit: usize,
+    },
     #[error("response cache {path}: {source}")]
     Cache {
         path: PathBuf,
@@ -125,6 +189,8 @@ pub enum SetupError {
 
 pub struct OpenAiExpert {
     config: OpenAiConfig,
+    /// `timeout_secs`, checked.
+    timeout: Duration,
     task: Task,
     api_key: Option<String>,
     http: reqwest::Client,
@@ -158,15 +224,33 @@ impl OpenAiExpert {
         if config.max_attempts == 0 {
             return Err(invalid("max_attempts", "must be at least 1"));
         }
-        if !(config.timeout_secs.is_finite() && config.timeout_secs > 0.0) {
-            return Err(invalid(
-                "timeout_secs",
-                "must be a positive number of seconds",
-            ));
+        let timeout = Duration::try_from_secs_f64(config.timeout_secs)
+            .ok()
+            .filter(|t| !t.is_zero())
+            .ok_or_else(|| {
+                invalid(
+                    "timeout_secs",
+                    "must be a positive number of seconds a duration can hold",
+                )
+            })?;
+        if config.max_response_bytes == 0 {
+            return Err(invalid("max_response_bytes", "must be at least 1"));
         }
         let prompt = task
             .prompt()
             .ok_or_else(|| SetupError::NoPrompt(task.name().into()))?;
+        // A prompt that repeats `{text}` could turn one text into a request
+        // of gigabytes: refuse it before any item.
+        let bytes = prompt_bytes(prompt, MAX_TEXT_BYTES);
+        if bytes > config.max_request_bytes as u64 {
+            return Err(SetupError::PromptTooLarge {
+                task: task.name().into(),
+                occurrences: prompt.user.matches("{text}").count(),
+                text_bytes: MAX_TEXT_BYTES,
+                bytes,
+                limit: config.max_request_bytes,
+            });
+        }
         let limiter = |field, per_minute: Option<u32>| -> Result<_, SetupError> {
             per_minute
                 .map(|n| {
@@ -203,6 +287,7 @@ impl OpenAiExpert {
         Ok(Self {
             api_key: std::env::var(&config.api_key_env).ok(),
             in_flight: Semaphore::new(config.concurrency),
+            timeout,
             prompt_fingerprint: format!("{:x}", fingerprint.finalize()),
             config,
             task,
@@ -214,8 +299,17 @@ impl OpenAiExpert {
         })
     }
 
-    fn body(&self, text: &str) -> Value {
+    /// The request for one text, or why it is not sent: it would carry more
+    /// than `max_request_bytes` (checked before it is built).
+    fn body(&self, text: &str) -> Result<Value, ExpertError> {
         let prompt = self.task.prompt().expect("checked in new");
+        let bytes = prompt_bytes(prompt, text.len());
+        if bytes > self.config.max_request_bytes as u64 {
+            return Err(ExpertError::RequestTooLarge {
+                bytes,
+                limit: self.config.max_request_bytes,
+            });
+        }
         let mut messages = Vec::new();
         if let Some(system) = &prompt.system {
             messages.push(json!({"role": "system", "content": system}));
@@ -237,7 +331,12 @@ impl OpenAiExpert {
             body["logprobs"] = json!(true);
             body["top_logprobs"] = json!(10);
         }
-        body
+        Ok(body)
+    }
+
+    /// The longest the client waits on the server between attempts.
+    fn backoff_ceiling(&self) -> Duration {
+        Duration::from_millis(self.config.backoff_max_ms)
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
@@ -254,7 +353,7 @@ impl OpenAiExpert {
             error,
             retry_after: None,
         };
-        let timeout = Duration::from_secs_f64(self.config.timeout_secs);
+        let timeout = self.timeout;
         let url = format!(
             "{}/chat/completions",
             self.config.base_url.trim_end_matches('/')
@@ -275,26 +374,44 @@ impl OpenAiExpert {
                 ExpertError::Connection(e.to_string())
             }
         };
-        let response = request.send().await.map_err(|e| fail(transport(e)))?;
+        let mut response = request.send().await.map_err(|e| fail(transport(e)))?;
         let status = response.status();
         let retry_after = response
             .headers()
             .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(Duration::from_secs_f64);
-        let text = response.text().await.map_err(|e| fail(transport(e)))?;
+            .and_then(|v| parse_retry_after(v.as_bytes(), SystemTime::now()));
         if !status.is_success() {
+            // Only what the error reports is read; the rest is never fetched.
+            let (head, _) = read_capped(&mut response, ERROR_BODY_BYTES)
+                .await
+                .map_err(|e| fail(transport(e)))?;
             return Err(Failure {
                 error: ExpertError::Status {
                     status: status.as_u16(),
-                    body: text.chars().take(200).collect(),
+                    body: String::from_utf8_lossy(&head)
+                        .chars()
+                        .take(ERROR_BODY_CHARS)
+                        .collect(),
                 },
                 retry_after,
             });
         }
-        let value: Value = serde_json::from_str(&text)
+        let cap = self.config.max_response_bytes;
+        let too_large = || {
+            fail(ExpertError::Malformed(format!(
+                "the response body is over max_response_bytes ({cap} bytes)"
+            )))
+        };
+        if response.content_length().is_some_and(|n| n > cap as u64) {
+            return Err(too_large());
+        }
+        let (body, complete) = read_capped(&mut response, cap)
+            .await
+            .map_err(|e| fail(transport(e)))?;
+        if !complete {
+            return Err(too_large());
+        }
+        let value: Value = serde_json::from_slice(&body)
             .map_err(|e| fail(ExpertError::Malformed(format!("not JSON ({e})"))))?;
         let choice = &value["choices"][0];
         let raw = choice["message"]["content"]
@@ -400,7 +517,7 @@ impl OpenAiExpert {
                 .cache_hits += 1;
             return self.answer(hit.raw, hit.probs, true);
         }
-        let body = self.body(text);
+        let body = self.body(text)?;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -438,11 +555,78 @@ impl OpenAiExpert {
                             last: Box::new(failure.error),
                         });
                     }
-                    let wait = failure.retry_after.unwrap_or_else(|| self.backoff(attempt));
+                    // The server's word, within our ceiling: a Retry-After
+                    // of days must not stall the caller.
+                    let wait = failure
+                        .retry_after
+                        .unwrap_or_else(|| self.backoff(attempt))
+                        .min(self.backoff_ceiling());
                     tokio::time::sleep(wait).await;
                 }
                 Err(failure) => return Err(failure.error),
             }
         }
+    }
+}
+
+/// The bytes of prompt a request for a text of `text_bytes` carries: the
+/// system message and the user message with `{text}` replaced, computed
+/// without building it.
+fn prompt_bytes(prompt: &crate::task::Prompt, text_bytes: usize) -> u64 {
+    let occurrences = prompt.user.matches("{text}").count() as u64;
+    let template = prompt.user.len() as u64 - occurrences * "{text}".len() as u64;
+    let system = prompt.system.as_ref().map_or(0, |s| s.len() as u64);
+    (system + template).saturating_add(occurrences.saturating_mul(text_bytes as u64))
+}
+
+/// Reads a body up to `cap` bytes, chunk by chunk, never more: the bytes read
+/// and whether that was the whole body.
+async fn read_capped(
+    response: &mut reqwest::Response,
+    cap: usize,
+) -> Result<(Vec<u8>, bool), reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = cap - body.len();
+        if chunk.len() > room {
+            body.extend_from_slice(&chunk[..room]);
+            return Ok((body, false));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((body, true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_seconds_or_a_date_and_never_a_panic() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let parse = |v: &str| parse_retry_after(v.as_bytes(), now);
+        assert_eq!(parse("1"), Some(Duration::from_secs(1)));
+        assert_eq!(parse(" 120 "), Some(Duration::from_secs(120)));
+        assert_eq!(parse("0.5"), Some(Duration::from_millis(500)));
+        assert_eq!(parse("0"), Some(Duration::ZERO));
+        // Too large for a Duration: the longest wait (the caller caps it).
+        assert_eq!(parse("1e20"), Some(Duration::MAX));
+        assert_eq!(parse("99999999999999999999999"), Some(Duration::MAX));
+        assert_eq!(parse("999999"), Some(Duration::from_secs(999_999)));
+        assert_eq!(
+            parse("1234567890123456789"),
+            Some(Duration::from_secs(1_234_567_890_123_456_789))
+        );
+        // An HTTP-date: the time until then, or zero once past.
+        let ahead = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(parse(&ahead), Some(Duration::from_secs(30)));
+        assert_eq!(parse("Thu, 01 Jan 1970 00:00:00 GMT"), Some(Duration::ZERO));
+        assert!(parse("Fri, 31 Dec 9999 23:59:59 GMT").is_some());
+        for nonsense in [
+            "", "soon", "-1", "-0.5", "NaN", "inf", "+inf", "1e999", "1 2", "1s",
+        ] {
+            assert_eq!(parse(nonsense), None, "{nonsense:?}");
+        }
+        assert_eq!(parse_retry_after(b"\xff\xfe", now), None);
     }
 }

@@ -4,13 +4,18 @@
 //! item, each next word is what the server does on that attempt: `ok`,
 //! `nolabel` (an answer with no label word), `nonjson`, `429` (with
 //! `Retry-After: 1`), `500`, `503`, `400`, `reset` (drop the connection
-//! unanswered) or `slow` (answer after [`TIMEOUT`] × 3). Past the script it
-//! answers `ok` ("Positive", with logprobs).
+//! unanswered) or `slow` (answer after [`TIMEOUT`] × 3). Hostile answers:
+//! 429 with a `Retry-After` of `1e20` (`429huge`), `999999` (`429long`), an
+//! HTTP-date two seconds ahead (`429date`), a date in the year 9999
+//! (`429far`) or nonsense (`429junk`); a body of [`HUGE_BODY`] bytes on a 200
+//! (`huge`, valid JSON with "Positive"; `hugeeof`: the same without a
+//! Content-Length, ended by closing the connection) or on a 500 (`huge500`).
+//! Past the script it answers `ok` ("Positive", with logprobs).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -29,6 +34,11 @@ pub struct ServerLog {
     /// client's timeout settles it.
     pub in_flight: AtomicUsize,
     pub max_in_flight: AtomicUsize,
+    /// Huge bodies the client hung up on before the server had written them
+    /// whole: it read no more than it needed.
+    pub huge_bodies_cut_short: AtomicUsize,
+    /// Huge bodies written whole: the client read all of them.
+    pub huge_bodies_sent_whole: AtomicUsize,
 }
 
 /// Counts one request in flight until dropped.
@@ -71,6 +81,9 @@ pub const WORK: Duration = Duration::from_millis(25);
 
 /// The client timeout the `slow` action outlasts (three times over).
 pub const TIMEOUT: Duration = Duration::from_millis(600);
+
+/// The size of a `huge` or `huge500` answer's body: 100 MB.
+pub const HUGE_BODY: usize = 100_000_000;
 
 async fn serve(listener: TcpListener, log: Arc<ServerLog>) {
     loop {
@@ -147,14 +160,48 @@ async fn handle(mut socket: TcpStream, log: &ServerLog) {
         })
         .to_string()
     };
+    if let Some((status, with_length)) = match action {
+        "huge" => Some(("200 OK", true)),
+        "hugeeof" => Some(("200 OK", false)),
+        "huge500" => Some(("500 Internal Server Error", true)),
+        _ => None,
+    } {
+        drop(in_flight);
+        let whole = send_huge(&mut socket, status, with_length).await;
+        let counter = if whole {
+            &log.huge_bodies_sent_whole
+        } else {
+            &log.huge_bodies_cut_short
+        };
+        counter.fetch_add(1, Ordering::SeqCst);
+        return;
+    }
+    let retry_date = |at: SystemTime| format!("Retry-After: {}\r\n", httpdate::fmt_http_date(at));
     let (status, extra, body) = match action {
-        "ok" => ("200 OK", "", ok_body("Positive")),
-        "nolabel" => ("200 OK", "", ok_body("I cannot tell")),
-        "nonjson" => ("200 OK", "", "<html>gateway</html>".to_string()),
-        "429" => ("429 Too Many Requests", "Retry-After: 1\r\n", "{}".into()),
-        "500" => ("500 Internal Server Error", "", "oops".into()),
-        "503" => ("503 Service Unavailable", "", "busy".into()),
-        "400" => ("400 Bad Request", "", "{\"error\": \"bad\"}".into()),
+        "ok" => ("200 OK", String::new(), ok_body("Positive")),
+        "nolabel" => ("200 OK", String::new(), ok_body("I cannot tell")),
+        "nonjson" => ("200 OK", String::new(), "<html>gateway</html>".to_string()),
+        "429" => (TOO_MANY, "Retry-After: 1\r\n".into(), "{}".into()),
+        "429huge" => (TOO_MANY, "Retry-After: 1e20\r\n".into(), "{}".into()),
+        "429long" => (TOO_MANY, "Retry-After: 999999\r\n".into(), "{}".into()),
+        "429date" => (
+            TOO_MANY,
+            retry_date(SystemTime::now() + Duration::from_secs(2)),
+            "{}".into(),
+        ),
+        "429far" => (
+            TOO_MANY,
+            "Retry-After: Fri, 31 Dec 9999 23:59:59 GMT\r\n".into(),
+            "{}".into(),
+        ),
+        "429junk" => (TOO_MANY, "Retry-After: soon-ish\r\n".into(), "{}".into()),
+        "500" => ("500 Internal Server Error", String::new(), "oops".into()),
+        "503" => ("503 Service Unavailable", String::new(), "busy".into()),
+        "400" => (
+            "400 Bad Request",
+            String::new(),
+            "{\"error\": \"bad\"}".into(),
+        ),
         "reset" => return, // dropped without an answer
         "slow" => {
             // Answers after the client's timeout, unless the client hangs up first.
@@ -164,11 +211,11 @@ async fn handle(mut socket: TcpStream, log: &ServerLog) {
                 _ = tokio::time::sleep(TIMEOUT * 3) => {}
                 _ = socket.read(&mut probe) => return,
             }
-            ("200 OK", "", ok_body("Positive"))
+            ("200 OK", String::new(), ok_body("Positive"))
         }
         _ => (
             "400 Bad Request",
-            "",
+            String::new(),
             "{\"error\": \"unknown script action\"}".into(),
         ),
     };
@@ -179,6 +226,41 @@ async fn handle(mut socket: TcpStream, log: &ServerLog) {
     drop(in_flight);
     let _ = socket.write_all(response.as_bytes()).await;
     let _ = socket.shutdown().await;
+}
+
+const TOO_MANY: &str = "429 Too Many Requests";
+
+/// Writes a [`HUGE_BODY`]-byte answer in 64 KiB pieces (never held whole):
+/// a chat completion saying "Positive" padded with spaces, announced by a
+/// Content-Length or not (then ended by closing the connection). True when
+/// the client read it all, false when it hung up first.
+async fn send_huge(socket: &mut TcpStream, status: &str, with_length: bool) -> bool {
+    let json = r#"{"choices": [{"message": {"role": "assistant", "content": "Positive"}}]"#;
+    let length = if with_length {
+        format!("Content-Length: {HUGE_BODY}\r\n")
+    } else {
+        String::new()
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\n{length}Connection: close\r\n\r\n{json}"
+    );
+    if socket.write_all(head.as_bytes()).await.is_err() {
+        return false;
+    }
+    let piece = vec![b' '; 64 * 1024];
+    // Spaces up to the closing brace, which ends the body at HUGE_BODY bytes.
+    let mut left = HUGE_BODY - json.len() - 1;
+    while left > 0 {
+        let n = left.min(piece.len());
+        if socket.write_all(&piece[..n]).await.is_err() {
+            return false;
+        }
+        left -= n;
+    }
+    if socket.write_all(b"}").await.is_err() {
+        return false;
+    }
+    socket.shutdown().await.is_ok()
 }
 
 /// Starts the server on a free port; returns its base URL and its log.
