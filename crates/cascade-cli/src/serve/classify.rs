@@ -132,7 +132,7 @@ async fn settle_all(service: &Service, items: &[Value]) -> Result<Vec<Value>> {
     let mut routed = Vec::with_capacity(items.len());
     for slice in parsed.chunks(SLICE) {
         {
-            let mut session = lock(&service.session);
+            let mut session = service.session.lock().await;
             for (_, text) in slice {
                 routed.push(match text {
                     Err(reason) => Next::Done(session.bad_input(reason.clone())),
@@ -164,7 +164,7 @@ async fn settle_all(service: &Service, items: &[Value]) -> Result<Vec<Value>> {
     let mut settling = parsed.iter().zip(routed).zip(answers).peekable();
     while settling.peek().is_some() {
         {
-            let mut session = lock(&service.session);
+            let mut session = service.session.lock().await;
             for (((id, _), next), answer) in settling.by_ref().take(SLICE) {
                 let settled: Settled = match (next, answer) {
                     (Next::Done(settled), _) => settled,

@@ -36,7 +36,7 @@ pub(super) async fn metrics(State(service): State<Arc<Service>>, headers: Header
         return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
     }
     let (counts, exploration) = {
-        let session = lock(&service.session);
+        let session = service.session.lock().await;
         let exploration: Vec<f64> = (0..service.levels.len())
             .map(|j| session.cascade().exploration_probability(j))
             .collect();

@@ -78,7 +78,9 @@ pub struct ServeArgs {
 }
 
 struct Service {
-    session: Mutex<Session>,
+    /// FIFO-fair: a request waiting for it is not overtaken by a batch
+    /// coming back for its next slice.
+    session: tokio::sync::Mutex<Session>,
     expert: Arc<dyn Expert>,
     task: Task,
     levels: Vec<String>,
@@ -122,7 +124,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     } = Live::start(&args.session.spec(None)?, "serve")?;
     let service = Arc::new(Service {
         levels: session.level_names().to_vec(),
-        session: Mutex::new(session),
+        session: tokio::sync::Mutex::new(session),
         expert,
         task,
         latency: Mutex::new(Latency::default()),
@@ -147,7 +149,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
                 output_bytes: 0,
                 input_sha256: None,
             };
-            state.write(&lock(&service.session), position)?;
+            state.write(&service.session.blocking_lock(), position)?;
             Ok(())
         }
     };
@@ -194,7 +196,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         anyhow::Ok(())
     })?;
     save()?;
-    eprintln!("{}", lock(&service.session).counts().status_line());
+    eprintln!("{}", service.session.blocking_lock().counts().status_line());
     Ok(())
 }
 
