@@ -224,7 +224,7 @@ fn label_stream(args: &LabelArgs, task: &Task, expert: &dyn Expert) -> Result<()
                     Some(Ok(answer)) => {
                         ok += 1;
                         (
-                            item.raw_id,
+                            item.id,
                             json!({"label": task.labels()[answer.label], "probs": answer.probs,
                                    "status": "ok", "cached": answer.cached}),
                         )
@@ -232,7 +232,7 @@ fn label_stream(args: &LabelArgs, task: &Task, expert: &dyn Expert) -> Result<()
                     Some(Err(e)) => {
                         failed += 1;
                         (
-                            item.raw_id,
+                            item.id,
                             json!({"label": null, "status": "error", "error": e.to_string()}),
                         )
                     }

@@ -577,3 +577,51 @@ async fn tokens_must_be_set_and_every_error_is_json() {
     let body: Value = missing.json().await.unwrap();
     assert!(body["error"].is_string(), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_come_back_exactly_as_the_client_wrote_them() {
+    let server = serve(&[]);
+    let post_text = |body: &'static str| {
+        let url = format!("{}/v1/classify", server.url);
+        async move {
+            let response = reqwest::Client::new()
+                .post(url)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    let (status, body) = post_text(concat!(
+        r#"{"items": ["#,
+        r#"{"id": 18446744073709551617, "text": "a"},"#,
+        r#"{"id": 18446744073709551618, "text": "b"},"#,
+        r#"{"id": 0.10000000000000000001, "text": "c"},"#,
+        r#"{"id": "s-1", "text": "d"},"#,
+        r#"{"text": "e"},"#,
+        r#"{"id": 1e400}"#,
+        "]}"
+    ))
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let results: Vec<&str> = body.split("},{").collect();
+    assert_eq!(results.len(), 6, "{body}");
+    for (result, id) in results.iter().zip([
+        "18446744073709551617",
+        "18446744073709551618",
+        "0.10000000000000000001",
+        "\"s-1\"",
+        "null",
+        "1e400",
+    ]) {
+        assert!(result.contains(&format!("\"id\":{id},")), "{id}: {result}");
+    }
+    let (status, body) = post_text(r#"{"id": 18446744073709551617, "text": "a"}"#).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"id\":18446744073709551617,"), "{body}");
+
+    let (status, body) = post_text(r#"{"items": 5}"#).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("`items` must be an array"), "{body}");
+}

@@ -68,6 +68,12 @@ impl ItemId {
     }
 }
 
+impl From<u64> for ItemId {
+    fn from(id: u64) -> Self {
+        Self::from_json(id.to_string())
+    }
+}
+
 impl PartialEq for ItemId {
     fn eq(&self, other: &Self) -> bool {
         self.as_json() == other.as_json()
@@ -98,11 +104,8 @@ pub struct Record<'a> {
 /// One input line, parsed.
 pub struct InputItem {
     pub line: usize,
-    /// The id as a JSON value (see [`ItemId::to_value`]), for the runtime's
-    /// records, which hold ids as values.
-    pub id: Value,
     /// The id exactly as the input wrote it (the line number when it gave none).
-    pub raw_id: ItemId,
+    pub id: ItemId,
     pub text: String,
 }
 
@@ -141,23 +144,17 @@ pub fn parse_line(line: usize, raw: &str) -> Result<InputItem, String> {
         if text.trim().is_empty() {
             return Err("empty `text`".into());
         }
-        let raw_id = fields
+        let id = fields
             .id
             .map_or_else(|| ItemId::line(line), |id| ItemId(id.to_owned()));
-        Ok(InputItem {
-            line,
-            id: raw_id.to_value(),
-            raw_id,
-            text,
-        })
+        Ok(InputItem { line, id, text })
     } else if trimmed.trim().is_empty() {
         Err("empty line".into())
     } else {
-        let raw_id = ItemId::line(line);
+        let id = ItemId::line(line);
         Ok(InputItem {
             line,
-            id: raw_id.to_value(),
-            raw_id,
+            id,
             text: trimmed.to_string(),
         })
     }
@@ -311,7 +308,7 @@ mod tests {
         assert!(err.contains("max-line-bytes"), "{err}");
         let item = read_item(3, RawLine::Bytes(b"plain words".to_vec()), 100).unwrap();
         assert_eq!(
-            (item.line, item.id.clone(), item.text.as_str()),
+            (item.line, item.id.to_value(), item.text.as_str()),
             (3, json!(3), "plain words")
         );
     }
@@ -323,7 +320,7 @@ mod tests {
     #[test]
     fn a_byte_order_mark_before_a_line_is_skipped() {
         let item = item(b"\xEF\xBB\xBF{\"id\": \"a\", \"text\": \"hi\"}").unwrap();
-        assert_eq!((item.id, item.text.as_str()), (json!("a"), "hi"));
+        assert_eq!((item.id.to_value(), item.text.as_str()), (json!("a"), "hi"));
         let item = self::item(b"\xEF\xBB\xBFplain").unwrap();
         assert_eq!(item.text, "plain");
         assert_eq!(
@@ -371,7 +368,7 @@ mod tests {
 
     #[test]
     fn ids_are_kept_exactly_as_written() {
-        let raw_id = |line: &str| item(line.as_bytes()).unwrap().raw_id.to_string();
+        let raw_id = |line: &str| item(line.as_bytes()).unwrap().id.to_string();
         for id in [
             "18446744073709551617",
             "-18446744073709551617",
@@ -391,6 +388,7 @@ mod tests {
             item(format!("{{\"id\": {id}, \"text\": \"t\"}}").as_bytes())
                 .unwrap()
                 .id
+                .to_value()
         };
         assert_eq!(id("7"), json!(7));
         assert_eq!(id("-7"), json!(-7));
@@ -408,7 +406,7 @@ mod tests {
         let item = item(br#"{"id": 18446744073709551617, "text": "t"}"#).unwrap();
         let record = Record {
             line: Some(1),
-            id: &item.raw_id,
+            id: &item.id,
             fields: json!({"status": "ok", "label": "pos"}),
         };
         assert_eq!(

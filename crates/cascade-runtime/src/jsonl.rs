@@ -18,11 +18,9 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use serde_json::Value;
-
 use crate::checkpoint::Position;
 use crate::error::{Result, RuntimeError};
-use crate::input::{read_item, LineReader};
+use crate::input::{read_item, ItemId, LineReader};
 use crate::live::Live;
 use crate::pipeline::Pipeline;
 use crate::progress::Progress;
@@ -159,7 +157,7 @@ impl JsonlRun {
             let line = input.lines as usize;
             match read_item(line, raw, self.max_line_bytes) {
                 Ok(item) => pipeline.push(line, item.id, Ok(&item.text))?,
-                Err(reason) => pipeline.push(line, Value::Null, Err(reason))?,
+                Err(reason) => pipeline.push(line, ItemId::null(), Err(reason))?,
             }
             sink.write_ready(&mut pipeline)?;
             progress.inc(1);
@@ -334,7 +332,7 @@ impl Output {
         })
     }
 
-    fn write(&mut self, record: &Value) -> Result<()> {
+    fn write(&mut self, record: &impl serde::Serialize) -> Result<()> {
         let mut line = serde_json::to_vec(record).map_err(|e| RuntimeError::Output(e.into()))?;
         line.push(b'\n');
         match self {

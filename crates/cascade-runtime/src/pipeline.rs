@@ -13,17 +13,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cascade_expert::{Answer, AnswerFuture, Expert, ExpertError, Query};
-use serde_json::Value;
 use tokio::task::JoinHandle;
 
 use crate::error::{Result, RuntimeError};
+use crate::input::ItemId;
 use crate::session::{Next, Session, Settled, Ticket};
 
 /// An item once it is settled.
 #[derive(Debug)]
 pub struct Finished {
     pub line: usize,
-    pub id: Value,
+    pub id: ItemId,
     pub settled: Settled,
     pub gate_outputs: Vec<Option<f32>>,
 }
@@ -32,7 +32,7 @@ enum Entry {
     Ready(Finished),
     Waiting {
         line: usize,
-        id: Value,
+        id: ItemId,
         gate_outputs: Vec<Option<f32>>,
         ticket: Ticket,
         call: Call,
@@ -99,7 +99,7 @@ impl Pipeline {
     pub fn push(
         &mut self,
         line: usize,
-        id: Value,
+        id: ItemId,
         text: std::result::Result<&str, String>,
     ) -> Result<()> {
         self.settle_upto(line.saturating_sub(self.max_in_flight))?;
@@ -127,7 +127,7 @@ impl Pipeline {
             Next::Ask(ticket) => {
                 let (expert, call_id, call_text) = (
                     Arc::clone(&self.expert),
-                    id.clone(),
+                    id.to_value(),
                     ticket.text().to_string(),
                 );
                 let future: AnswerFuture<'static> = Box::pin(async move {

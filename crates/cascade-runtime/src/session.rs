@@ -354,14 +354,15 @@ impl Session {
 }
 
 impl Settled {
-    /// The output record of `run` and `serve` (`line` is omitted when `None`).
-    pub fn record(
+    /// The output record of `run` and `serve`, its id exactly as the input
+    /// wrote it (`line` is omitted when `None`).
+    pub fn record<'a>(
         &self,
         line: Option<usize>,
-        id: &serde_json::Value,
+        id: &'a crate::input::ItemId,
         task: &cascade_expert::Task,
         levels: &[String],
-    ) -> serde_json::Value {
+    ) -> crate::input::Record<'a> {
         use serde_json::{json, Value};
         let label = |l: &usize| json!(task.labels()[*l]);
         let (label, by, probs, status, error) = match self {
@@ -394,15 +395,12 @@ impl Settled {
                 Some(reason),
             ),
         };
-        let mut record =
-            json!({"id": id, "label": label, "answered_by": by, "probs": probs, "status": status});
-        if let Some(line) = line {
-            record["line"] = json!(line);
-        }
+        let mut fields =
+            json!({"label": label, "answered_by": by, "probs": probs, "status": status});
         if let Some(error) = error {
-            record["error"] = json!(error);
+            fields["error"] = json!(error);
         }
-        record
+        crate::input::Record { line, id, fields }
     }
 }
 

@@ -13,7 +13,6 @@ use cascade_runtime::{
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde_json::json;
 
 const CONFIG: &str = r#"
 mu = 1e-4
@@ -70,7 +69,9 @@ fn session(audit_rate: f64, overrides: &Overrides, length: Option<u64>) -> Sessi
 fn drive(pipeline: &mut Pipeline, texts: &[String], first_line: usize) -> Vec<String> {
     let mut decisions = Vec::new();
     for (i, text) in texts.iter().enumerate() {
-        pipeline.push(first_line + i, json!(i), Ok(text)).unwrap();
+        pipeline
+            .push(first_line + i, (i as u64).into(), Ok(text))
+            .unwrap();
         decisions.extend(
             pipeline
                 .take_ready()

@@ -372,7 +372,7 @@ impl Answerers {
                 }]
             }
             Self::Cascade(pipeline) => {
-                pipeline.push(index + 1, serde_json::json!(item.id), Ok(&item.text))?;
+                pipeline.push(index + 1, item.id.into(), Ok(&item.text))?;
                 pipeline
                     .take_ready()
                     .into_iter()

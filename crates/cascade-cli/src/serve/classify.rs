@@ -8,8 +8,11 @@ use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use cascade_expert::Query;
+use cascade_runtime::input::{ItemId, Record};
 use cascade_runtime::{Next, Settled};
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::Value;
 
 use super::{authorized, error, lock, Service};
 
@@ -50,26 +53,21 @@ pub(super) async fn classify(State(service): State<Arc<Service>>, request: Reque
         Ok(Ok(body)) => body,
     };
     let started = Instant::now();
-    let request: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
+    let request = match parse_items(&body) {
+        Ok(request) => request,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    let (items, single) = match request.get("items") {
-        Some(Value::Array(items)) => (items.clone(), false),
-        Some(_) => return error(StatusCode::BAD_REQUEST, "`items` must be an array"),
-        None => (vec![request], true),
-    };
-    if items.len() > service.limits.max_batch {
+    if request.items.len() > service.limits.max_batch {
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
                 "{} items; at most {} per request",
-                items.len(),
+                request.items.len(),
                 service.limits.max_batch
             ),
         );
     }
-    let results = match settle_all(&service, &items).await {
+    let results = match settle_all(&service, &request.items).await {
         Ok(results) => results,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
     };
@@ -80,12 +78,10 @@ pub(super) async fn classify(State(service): State<Arc<Service>>, request: Reque
         let seconds = started.elapsed().as_secs_f64();
         lock(&service.latency).record(seconds);
     }
-    let body = if single {
-        results.into_iter().next().unwrap_or(Value::Null)
-    } else {
-        json!({ "results": results })
-    };
-    axum::Json(body).into_response()
+    if request.single && results.len() == 1 {
+        return axum::Json(&results[0]).into_response();
+    }
+    axum::Json(Results { results }).into_response()
 }
 
 fn too_large(service: &Service) -> Response {
@@ -109,6 +105,75 @@ fn is_length_limit(error: &axum::Error) -> bool {
     false
 }
 
+/// A request's items: `{"items": [...]}`, or one item `{"id", "text"}`.
+struct Items {
+    single: bool,
+    items: Vec<Item>,
+}
+
+/// An item's id exactly as the client wrote it, and its text or why it has none.
+type Item = (ItemId, std::result::Result<String, String>);
+
+#[derive(Serialize)]
+struct Results<'a> {
+    results: Vec<Record<'a>>,
+}
+
+/// The request body's `items`, if it has that field (even as `null`).
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(default, borrow, deserialize_with = "present")]
+    items: Option<&'a RawValue>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// One item's fields; the id is kept as written (a `Value` would round ids
+/// beyond 64 bits, and two distinct ids could come back equal).
+#[derive(Deserialize)]
+struct ItemFields {
+    #[serde(default)]
+    id: Option<ItemId>,
+    #[serde(default)]
+    text: Option<Value>,
+}
+
+fn parse_items(body: &[u8]) -> std::result::Result<Items, String> {
+    let request: &RawValue =
+        serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
+    let envelope: Option<Envelope> = serde_json::from_str(request.get()).ok();
+    let Some(items) = envelope.and_then(|e| e.items) else {
+        return Ok(Items {
+            single: true,
+            items: vec![parse_item(request)],
+        });
+    };
+    let items: Vec<&RawValue> =
+        serde_json::from_str(items.get()).map_err(|_| "`items` must be an array".to_string())?;
+    Ok(Items {
+        single: false,
+        items: items.into_iter().map(parse_item).collect(),
+    })
+}
+
+fn parse_item(raw: &RawValue) -> Item {
+    let fields: Option<ItemFields> = serde_json::from_str(raw.get()).ok();
+    let (id, text) = match fields {
+        Some(ItemFields { id, text }) => (id, text),
+        None => (None, None),
+    };
+    let text = match text {
+        Some(Value::String(t)) if !t.trim().is_empty() => Ok(t),
+        Some(Value::String(_)) => Err("empty `text`".to_string()),
+        _ => Err("no string field `text`".to_string()),
+    };
+    (id.unwrap_or_else(ItemId::null), text)
+}
+
 /// Items routed or settled per hold of the session lock: a large batch lets
 /// other requests in between slices, so small requests stay fast.
 const SLICE: usize = 8;
@@ -116,20 +181,8 @@ const SLICE: usize = 8;
 /// Routes the items (students answer at once), asks the expert for the
 /// deferred and audited ones concurrently without the lock, and settles each
 /// answer: the runtime's session cycle, under the lock a slice at a time.
-async fn settle_all(service: &Service, items: &[Value]) -> Result<Vec<Value>> {
-    let parsed: Vec<(Value, std::result::Result<String, String>)> = items
-        .iter()
-        .map(|item| {
-            let id = item.get("id").cloned().unwrap_or(Value::Null);
-            let text = match item.get("text").and_then(Value::as_str) {
-                Some(t) if !t.trim().is_empty() => Ok(t.to_string()),
-                Some(_) => Err("empty `text`".to_string()),
-                None => Err("no string field `text`".to_string()),
-            };
-            (id, text)
-        })
-        .collect();
-    let mut routed = Vec::with_capacity(items.len());
+async fn settle_all<'a>(service: &Service, parsed: &'a [Item]) -> Result<Vec<Record<'a>>> {
+    let mut routed = Vec::with_capacity(parsed.len());
     for slice in parsed.chunks(SLICE) {
         {
             let mut session = service.session.lock().await;
@@ -151,7 +204,7 @@ async fn settle_all(service: &Service, items: &[Value]) -> Result<Vec<Value>> {
                     service
                         .expert
                         .label(Query {
-                            id,
+                            id: &id.to_value(),
                             text: ticket.text(),
                         })
                         .await,
@@ -160,7 +213,7 @@ async fn settle_all(service: &Service, items: &[Value]) -> Result<Vec<Value>> {
             }
         });
     let answers = futures::future::join_all(asks).await;
-    let mut results = Vec::with_capacity(items.len());
+    let mut results = Vec::with_capacity(parsed.len());
     let mut settling = parsed.iter().zip(routed).zip(answers).peekable();
     while settling.peek().is_some() {
         {
