@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod dataset;
 pub mod expert;
+pub mod function;
 #[cfg(feature = "local")]
 pub mod gemma;
 #[cfg(feature = "local")]
@@ -18,6 +19,7 @@ pub mod testing;
 
 pub use dataset::{read_labels, Dataset, DatasetError, Item, StreamOrder};
 pub use expert::{label_all, Answer, AnswerFuture, Expert, ExpertError, Query, Usage};
+pub use function::FnExpert;
 #[cfg(feature = "local")]
 pub use local::{LocalConfig, LocalError, LocalExpert};
 pub use openai::{OpenAiConfig, OpenAiExpert, SetupError};

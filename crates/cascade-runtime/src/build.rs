@@ -6,6 +6,7 @@ use std::path::Path;
 use cascade::{Budget, Cascade, CascadeConfig, Routing};
 
 use crate::error::{Result, RuntimeError};
+use crate::session::{OnExpertFailure, Session, SessionOptions};
 use crate::students::build_students;
 
 /// What the command line (or any caller) changes in a config file's settings.
@@ -103,4 +104,22 @@ pub fn build(
         cascade.set_budget(budget, config.budget_step, config.budget_pacing);
     }
     Ok(cascade)
+}
+
+/// A live session on a checked config (`run`, `serve`, the Python package):
+/// the gated cascade [`build`] makes, the audit rate (`None`: the deepest
+/// level's exploration floor) and the failure policy.
+pub fn build_session(
+    config: &CascadeConfig,
+    labels: usize,
+    audit_rate: Option<f64>,
+    on_failure: OnExpertFailure,
+    stream_length: Option<u64>,
+) -> Result<Session> {
+    let cascade = build(config, labels, Routing::Gated, stream_length)?;
+    let options = SessionOptions {
+        audit_rate: SessionOptions::audit_rate(audit_rate, config)?,
+        on_failure,
+    };
+    Ok(Session::new(cascade, config.seed, options))
 }

@@ -2,7 +2,7 @@
 //! that a crash leaves the old checkpoint or the new one, never a torn one.
 
 use std::fs::File;
-use std::io::BufWriter;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use cascade::CascadeConfig;
@@ -11,7 +11,6 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Result, RuntimeError};
-use crate::experts::ExpertSpec;
 use crate::session::{Session, SessionOptions, SessionState};
 
 pub const CHECKPOINT: &str = "checkpoint.cbor";
@@ -64,12 +63,13 @@ struct Sealed {
 }
 
 /// What a checkpoint must match to be resumed: the checked config (with every
-/// override), the task, the expert, the session's options and `schedule`
+/// override), the task, the expert ([`ExpertSpec::fingerprint`](crate::ExpertSpec::fingerprint)),
+/// the session's options and `schedule`
 /// (whatever else decisions depend on, e.g. calls in flight).
 pub fn fingerprint(
     config: &CascadeConfig,
     task: &Task,
-    expert: &ExpertSpec,
+    expert: &str,
     options: SessionOptions,
     schedule: &str,
 ) -> String {
@@ -79,7 +79,7 @@ pub fn fingerprint(
         "|{}|{:?}|{}|{}|{:?}|{schedule}",
         task.name(),
         task.labels(),
-        expert.fingerprint(),
+        expert,
         options.audit_rate,
         options.on_failure,
     ));
@@ -165,25 +165,45 @@ impl StateDir {
 /// Reads a checkpoint and checks it belongs to `fingerprint`.
 pub fn read_checkpoint(path: &Path, fingerprint: &str) -> Result<Checkpoint> {
     let bytes = std::fs::read(path).map_err(RuntimeError::io(path))?;
-    let refuse = |reason: String| RuntimeError::Checkpoint {
+    decode_checkpoint(&bytes, fingerprint).map_err(|reason| RuntimeError::Checkpoint {
         path: path.to_path_buf(),
         reason,
+    })
+}
+
+/// A checkpoint's bytes as a file holds them: its CBOR encoding sealed by
+/// the SHA-256 of that encoding (the same bytes `cascade run` writes).
+pub fn encode_checkpoint(checkpoint: &Checkpoint) -> std::result::Result<Vec<u8>, String> {
+    let encoding = |e: ciborium::ser::Error<std::io::Error>| format!("encoding: {e}");
+    let mut body = Vec::new();
+    ciborium::into_writer(checkpoint, &mut body).map_err(encoding)?;
+    let sealed = Sealed {
+        sha256: Sha256::digest(&body).to_vec(),
+        body,
     };
-    let sealed: Sealed = ciborium::from_reader(bytes.as_slice())
-        .map_err(|e| refuse(format!("is not a readable checkpoint: {e}")))?;
+    let mut bytes = Vec::new();
+    ciborium::into_writer(&sealed, &mut bytes).map_err(encoding)?;
+    Ok(bytes)
+}
+
+/// Reads sealed checkpoint bytes, checks their checksum and that they belong
+/// to `fingerprint`; the error is the reason they were refused.
+pub fn decode_checkpoint(
+    bytes: &[u8],
+    fingerprint: &str,
+) -> std::result::Result<Checkpoint, String> {
+    let sealed: Sealed =
+        ciborium::from_reader(bytes).map_err(|e| format!("is not a readable checkpoint: {e}"))?;
     if Sha256::digest(&sealed.body).as_slice() != sealed.sha256.as_slice() {
-        return Err(refuse(
+        return Err(
             "is damaged: its checksum does not match its content (edited or corrupted); remove it to start over"
                 .into(),
-        ));
+        );
     }
     let saved: Checkpoint = ciborium::from_reader(sealed.body.as_slice())
-        .map_err(|e| refuse(format!("is not a readable checkpoint: {e}")))?;
+        .map_err(|e| format!("is not a readable checkpoint: {e}"))?;
     if saved.fingerprint != fingerprint {
-        return Err(RuntimeError::Checkpoint {
-            path: path.to_path_buf(),
-            reason: "was written with another config, task or expert".into(),
-        });
+        return Err("was written with another config, task or expert".into());
     }
     Ok(saved)
 }
@@ -196,19 +216,12 @@ pub fn write_checkpoint(path: &Path, checkpoint: &Checkpoint) -> Result<()> {
         path: temp.clone(),
         source: e,
     };
-    let encoding = |e: ciborium::ser::Error<std::io::Error>| RuntimeError::Checkpoint {
+    let bytes = encode_checkpoint(checkpoint).map_err(|reason| RuntimeError::Checkpoint {
         path: path.to_path_buf(),
-        reason: format!("encoding: {e}"),
-    };
-    let mut body = Vec::new();
-    ciborium::into_writer(checkpoint, &mut body).map_err(encoding)?;
-    let sealed = Sealed {
-        sha256: Sha256::digest(&body).to_vec(),
-        body,
-    };
-    let mut file = BufWriter::new(File::create(&temp).map_err(io)?);
-    ciborium::into_writer(&sealed, &mut file).map_err(encoding)?;
-    let file = file.into_inner().map_err(|e| io(e.into_error()))?;
+        reason,
+    })?;
+    let mut file = File::create(&temp).map_err(io)?;
+    file.write_all(&bytes).map_err(io)?;
     file.sync_all().map_err(io)?;
     std::fs::rename(&temp, path).map_err(RuntimeError::io(path))?;
     if let Some(dir) = path.parent() {

@@ -37,6 +37,14 @@ impl ItemId {
         Self::from_json("null".to_string())
     }
 
+    /// An id from its JSON text (`42`, `"a-7"`, a 30-digit number), if it is
+    /// valid JSON.
+    pub fn parse(json: &str) -> Option<Self> {
+        RawValue::from_string(json.trim().to_string())
+            .ok()
+            .map(Self)
+    }
+
     /// JSON text known to be valid.
     fn from_json(json: String) -> Self {
         Self(RawValue::from_string(json).unwrap_or_else(|_| RawValue::NULL.to_owned()))
@@ -124,6 +132,14 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
     <&RawValue>::deserialize(d).map(Some)
 }
 
+/// An item's text, or why it is bad input: one rule for every front end.
+pub fn check_text(text: String) -> Result<String, String> {
+    if text.trim().is_empty() {
+        return Err("empty `text`".into());
+    }
+    Ok(text)
+}
+
 const NUL_REASON: &str =
     "the line holds NUL bytes: is the input UTF-16? cascade reads UTF-8 (or a NUL-only line)";
 
@@ -141,9 +157,7 @@ pub fn parse_line(line: usize, raw: &str) -> Result<InputItem, String> {
             .text
             .and_then(|t| serde_json::from_str(t.get()).ok())
             .ok_or("no string field `text`")?;
-        if text.trim().is_empty() {
-            return Err("empty `text`".into());
-        }
+        let text = check_text(text)?;
         let id = fields
             .id
             .map_or_else(|| ItemId::line(line), |id| ItemId(id.to_owned()));

@@ -3,14 +3,13 @@
 
 use std::path::PathBuf;
 
-use cascade::Routing;
 use cascade_expert::Task;
 
-use crate::build::{build, load_config, Overrides};
+use crate::build::{build_session, load_config, Overrides};
 use crate::checkpoint::{fingerprint, Position, Resume, StateDir};
 use crate::error::Result;
 use crate::experts::{build_expert, ExpertSpec};
-use crate::session::{OnExpertFailure, Session, SessionOptions};
+use crate::session::{OnExpertFailure, Session};
 
 /// Everything a live session is started from.
 #[derive(Debug, Clone)]
@@ -48,17 +47,14 @@ impl Live {
     pub fn start(spec: &LiveSpec, schedule: &str) -> Result<Self> {
         let task = Task::load(&spec.task)?;
         let config = load_config(&spec.config, &spec.overrides, &spec.models)?;
-        let cascade = build(
+        let mut session = build_session(
             &config,
             task.num_labels(),
-            Routing::Gated,
+            spec.audit_rate,
+            spec.on_failure,
             spec.stream_length,
         )?;
-        let options = SessionOptions {
-            audit_rate: SessionOptions::audit_rate(spec.audit_rate, &config)?,
-            on_failure: spec.on_failure,
-        };
-        let mut session = Session::new(cascade, config.seed, options);
+        let options = session.options();
         let expert = build_expert(&spec.expert, &task)?;
         // The stream's length matters to a call budget only: without one, a
         // run may resume over an input that has grown since.
@@ -66,7 +62,13 @@ impl Live {
             Some(_) => format!("{schedule}|stream length {:?}", spec.stream_length),
             None => schedule.to_string(),
         };
-        let fingerprint = fingerprint(&config, &task, &spec.expert, options, &schedule);
+        let fingerprint = fingerprint(
+            &config,
+            &task,
+            &spec.expert.fingerprint(),
+            options,
+            &schedule,
+        );
         let (state, resumed) = match &spec.state {
             Some(dir) => {
                 let (state, resumed) = StateDir::open(dir, spec.resume, fingerprint, &mut session)?;

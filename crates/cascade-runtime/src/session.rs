@@ -61,6 +61,51 @@ impl Settled {
             Self::Failed { .. } | Self::BadInput { .. } => None,
         }
     }
+
+    /// The student level that answered (a fallback's too), if one did.
+    pub fn level(&self) -> Option<usize> {
+        match self {
+            Self::Student { level, .. } | Self::Fallback { level, .. } => Some(*level),
+            Self::Llm { .. } | Self::Failed { .. } | Self::BadInput { .. } => None,
+        }
+    }
+
+    /// Who answered: a level's name, `"llm"`, or nobody.
+    pub fn answered_by<'a>(&self, levels: &'a [String]) -> Option<&'a str> {
+        match self {
+            Self::Llm { .. } => Some("llm"),
+            _ => self.level().and_then(|l| levels.get(l)).map(String::as_str),
+        }
+    }
+
+    /// The answering student's probability per label.
+    pub fn probs(&self) -> Option<&[f32]> {
+        match self {
+            Self::Student { probs, .. } => probs.as_deref(),
+            Self::Fallback { probs, .. } => Some(probs),
+            Self::Llm { .. } | Self::Failed { .. } | Self::BadInput { .. } => None,
+        }
+    }
+
+    /// `ok`, `expert_unavailable`, `error` or `bad_input`.
+    pub fn status(&self) -> &'static str {
+        match self {
+            Self::Student { .. } | Self::Llm { .. } => "ok",
+            Self::Fallback { .. } => "expert_unavailable",
+            Self::Failed { .. } => "error",
+            Self::BadInput { .. } => "bad_input",
+        }
+    }
+
+    /// Why the item has no answer from whom it should have had one.
+    pub fn error(&self) -> Option<&str> {
+        match self {
+            Self::Fallback { reason, .. } | Self::Failed { reason } | Self::BadInput { reason } => {
+                Some(reason)
+            }
+            Self::Student { .. } | Self::Llm { .. } => None,
+        }
+    }
 }
 
 /// Counters of a session; checkpointed with it.
@@ -363,42 +408,14 @@ impl Settled {
         task: &cascade_expert::Task,
         levels: &[String],
     ) -> crate::input::Record<'a> {
-        use serde_json::{json, Value};
-        let label = |l: &usize| json!(task.labels()[*l]);
-        let (label, by, probs, status, error) = match self {
-            Self::Student {
-                level,
-                label: l,
-                probs,
-            } => (label(l), json!(levels[*level]), json!(probs), "ok", None),
-            Self::Llm { label: l } => (label(l), json!("llm"), Value::Null, "ok", None),
-            Self::Fallback {
-                level,
-                label: l,
-                probs,
-                reason,
-            } => (
-                label(l),
-                json!(levels[*level]),
-                json!(probs),
-                "expert_unavailable",
-                Some(reason),
-            ),
-            Self::Failed { reason } => {
-                (Value::Null, Value::Null, Value::Null, "error", Some(reason))
-            }
-            Self::BadInput { reason } => (
-                Value::Null,
-                Value::Null,
-                Value::Null,
-                "bad_input",
-                Some(reason),
-            ),
-        };
-        let mut fields =
-            json!({"label": label, "answered_by": by, "probs": probs, "status": status});
-        if let Some(error) = error {
-            fields["error"] = json!(error);
+        let mut fields = serde_json::json!({
+            "label": self.label().map(|l| &task.labels()[l]),
+            "answered_by": self.answered_by(levels),
+            "probs": self.probs(),
+            "status": self.status(),
+        });
+        if let Some(error) = self.error() {
+            fields["error"] = error.into();
         }
         crate::input::Record { line, id, fields }
     }

@@ -8,7 +8,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use cascade_expert::Query;
-use cascade_runtime::input::{ItemId, Record};
+use cascade_runtime::input::{check_text, ItemId, Record};
 use cascade_runtime::{Next, Settled};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -167,8 +167,7 @@ fn parse_item(raw: &RawValue) -> Item {
         None => (None, None),
     };
     let text = match text {
-        Some(Value::String(t)) if !t.trim().is_empty() => Ok(t),
-        Some(Value::String(_)) => Err("empty `text`".to_string()),
+        Some(Value::String(t)) => check_text(t),
         _ => Err("no string field `text`".to_string()),
     };
     (id.unwrap_or_else(ItemId::null), text)
