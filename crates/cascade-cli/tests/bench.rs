@@ -247,8 +247,29 @@ fn llm_budget_lands_within_two_percent_on_every_dataset() {
                 (calls - budget as f64).abs() <= 0.02 * budget as f64,
                 "{name} @ {budget}: {calls} calls"
             );
+            // The guards make the count whatever the controller does; the
+            // price must do the work: at most 1% of items forced either way.
+            // Named exception: HateSpeech at 600 calls (11%) spends its budget
+            // in the first 2,460 items, where exploration still defers most
+            // items whatever the price, and its students answer the other
+            // 2,890 by force (issue 20 keeps it open).
+            if (name, budget) != ("hatespeech", 600) {
+                assert_forced_at_most_one_percent(&s, &format!("{name} @ {budget}"));
+            }
         }
     }
+}
+
+/// Items the budget's guards forced (a student answering after the budget
+/// ran out, or the LLM answering so the budget could still be reached): a
+/// working price leaves almost none.
+fn assert_forced_at_most_one_percent(summary: &Value, run: &str) {
+    let items = number(summary, "items");
+    let forced = number(summary, "forced_answers") + number(summary, "forced_deferrals");
+    assert!(
+        forced <= 0.01 * items,
+        "{run}: {forced} of {items} items forced by the budget's guards"
+    );
 }
 
 #[test]
@@ -276,6 +297,7 @@ fn online_ensemble_spends_the_budget() {
     );
     let calls = number(&s, "llm_calls");
     assert!((calls - 1500.0).abs() <= 30.0, "{calls} calls");
+    assert_forced_at_most_one_percent(&s, "online ensemble @ 1500");
 }
 
 #[test]

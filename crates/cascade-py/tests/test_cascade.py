@@ -271,3 +271,48 @@ def test_ctrl_c_interrupts_a_run(in_flight):
         pytest.fail("the run ignored Ctrl-C")
     assert child.returncode != 0
     assert "KeyboardInterrupt" in stderr
+
+
+def test_the_built_in_openai_expert_against_a_local_server():
+    """`expert="openai"`: the runtime's chat-completions client, here against a
+    tiny OpenAI-compatible server on 127.0.0.1 that answers "fear"."""
+    import http.server
+    import json
+    import threading
+
+    requests = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            requests.append(body)
+            reply = json.dumps(
+                {"choices": [{"index": 0, "message": {"role": "assistant", "content": "fear"},
+                              "finish_reason": "stop"}],
+                 "usage": {"prompt_tokens": 10, "completion_tokens": 1}}
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cascade = cs.Cascade(ISEAR_LR, task="tasks/isear.toml")
+        texts = [f"a text number {i} about something" for i in range(30)]
+        records = list(cascade.run(
+            texts, expert="openai",
+            base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", model="m",
+        ))
+    finally:
+        server.shutdown()
+    llm = [r for r in records if r["answered_by"] == "llm"]
+    assert llm and all(r["label"] == "fear" and r["status"] == "ok" for r in llm)
+    assert len(requests) == cascade.metrics()["llm_calls"] >= len(llm)
+    assert requests[0]["model"] == "m"
+    assert any("a text number 0" in m["content"] for m in requests[0]["messages"])

@@ -94,6 +94,25 @@ impl BudgetController {
         }
     }
 
+    /// The remaining calls over the remaining items (a `Rate`: the rate):
+    /// the share that spends the budget evenly from here on.
+    pub fn even_rate(&self) -> f64 {
+        match self.budget {
+            Budget::Rate(rate) => rate,
+            Budget::Calls {
+                calls,
+                stream_length,
+            } => {
+                let items_left = stream_length.saturating_sub(self.seen);
+                let calls_left = calls.saturating_sub(self.calls);
+                if items_left == 0 {
+                    return 0.0;
+                }
+                (calls_left as f64 / items_left as f64).min(1.0)
+            }
+        }
+    }
+
     pub fn allowance(&self) -> Allowance {
         match self.budget {
             Budget::Rate(_) => Allowance::Free,
@@ -153,6 +172,22 @@ impl BudgetController {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_even_rate_spreads_what_is_left_over_what_is_left() {
+        let budget = Budget::Calls {
+            calls: 300,
+            stream_length: 1000,
+        };
+        let mut c = BudgetController::new(budget, 0.01, 0.7);
+        assert!((c.even_rate() - 0.3).abs() < 1e-12);
+        for _ in 0..100 {
+            c.record(true, true); // a warm-up of 100 calls
+        }
+        assert!((c.even_rate() - 200.0 / 900.0).abs() < 1e-12);
+        // The paced rate is front-loaded: above the even rate early on.
+        assert!(c.target_rate() > c.even_rate());
+    }
 
     #[test]
     fn price_rises_while_over_budget_and_falls_while_under() {
