@@ -5,6 +5,7 @@
 
 pub mod budget;
 pub mod cascade;
+pub mod confidence;
 pub mod config;
 pub mod gate;
 pub mod metrics;
@@ -12,6 +13,7 @@ pub mod student;
 
 pub use budget::{Budget, BudgetController};
 pub use cascade::{Cascade, CascadeError, Deferred, Outcome, Routed, Routing};
+pub use confidence::{InvalidConfidence, LowerConfidenceSequence};
 pub use config::{CascadeConfig, ConfigError};
 pub use metrics::{AnsweredBy, Metrics, Summary};
 pub use student::{Demonstration, Student, StudentError};
