@@ -157,6 +157,7 @@ async fn classify_auth_bad_bodies_and_metrics() {
         "cascade_exploration_probability{level=\"lr\"}",
         "cascade_request_duration_seconds_count 2",
         "cascade_audited_agreement",
+        "cascade_audited_agreement_lower_bound",
     ] {
         assert!(metrics.contains(needle), "{needle} not in\n{metrics}");
     }

@@ -84,6 +84,10 @@ pub fn counts_dict(py: Python<'_>, counts: &Counts, levels: &[String]) -> PyResu
     dict.set_item("llm_calls", counts.deferred() + counts.audits)?;
     dict.set_item("audit_agreements", counts.audit_agreements)?;
     dict.set_item("audited_agreement", counts.audited_agreement())?;
+    dict.set_item(
+        "audited_agreement_lower_bound",
+        (counts.audits > 0).then(|| counts.audit_bound.lower()),
+    )?;
     dict.set_item("bad_input", counts.bad_input)?;
     dict.set_item("expert_unavailable", counts.expert_unavailable)?;
     dict.set_item("errors", counts.errors)?;

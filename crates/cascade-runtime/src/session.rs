@@ -120,6 +120,11 @@ pub struct Counts {
     pub errors: u64,
     pub audits: u64,
     pub audit_agreements: u64,
+    /// An anytime-valid 95% lower bound on the audited agreement: it holds at
+    /// every point of the stream at once, so it may be watched after every
+    /// item (the Wilson interval holds at one fixed count only).
+    #[serde(default)]
+    pub audit_bound: cascade::LowerConfidenceSequence,
 }
 
 impl Counts {
@@ -160,8 +165,9 @@ impl Counts {
         );
         if let Some((p, half)) = self.audited_agreement() {
             line += &format!(
-                "; audited agreement {p:.3} ± {half:.3} ({} audits)",
-                self.audits
+                "; audited agreement {p:.3} ± {half:.3} ({} audits; ≥ {:.3} at every point, 95%)",
+                self.audits,
+                self.audit_bound.lower()
             );
         }
         line
@@ -310,8 +316,10 @@ impl Session {
         let settled = match (ticket.waiting, answer) {
             (Waiting::Audit(settled), answer) => {
                 if let (Ok(answer), Settled::Student { label, .. }) = (answer, &settled) {
+                    let agrees = *label == answer.label;
                     self.counts.audits += 1;
-                    self.counts.audit_agreements += u64::from(*label == answer.label);
+                    self.counts.audit_agreements += u64::from(agrees);
+                    self.counts.audit_bound.observe(f64::from(u8::from(agrees)));
                 }
                 settled
             }

@@ -153,10 +153,13 @@ fn audits_are_counted_and_change_no_decision() {
     assert_eq!(drive(&mut audited, &texts, 1), plain);
     let counts = audited.session().counts();
     assert!(counts.audits > 100, "{} audits", counts.audits);
-    assert_eq!(
-        counts.audits,
-        counts.audit_agreements + (counts.audits - counts.audit_agreements)
-    );
+    // The anytime-valid bound saw every audit and sits under the observed
+    // agreement, but says something (the students agree often here).
+    let observed = counts.audit_agreements as f64 / counts.audits as f64;
+    assert_eq!(counts.audit_bound.observations(), counts.audits);
+    let lower = counts.audit_bound.lower();
+    assert!(lower > 0.3 && lower < observed, "{lower} vs {observed}");
+    assert!(counts.status_line().contains("at every point"));
 }
 
 #[test]

@@ -38,6 +38,13 @@ pub struct LowerConfidenceSequence {
     lower: f64,
 }
 
+impl Default for LowerConfidenceSequence {
+    /// At 95% confidence.
+    fn default() -> Self {
+        Self::new(0.95).expect("0.95 is in (0, 1)")
+    }
+}
+
 /// Why a confidence level is refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("confidence must be in (0, 1), got {0}")]

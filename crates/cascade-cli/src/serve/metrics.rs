@@ -135,6 +135,12 @@ pub(super) async fn metrics(State(service): State<Arc<Service>>, headers: Header
             ("{stat=\"half_width\"}".into(), half.to_string()),
         ],
     );
+    metric(
+        "cascade_audited_agreement_lower_bound",
+        "gauge",
+        "Anytime-valid 95% lower bound on the audited agreement (a confidence sequence: it holds at every point of the stream at once).",
+        vec![(String::new(), counts.audit_bound.lower().to_string())],
+    );
     {
         let latency = lock(&service.latency);
         out += "# HELP cascade_request_duration_seconds Time to answer a classify request.\n# TYPE cascade_request_duration_seconds histogram\n";
