@@ -94,34 +94,34 @@ impl BudgetController {
         }
     }
 
-    /// The remaining calls over the remaining items (a `Rate`: the rate):
-    /// the share that spends the budget evenly from here on.
-    pub fn even_rate(&self) -> f64 {
+    /// (items left, calls left) under a call budget.
+    fn left(&self) -> Option<(u64, u64)> {
         match self.budget {
-            Budget::Rate(rate) => rate,
+            Budget::Rate(_) => None,
             Budget::Calls {
                 calls,
                 stream_length,
-            } => {
-                let items_left = stream_length.saturating_sub(self.seen);
-                let calls_left = calls.saturating_sub(self.calls);
-                if items_left == 0 {
-                    return 0.0;
-                }
-                (calls_left as f64 / items_left as f64).min(1.0)
-            }
+            } => Some((
+                stream_length.saturating_sub(self.seen),
+                calls.saturating_sub(self.calls),
+            )),
+        }
+    }
+
+    /// The remaining calls over the remaining items (a `Rate`: the rate):
+    /// the share that spends the budget evenly from here on.
+    pub fn even_rate(&self) -> f64 {
+        match (self.budget, self.left()) {
+            (Budget::Rate(rate), _) => rate,
+            (_, Some((0, _)) | None) => 0.0,
+            (_, Some((items_left, calls_left))) => (calls_left as f64 / items_left as f64).min(1.0),
         }
     }
 
     pub fn allowance(&self) -> Allowance {
-        match self.budget {
-            Budget::Rate(_) => Allowance::Free,
-            Budget::Calls {
-                calls,
-                stream_length,
-            } => {
-                let items_left = stream_length.saturating_sub(self.seen);
-                let calls_left = calls.saturating_sub(self.calls);
+        match self.left() {
+            None => Allowance::Free,
+            Some((items_left, calls_left)) => {
                 if calls_left == 0 {
                     Allowance::MustAnswer
                 } else if items_left <= calls_left {
