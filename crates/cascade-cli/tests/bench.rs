@@ -1,13 +1,12 @@
 //! `cascade bench` end to end, on the shared benchmark data and on tiny folders.
 
+mod common;
+
+use common::repo_root;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 /// The shared benchmark folder, beside the repository.
 fn shared_data(name: &str) -> PathBuf {

@@ -4,6 +4,9 @@
 //! drive the runtime's one build and one session engine. Checked for a config
 //! with `llm_budget`, one with `llm_rate`, and one with neither.
 
+mod common;
+
+use common::repo_root;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,10 +16,6 @@ use serde_json::{json, Value};
 
 /// Items of the IMDB test stream replayed by each front end.
 const ITEMS: usize = 3000;
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn imdb() -> PathBuf {
     repo_root().join("../shared/data/imdb")

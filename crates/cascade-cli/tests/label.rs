@@ -1,16 +1,15 @@
 //! `cascade label` against the misbehaving test server: one output record per
 //! input line, bad lines reported, a re-run served from the response cache.
 
+mod common;
+
+use common::repo_root;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cascade_expert::testing::start_server;
 use serde_json::Value;
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn label(url: &str, input: &Path, output: &Path, cache: &Path) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_cascade"))
@@ -180,29 +179,16 @@ fn the_local_expert_labels_a_stream_offline() {
 /// Runs `cascade label` with `args` (after the task), killing it and failing
 /// the test if it has not ended within `limit`: a hang is a failure.
 fn label_within(task: &Path, args: &[&str], limit: Duration) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cascade"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cascade"));
+    command
         .arg("label")
         .arg("--task")
         .arg(task)
         .args(args)
         .current_dir(repo_root())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > limit {
-            child.kill().unwrap();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "cascade label still running after {limit:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().unwrap()
+        .stderr(Stdio::piped());
+    common::finish_within(command, limit)
 }
 
 fn imdb() -> PathBuf {

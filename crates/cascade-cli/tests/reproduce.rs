@@ -1,14 +1,12 @@
 //! `cascade reproduce --quick` end to end: every run of the grid on the first
 //! items of each stream, the JSON, the generated table and the figures.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::repo_root;
 use std::process::Command;
 
 use serde_json::Value;
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn cascade(args: &[&str]) -> std::process::Output {
     let output = Command::new(env!("CARGO_BIN_EXE_cascade"))

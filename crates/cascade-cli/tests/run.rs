@@ -2,6 +2,9 @@
 //! uninterrupted run's output exactly; bad lines and expert failures each get
 //! the right record and never stop the stream.
 
+mod common;
+
+use common::repo_root;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -12,10 +15,6 @@ use cascade_expert::{Dataset, StreamOrder};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn imdb() -> PathBuf {
     repo_root().join("../shared/data/imdb")

@@ -3,16 +3,14 @@
 //! run; ids beyond 64 bits stay distinct and keep every digit; a byte-order
 //! mark is skipped and NUL lines are bad input.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod common;
+
+use common::repo_root;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use cascade_expert::testing::start_server;
 use serde_json::Value;
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 /// LR → LLM; the first items all go to the LLM (warm-up).
 const CONFIG: &str = r#"
@@ -71,9 +69,11 @@ async fn run(input: &[u8]) -> Vec<String> {
         .current_dir(repo_root())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let out = tokio::task::spawn_blocking(move || within(command, Duration::from_secs(60)))
-        .await
-        .unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        common::finish_within(command, Duration::from_secs(60))
+    })
+    .await
+    .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
@@ -82,23 +82,6 @@ async fn run(input: &[u8]) -> Vec<String> {
         .lines()
         .map(str::to_string)
         .collect()
-}
-
-fn within(mut command: Command, limit: Duration) -> Output {
-    let mut child = command.spawn().unwrap();
-    let started = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > limit {
-            child.kill().unwrap();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "cascade run still running after {limit:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().unwrap()
 }
 
 fn parse(lines: &[String]) -> Vec<Value> {

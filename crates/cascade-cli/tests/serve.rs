@@ -1,17 +1,15 @@
 //! `cascade serve` over HTTP on 127.0.0.1: classify single and batch, auth,
 //! bad bodies, a full queue, metrics, and shutdown with a checkpoint.
 
+mod common;
+
+use common::repo_root;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 struct Server {
     child: Child,

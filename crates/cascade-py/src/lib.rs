@@ -89,12 +89,6 @@ struct Recipe {
     stream_length: Option<u64>,
 }
 
-/// What a cascade holds behind its mutex.
-pub(crate) struct Inner {
-    /// `None` while a `run` holds it.
-    pub(crate) session: Option<Session>,
-}
-
 fn busy() -> PyErr {
     PyRuntimeError::new_err("a run() is in progress on this cascade: exhaust or close it first")
 }
@@ -128,7 +122,8 @@ pub struct Cascade {
     recipe: Recipe,
     /// What a saved state must match (config, task, options).
     fingerprint: String,
-    pub(crate) inner: Mutex<Inner>,
+    /// `None` while a `run` holds it.
+    pub(crate) session: Mutex<Option<Session>>,
 }
 
 impl Cascade {
@@ -153,9 +148,7 @@ impl Cascade {
             levels: session.level_names().to_vec(),
             recipe,
             fingerprint,
-            inner: Mutex::new(Inner {
-                session: Some(session),
-            }),
+            session: Mutex::new(Some(session)),
         })
     }
 
@@ -165,7 +158,7 @@ impl Cascade {
         py: Python<'_>,
         f: impl FnOnce(&mut Session) -> R + Send,
     ) -> PyResult<R> {
-        py.detach(|| lock(&self.inner).session.as_mut().map(f))
+        py.detach(|| lock(&self.session).as_mut().map(f))
             .ok_or_else(busy)
     }
 
@@ -386,7 +379,7 @@ impl Cascade {
             interrupt.clone(),
         )?;
         let items = items.try_iter()?;
-        let session = py.detach(|| lock(&this.inner).session.take());
+        let session = py.detach(|| lock(&this.session).take());
         let session = session.ok_or_else(busy)?;
         Run::start(
             slf,

@@ -59,7 +59,7 @@ impl Run {
         interrupt: Interrupt,
     ) -> PyResult<Self> {
         // On a refusal the session goes back to the cascade: nothing is lost.
-        let give_back = |session| lock(&cascade.get().inner).session = Some(session);
+        let give_back = |session| *lock(&cascade.get().session) = Some(session);
         if max_in_flight == 0 {
             give_back(session);
             return Err(crate::ConfigError::new_err(
@@ -93,7 +93,7 @@ impl Run {
     /// Gives the session back to the cascade.
     fn finish(&self, state: State) {
         let session = state.pipeline.into_session();
-        lock(&self.cascade.get().inner).session = Some(session);
+        *lock(&self.cascade.get().session) = Some(session);
     }
 }
 
