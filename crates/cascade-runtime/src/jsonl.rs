@@ -89,6 +89,7 @@ impl JsonlRun {
         self.check(live.state.is_some())?;
         let Live {
             task,
+            config,
             session,
             expert,
             state,
@@ -184,6 +185,7 @@ impl JsonlRun {
             ended,
             Live {
                 task,
+                config,
                 session: pipeline.into_session(),
                 expert,
                 state,

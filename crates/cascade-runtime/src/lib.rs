@@ -10,6 +10,8 @@
 
 pub mod build;
 pub mod checkpoint;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub mod error;
 pub mod experts;
 pub mod input;
@@ -27,7 +29,7 @@ pub use experts::{build_expert, ExpertSpec};
 pub use live::{Live, LiveSpec};
 pub use pipeline::{Finished, Pipeline};
 pub use session::{
-    Counts, Next, OnExpertFailure, Routed, Session, SessionOptions, Settled, Ticket,
+    Counts, Demonstration, Next, OnExpertFailure, Routed, Session, SessionOptions, Settled, Ticket,
 };
 
 /// The async runtime every front end runs its expert calls on.

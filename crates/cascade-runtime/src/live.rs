@@ -34,6 +34,8 @@ pub struct LiveSpec {
 /// A started live session.
 pub struct Live {
     pub task: Task,
+    /// The checked config, overrides applied.
+    pub config: cascade::CascadeConfig,
     pub session: Session,
     pub expert: std::sync::Arc<dyn cascade_expert::Expert>,
     pub state: Option<StateDir>,
@@ -78,6 +80,7 @@ impl Live {
         };
         Ok(Self {
             task,
+            config,
             session,
             expert,
             state,

@@ -230,6 +230,17 @@ impl Ticket {
     }
 }
 
+/// The expert's label for a deferred item, with what routing computed for
+/// it: what the cascade learns from, and what a cluster's log of labels holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Demonstration {
+    pub deferred: Deferred,
+    pub label: usize,
+    /// The expert's probability per label, when it gives them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probs: Option<Vec<f32>>,
+}
+
 /// The session's settings beside the cascade's config.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SessionOptions {
@@ -313,7 +324,22 @@ impl Session {
         ticket: Ticket,
         answer: std::result::Result<Answer, ExpertError>,
     ) -> Result<Settled> {
-        let settled = match (ticket.waiting, answer) {
+        let (settled, demonstration) = self.settle_unlearned(ticket, answer)?;
+        if let Some(demonstration) = demonstration {
+            self.learn(demonstration)?;
+        }
+        Ok(settled)
+    }
+
+    /// [`Session::settle`] without the learning: the label comes back as a
+    /// [`Demonstration`] for the caller to log. A cluster worker publishes it
+    /// and learns it, like every other worker, when the log delivers it.
+    pub fn settle_unlearned(
+        &mut self,
+        ticket: Ticket,
+        answer: std::result::Result<Answer, ExpertError>,
+    ) -> Result<(Settled, Option<Demonstration>)> {
+        let (settled, demonstration) = match (ticket.waiting, answer) {
             (Waiting::Audit(settled), answer) => {
                 if let (Ok(answer), Settled::Student { label, .. }) = (answer, &settled) {
                     let agrees = *label == answer.label;
@@ -321,18 +347,21 @@ impl Session {
                     self.counts.audit_agreements += u64::from(agrees);
                     self.counts.audit_bound.observe(f64::from(u8::from(agrees)));
                 }
-                settled
+                (settled, None)
             }
-            (Waiting::Label(deferred), Ok(answer)) => {
-                self.cascade.learn(deferred, Some(answer.label))?;
+            (Waiting::Label(deferred), Ok(answer)) => (
                 Settled::Llm {
                     label: answer.label,
-                }
-            }
-            (Waiting::Label(deferred), Err(error)) => {
-                self.cascade.learn(deferred, None)?;
+                },
+                Some(Demonstration {
+                    deferred,
+                    label: answer.label,
+                    probs: answer.probs,
+                }),
+            ),
+            (Waiting::Label(_), Err(error)) => {
                 let reason = error.to_string();
-                match self.options.on_failure {
+                let settled = match self.options.on_failure {
                     OnExpertFailure::Student => {
                         let (level, probs) = self.cascade.fallback(&ticket.text)?;
                         Settled::Fallback {
@@ -343,11 +372,19 @@ impl Session {
                         }
                     }
                     OnExpertFailure::Error => Settled::Failed { reason },
-                }
+                };
+                (settled, None)
             }
         };
         self.counts.add(&settled);
-        Ok(settled)
+        Ok((settled, demonstration))
+    }
+
+    /// Learns the expert's label for a deferred item.
+    pub fn learn(&mut self, demonstration: Demonstration) -> Result<()> {
+        self.cascade
+            .learn(demonstration.deferred, Some(demonstration.label))?;
+        Ok(())
     }
 
     /// An input that is not an item: counted, never routed.
@@ -376,6 +413,13 @@ impl Session {
 
     pub fn options(&self) -> SessionOptions {
         self.options
+    }
+
+    /// Seeds the routing and audit coins afresh (a cluster worker mixes in
+    /// its name, so that workers do not flip the same coins).
+    pub fn reseed(&mut self, seed: u64) {
+        self.cascade.reseed_routing(seed);
+        self.audit_rng = ChaCha8Rng::seed_from_u64(seed ^ 0xa0d1);
     }
 
     /// Everything the session has learned and counted.

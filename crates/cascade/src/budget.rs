@@ -154,6 +154,13 @@ impl BudgetController {
 
     /// Records one routed item. During warm-up the LLM must answer whatever the
     /// price, so the price does not move (it would only wind up).
+    /// Sets the items seen and calls made to a count kept elsewhere (a
+    /// cluster's global count); `record` adds this worker's own from here.
+    pub fn sync(&mut self, seen: u64, calls: u64) {
+        self.seen = seen;
+        self.calls = calls;
+    }
+
     pub fn record(&mut self, deferred: bool, warmup: bool) {
         match self.allowance() {
             Allowance::MustAnswer => self.forced_answers += 1,

@@ -40,6 +40,8 @@ pub enum CascadeError {
     UnreadableState(String),
     #[error("the saved state does not fit this cascade: {0}")]
     StateMismatch(String),
+    #[error("a logged demonstration does not fit this cascade: {0}")]
+    MalformedDemonstration(String),
 }
 
 /// How levels decide to answer.
@@ -85,7 +87,7 @@ pub enum Outcome {
 
 /// An item waiting for the LLM's label. It keeps what routing computed, so the
 /// gates learn from the probabilities they acted on even if the label comes late.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Deferred {
     text: String,
     /// Every level's probabilities, when the gates should learn from this item.
@@ -126,6 +128,10 @@ pub struct Cascade {
     /// budget left when warm-up ends.
     fixed_from_budget: bool,
     rng: ChaCha8Rng,
+    /// Learning comes from a shared log of labels (a cluster): students
+    /// observe a text when its label is learned, not when it is routed, so
+    /// every replica that applied the same log holds the same state.
+    learns_from_log: bool,
 }
 
 /// What [`Cascade::save_state`] writes.
@@ -220,7 +226,29 @@ impl Cascade {
             budget: None,
             fixed_from_budget: false,
             rng,
+            learns_from_log: false,
         })
+    }
+
+    /// From now on what the students observe comes only through
+    /// [`Cascade::learn`] (a cluster's shared log of labels): routing changes
+    /// no learned state, so the learner is a pure function of the log.
+    pub fn learn_from_log(&mut self) {
+        self.learns_from_log = true;
+    }
+
+    /// Seeds the routing coins (a cluster worker mixes in its own name, so
+    /// workers do not flip the same coins).
+    pub fn reseed_routing(&mut self, seed: u64) {
+        self.rng = ChaCha8Rng::seed_from_u64(seed);
+    }
+
+    /// Tells the budget controller how many items and LLM calls the whole
+    /// cluster has seen, so every worker prices against the global count.
+    pub fn sync_budget(&mut self, seen: u64, calls: u64) {
+        if let Some(budget) = &mut self.budget {
+            budget.sync(seen, calls);
+        }
     }
 
     /// Targets an LLM-call budget from now on. Gated routing prices deferral
@@ -283,6 +311,32 @@ impl Cascade {
     /// cascade built from the same config and given these bytes by
     /// [`Cascade::load_state`] makes the same decisions as this one from here on.
     pub fn save_state(&self) -> Result<Vec<u8>, CascadeError> {
+        self.encode_state(true)
+    }
+
+    /// What was learned only (students, gates, caches, histories, counters),
+    /// without the routing coins and budget controller, which in a cluster
+    /// belong to each worker. Replicas that applied the same labels give the
+    /// same bytes.
+    pub fn save_learner_state(&self) -> Result<Vec<u8>, CascadeError> {
+        self.encode_state(false)
+    }
+
+    /// Restores [`Cascade::save_learner_state`]'s bytes; this cascade keeps
+    /// its own routing coins and budget controller.
+    pub fn load_learner_state(&mut self, bytes: &[u8]) -> Result<(), CascadeError> {
+        let router = (
+            self.routing.clone(),
+            self.budget.clone(),
+            self.fixed_from_budget,
+            self.rng.clone(),
+        );
+        let loaded = self.load_state(bytes);
+        (self.routing, self.budget, self.fixed_from_budget, self.rng) = router;
+        loaded
+    }
+
+    fn encode_state(&self, with_router: bool) -> Result<Vec<u8>, CascadeError> {
         let levels = self
             .levels
             .iter()
@@ -303,9 +357,13 @@ impl Cascade {
             labels: self.labels,
             mu: self.mu,
             routing: self.routing.clone(),
-            budget: self.budget.clone(),
-            fixed_from_budget: self.fixed_from_budget,
-            rng: self.rng.clone(),
+            budget: self.budget.clone().filter(|_| with_router),
+            fixed_from_budget: self.fixed_from_budget && with_router,
+            rng: if with_router {
+                self.rng.clone()
+            } else {
+                ChaCha8Rng::seed_from_u64(0)
+            },
         };
         let mut bytes = Vec::new();
         ciborium::into_writer(&state, &mut bytes)
@@ -397,8 +455,8 @@ impl Cascade {
     /// adds (x, y) to every level's demonstrations and updates the gates and
     /// students. Only the levels the item reaches are evaluated.
     pub fn route(&mut self, text: &str) -> Result<Routed, CascadeError> {
-        for level in &mut self.levels {
-            level.student.observe(text);
+        if !self.learns_from_log {
+            self.observe(text);
         }
         let warmup = self.in_warmup();
         let allowance = self
@@ -544,6 +602,23 @@ impl Cascade {
             });
         }
         if let Some(inputs) = &item.gate_inputs {
+            // A deferred item from a log may come from anywhere: check its shape.
+            let fits = inputs.len() == self.levels.len()
+                && inputs
+                    .iter()
+                    .all(|p| p.len() == self.labels && p.iter().all(|x| x.is_finite()));
+            if !fits {
+                return Err(CascadeError::MalformedDemonstration(format!(
+                    "gate inputs must be {} rows of {} finite probabilities",
+                    self.levels.len(),
+                    self.labels
+                )));
+            }
+        }
+        if self.learns_from_log {
+            self.observe(&item.text);
+        }
+        if let Some(inputs) = &item.gate_inputs {
             let examples: Vec<GateExample> = inputs
                 .iter()
                 .zip(&self.levels)
@@ -563,6 +638,12 @@ impl Cascade {
             }
         }
         Ok(())
+    }
+
+    fn observe(&mut self, text: &str) {
+        for level in &mut self.levels {
+            level.student.observe(text);
+        }
     }
 
     fn min_updates(&self) -> u64 {

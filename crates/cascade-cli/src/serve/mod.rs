@@ -121,6 +121,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         expert,
         state,
         resumed,
+        ..
     } = Live::start(&args.session.spec(None)?, "serve")?;
     let service = Arc::new(Service {
         levels: session.level_names().to_vec(),
