@@ -207,3 +207,73 @@ fn a_budget_needs_a_stream_of_known_length() {
         "{err}"
     );
 }
+
+/// A cluster's learner is a pure function of the log of labels: a session
+/// that routes items and learns only what comes back from the log holds the
+/// same bytes as one that never routed and read the same log; routing alone
+/// (coins, students' reads) changes nothing learned.
+#[test]
+fn a_learner_is_a_pure_function_of_the_log_of_labels() {
+    let mut writer = session(0.1, &Overrides::default(), None);
+    let mut reader = session(0.0, &Overrides::default(), None);
+    for (s, seed) in [(&mut writer, 1), (&mut reader, 2)] {
+        s.cascade_mut().learn_from_log();
+        s.reseed(seed);
+    }
+    let runtime = runtime();
+    let mut log = Vec::new();
+    let mut students = 0;
+    for (i, text) in stream(600).iter().enumerate() {
+        if i == 300 {
+            // Routing without learning moves nothing a replica must share.
+            let before = writer.cascade().save_learner_state().unwrap();
+            for text in stream(50) {
+                let _ = writer.route(&text).unwrap();
+            }
+            assert!(writer.cascade().save_learner_state().unwrap() == before);
+        }
+        let ticket = match writer.route(text).unwrap().next {
+            cascade_runtime::Next::Done(_) => {
+                students += 1;
+                continue;
+            }
+            cascade_runtime::Next::Ask(ticket) => ticket,
+        };
+        let answer = runtime.block_on(RuleExpert.label(Query {
+            id: &serde_json::Value::Null,
+            text: ticket.text(),
+        }));
+        let (_, demonstration) = writer.settle_unlearned(ticket, answer).unwrap();
+        if let Some(demonstration) = demonstration {
+            // What the log holds and gives back, to every replica alike.
+            let logged = serde_json::to_vec(&demonstration).unwrap();
+            writer.learn(serde_json::from_slice(&logged).unwrap()).unwrap();
+            log.push(logged);
+        }
+    }
+    for logged in &log {
+        reader.learn(serde_json::from_slice(logged).unwrap()).unwrap();
+    }
+    assert!(students > 200, "the students answered only {students} of 600");
+    assert!(
+        writer.cascade().save_learner_state().unwrap()
+            == reader.cascade().save_learner_state().unwrap(),
+        "two replicas of one log of {} labels differ",
+        log.len()
+    );
+}
+
+/// A label from the log that does not fit the cascade is refused, not
+/// learned (and never panics).
+#[test]
+fn a_logged_label_that_does_not_fit_is_refused() {
+    let mut s = session(0.0, &Overrides::default(), None);
+    s.cascade_mut().learn_from_log();
+    for bad in [
+        r#"{"deferred": {"text": "x", "gate_inputs": [[0.5]], "warmup": false}, "label": 1}"#,
+        r#"{"deferred": {"text": "x", "gate_inputs": null, "warmup": true}, "label": 7}"#,
+    ] {
+        let demonstration = serde_json::from_str(bad).unwrap();
+        assert!(s.learn(demonstration).is_err(), "{bad}");
+    }
+}

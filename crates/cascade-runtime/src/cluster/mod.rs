@@ -117,7 +117,6 @@ impl Cluster {
         let names = Names::new(prefix)?;
         let client = async_nats::ConnectOptions::new()
             .name("cascade")
-            .retry_on_initial_connect()
             .connect(url)
             .await
             .map_err(RuntimeError::nats(format!("connecting to {url}")))?;
