@@ -34,6 +34,10 @@ pub struct WorkerArgs {
     /// Labels between snapshots of the learner (a new worker starts from the latest).
     #[arg(long, default_value_t = 1000)]
     snapshot_every: u64,
+    /// Delete the labels the kept snapshots already hold (the log then
+    /// starts after the older of the two kept snapshots).
+    #[arg(long)]
+    purge_log: bool,
     /// Seconds an item may stay unacked before the server gives it to
     /// another worker; set it above the expert's timeout × retries.
     #[arg(long, default_value_t = 120)]
@@ -56,6 +60,7 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         name: name.clone(),
         max_in_flight: args.max_in_flight,
         snapshot_every: args.snapshot_every,
+        purge_log: args.purge_log,
         ack_wait: Duration::from_secs(args.ack_wait_secs),
         save_learner: args.save_learner.clone(),
         fingerprint: learner_fingerprint(&live.config, &live.task),

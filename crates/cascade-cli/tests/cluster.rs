@@ -237,15 +237,17 @@ fn a_killed_worker_loses_nothing_and_every_replica_learns_the_same() {
     let server = Server::start();
     publish(&server, &input);
     let state = |name: &str| dir.path().join(format!("{name}.learner"));
-    let a = worker(&server, &config, "a", &state("a"), &[])
+    // --purge-log: a restarted or late worker must do with the kept snapshots.
+    let purge = ["--purge-log"];
+    let a = worker(&server, &config, "a", &state("a"), &purge)
         .spawn()
         .unwrap();
-    let b = worker(&server, &config, "b", &state("b"), &[])
+    let b = worker(&server, &config, "b", &state("b"), &purge)
         .spawn()
         .unwrap();
     wait_for_results(&server, dir.path(), 120, Duration::from_secs(60));
     kill(b);
-    let b = worker(&server, &config, "b", &state("b"), &[])
+    let b = worker(&server, &config, "b", &state("b"), &purge)
         .spawn()
         .unwrap();
     wait_for_results(&server, dir.path(), n, Duration::from_secs(120));

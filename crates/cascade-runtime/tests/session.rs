@@ -247,14 +247,21 @@ fn a_learner_is_a_pure_function_of_the_log_of_labels() {
         if let Some(demonstration) = demonstration {
             // What the log holds and gives back, to every replica alike.
             let logged = serde_json::to_vec(&demonstration).unwrap();
-            writer.learn(serde_json::from_slice(&logged).unwrap()).unwrap();
+            writer
+                .learn(serde_json::from_slice(&logged).unwrap())
+                .unwrap();
             log.push(logged);
         }
     }
     for logged in &log {
-        reader.learn(serde_json::from_slice(logged).unwrap()).unwrap();
+        reader
+            .learn(serde_json::from_slice(logged).unwrap())
+            .unwrap();
     }
-    assert!(students > 200, "the students answered only {students} of 600");
+    assert!(
+        students > 200,
+        "the students answered only {students} of 600"
+    );
     assert!(
         writer.cascade().save_learner_state().unwrap()
             == reader.cascade().save_learner_state().unwrap(),

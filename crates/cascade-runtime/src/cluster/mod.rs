@@ -269,12 +269,14 @@ impl Cluster {
     /// Stores a snapshot of the learner at label sequence `sequence` and
     /// points to it, unless a snapshot as recent exists. Any worker may call
     /// this: replicas at the same sequence hold the same bytes, so a race
-    /// between two writes the same object. The snapshot two before is removed.
+    /// between two writes the same object. The snapshot two before is
+    /// removed; with `purge_log`, so are the labels the kept ones hold.
     pub async fn save_snapshot(
         &self,
         sequence: u64,
         bytes: &[u8],
         fingerprint: &str,
+        purge_log: bool,
     ) -> Result<bool> {
         let state = self.state().await?;
         let entry = state
@@ -309,8 +311,23 @@ impl Cluster {
             None => state.create(SNAPSHOT_KEY, value.into()).await.is_ok(),
         };
         // Keep the one before (a worker may be reading it now); drop older.
-        if let Some(older) = previous.and_then(|p| p.previous).filter(|_| written) {
-            let _ = store.delete(&older).await;
+        if let Some(previous) = previous.filter(|_| written) {
+            if let Some(older) = &previous.previous {
+                let _ = store.delete(older).await;
+            }
+            if purge_log {
+                // Every kept snapshot holds the labels up to its sequence.
+                let labels = self
+                    .js
+                    .get_stream(self.names.labels_stream())
+                    .await
+                    .map_err(RuntimeError::nats("the LABELS stream"))?;
+                labels
+                    .purge()
+                    .sequence(previous.sequence + 1)
+                    .await
+                    .map_err(RuntimeError::nats("purging the LABELS log"))?;
+            }
         }
         Ok(written)
     }

@@ -36,6 +36,8 @@ pub struct WorkerOptions {
     pub max_in_flight: usize,
     /// Labels between learner snapshots (0: none but the last).
     pub snapshot_every: u64,
+    /// Purge the labels that the kept snapshots already hold.
+    pub purge_log: bool,
     /// How long an item may stay unacked before the server gives it to
     /// another worker; above the expert's timeout × retries.
     pub ack_wait: Duration,
@@ -114,12 +116,24 @@ pub async fn run_worker(
     }
     let mut labels = follow_labels(cluster, learner.sequence).await?;
     // Catch up with the log before routing anything.
-    let last = cluster.last_label().await?;
+    let (last, started) = (cluster.last_label().await?, Instant::now());
     while learner.sequence < last {
         match labels.recv().await {
             Some(label) => learner.apply(&mut session, label)?,
             None => return Err(log_ended()),
         }
+    }
+    if learner.applied > 0 {
+        eprintln!(
+            "worker {}: caught up with the log: {} labels learned in {:.1} s{}",
+            options.name,
+            learner.applied,
+            started.elapsed().as_secs_f64(),
+            learner
+                .restored_from
+                .map(|s| format!(" after the snapshot at {s}"))
+                .unwrap_or_default()
+        );
     }
 
     let items = cluster
@@ -500,7 +514,12 @@ async fn snapshot(
     let saved = match session.cascade().save_learner_state() {
         Ok(bytes) => {
             cluster
-                .save_snapshot(learner.sequence, &bytes, &options.fingerprint)
+                .save_snapshot(
+                    learner.sequence,
+                    &bytes,
+                    &options.fingerprint,
+                    options.purge_log,
+                )
                 .await
         }
         Err(e) => Err(e.into()),
