@@ -5,40 +5,17 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cascade_expert::{Dataset, StreamOrder, Task};
-use common::{finish_within, repo_root};
+use common::{finish_within, imdb_data as imdb, imdb_input, lr_config, repo_root};
 use serde_json::Value;
 
-/// LR → LLM with a small hashing space, so workers start at once.
-const CONFIG: &str = r#"
-mu = 4.25e-4
-seed = 42
-warmup_updates = 10
-[[levels]]
-name = "lr"
-kind = "logreg"
-cost = 1182
-cache_size = 8
-[levels.gate]
-lr = 7e-4
-regularization = 1e-4
-decaying_factor = 0.97
-calibration = 0.40
-[levels.logreg]
-buckets = 65536
-ngrams = 2
-optimizer = "adagrad"
-lr = 0.5
-"#;
-
-fn imdb() -> PathBuf {
-    repo_root().join("../shared/data/imdb")
+/// The first `n` IMDB test items and an LR → LLM config; their paths.
+fn setup(dir: &Path, n: usize) -> (PathBuf, PathBuf) {
+    imdb_input(dir, n, &lr_config(65536, 0))
 }
 
 /// A nats-server with JetStream on a free 127.0.0.1 port; killed on drop.
@@ -103,23 +80,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The first `n` IMDB test items as JSONL, and the config; their paths.
-fn setup(dir: &Path, n: usize) -> (PathBuf, PathBuf) {
-    let task = Task::preset("imdb").unwrap();
-    let dataset = Dataset::load(&imdb(), &task, "gpt35").unwrap();
-    let stream = dataset.stream(&StreamOrder::Test).unwrap();
-    let input = dir.join("in.jsonl");
-    let mut file = std::io::BufWriter::new(std::fs::File::create(&input).unwrap());
-    for item in stream.iter().take(n) {
-        let line = serde_json::json!({"id": item.id, "text": item.text});
-        writeln!(file, "{line}").unwrap();
-    }
-    file.flush().unwrap();
-    let config = dir.join("config.toml");
-    std::fs::write(&config, CONFIG).unwrap();
-    (input, config)
 }
 
 fn cascade(args: &[&str]) -> Command {

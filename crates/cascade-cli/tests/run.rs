@@ -4,60 +4,18 @@
 
 mod common;
 
-use common::repo_root;
-use std::io::Write;
+use common::{imdb_data as imdb, imdb_input, lr_config, repo_root};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use cascade_expert::Task;
-use cascade_expert::{Dataset, StreamOrder};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 
-fn imdb() -> PathBuf {
-    repo_root().join("../shared/data/imdb")
-}
-
-/// LR → LLM with a small hashing space, so a test run is quick.
-const CONFIG: &str = r#"
-mu = 4.25e-4
-seed = 42
-warmup_updates = 10
-[[levels]]
-name = "lr"
-kind = "logreg"
-cost = 1182
-cache_size = 8
-replay = 16
-[levels.gate]
-lr = 7e-4
-regularization = 1e-4
-decaying_factor = 0.97
-calibration = 0.40
-[levels.logreg]
-buckets = 65536
-ngrams = 2
-optimizer = "adagrad"
-lr = 0.5
-"#;
-
-/// Writes the first `n` IMDB test items as JSONL and the config; returns their paths.
+/// The first `n` IMDB test items and an LR → LLM config; their paths.
 fn setup(dir: &Path, n: usize) -> (PathBuf, PathBuf) {
-    let task = Task::preset("imdb").unwrap();
-    let dataset = Dataset::load(&imdb(), &task, "gpt35").unwrap();
-    let stream = dataset.stream(&StreamOrder::Test).unwrap();
-    let input = dir.join("in.jsonl");
-    let mut file = std::io::BufWriter::new(std::fs::File::create(&input).unwrap());
-    for item in stream.iter().take(n) {
-        let line = serde_json::json!({"id": item.id, "text": item.text});
-        writeln!(file, "{line}").unwrap();
-    }
-    file.flush().unwrap();
-    let config = dir.join("config.toml");
-    std::fs::write(&config, CONFIG).unwrap();
-    (input, config)
+    imdb_input(dir, n, &lr_config(65536, 16))
 }
 
 fn run_command(input: &Path, output: &Path, config: &Path, extra: &[&str]) -> Command {
@@ -327,7 +285,11 @@ fn state_misuse_is_refused_with_a_reason() {
     assert_eq!(records(&output), before);
     // Another config cannot resume this state.
     let other = dir.path().join("other.toml");
-    std::fs::write(&other, CONFIG.replace("seed = 42", "seed = 43")).unwrap();
+    std::fs::write(
+        &other,
+        lr_config(65536, 16).replace("seed = 42", "seed = 43"),
+    )
+    .unwrap();
     let wrong = run_command(&input, &output, &other, &resume)
         .output()
         .unwrap();

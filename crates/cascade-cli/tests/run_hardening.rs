@@ -5,34 +5,12 @@
 
 mod common;
 
-use common::repo_root;
+use common::{lr_config, repo_root};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use cascade_expert::testing::start_server;
 use serde_json::Value;
-
-/// LR → LLM; the first items all go to the LLM (warm-up).
-const CONFIG: &str = r#"
-mu = 4.25e-4
-seed = 42
-warmup_updates = 10
-[[levels]]
-name = "lr"
-kind = "logreg"
-cost = 1182
-cache_size = 8
-[levels.gate]
-lr = 7e-4
-regularization = 1e-4
-decaying_factor = 0.97
-calibration = 0.40
-[levels.logreg]
-buckets = 4096
-ngrams = 2
-optimizer = "adagrad"
-lr = 0.5
-"#;
 
 /// Runs `cascade run` on `input` against a fresh test server, failing the
 /// test if the run has not ended within a minute (a hang is a failure).
@@ -46,7 +24,7 @@ async fn run(input: &[u8]) -> Vec<String> {
         dir.path().join("in.jsonl"),
         dir.path().join("out.jsonl"),
     );
-    std::fs::write(&config, CONFIG).unwrap();
+    std::fs::write(&config, lr_config(4096, 0)).unwrap();
     std::fs::write(
         &expert,
         format!(

@@ -2,6 +2,8 @@
 //! against an independent NumPy forward pass written from the Hugging Face
 //! reference: relative-position buckets, RoBERTa-style positions and the
 //! `<s> … </s>` wrapping must all be right for the embeddings to match.
+//! The constants come from `scripts/reference/mpnet_reference.py` (its
+//! README pins the NumPy environment).
 
 mod common;
 

@@ -2,7 +2,9 @@
 //! fetches it) against Google's `sentencepiece` library: the ids below come
 //! from `SentencePieceProcessor` built from this GGUF's pieces, scores and
 //! types (BPE, byte fallback, identity normaliser, no dummy prefix, the
-//! user-defined space runs re-escaped to "▁"), sentencepiece 0.2.
+//! user-defined space runs re-escaped to "▁", the unknown piece marked
+//! unknown), sentencepiece 0.2; `scripts/reference/gemma_tokenizer_reference.py`
+//! prints them (its README pins the environment).
 
 use std::path::Path;
 
