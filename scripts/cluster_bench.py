@@ -211,7 +211,11 @@ def main():
             print(f"accuracy {s['accuracy']:.2f}, LLM answers {s['llm']}, per worker {s['workers']}")
             print(f"learners identical after the stream: {len(set(digests.values())) == 1}")
             for name in sorted(digests):
-                print(f"  {name}: {(tmp / f'{name}.log').read_text().strip().splitlines()[-1]}")
+                lines = (tmp / f"{name}.log").read_text().strip().splitlines()
+                notes = [l for l in lines[:-1] if "caught up" in l or "log" in l.lower() or "handed back" in l][:8]
+                print(f"  {name}: {lines[-1]}")
+                for note in notes:
+                    print(f"      {note}")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,16 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
     if args.session.state.is_some() {
         anyhow::bail!("--state: a worker's state is the cluster's (snapshots on the server)");
     }
-    let live = Live::start(&args.session.spec(None)?, "cluster")?;
+    let spec = args.session.spec(None)?;
+    let ack_wait = Duration::from_secs(args.ack_wait_secs);
+    if let Some(longest) = spec.expert.longest_call().filter(|l| *l >= ack_wait) {
+        anyhow::bail!(
+            "--ack-wait-secs {} is not above the expert's longest call ({:.0} s with its timeout, retries and backoff): the server would give an item to a second worker while the first still waits on its call",
+            args.ack_wait_secs,
+            longest.as_secs_f64()
+        );
+    }
+    let live = Live::start(&spec, "cluster")?;
     let name = args
         .name
         .clone()
@@ -61,7 +70,7 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         max_in_flight: args.max_in_flight,
         snapshot_every: args.snapshot_every,
         purge_log: args.purge_log,
-        ack_wait: Duration::from_secs(args.ack_wait_secs),
+        ack_wait,
         save_learner: args.save_learner.clone(),
         fingerprint: learner_fingerprint(&live.config, &live.task),
     };

@@ -346,3 +346,34 @@ fn a_worker_with_another_config_is_refused() {
     );
     stop(first);
 }
+
+/// An item must not go to a second worker while the first still waits on
+/// its expert: an `--ack-wait-secs` that is not above the expert's longest
+/// call (timeout × attempts + backoff) is refused before anything starts.
+#[test]
+fn an_ack_wait_below_the_experts_longest_call_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, config) = setup(dir.path(), 1);
+    let expert = dir.path().join("slow.toml");
+    std::fs::write(
+        &expert,
+        "base_url = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\ntimeout_secs = 30.0\nmax_attempts = 3\nbackoff_max_ms = 4000\n",
+    )
+    .unwrap();
+    let mut command = cascade(&["worker", "--nats", "nats://127.0.0.1:9"]);
+    command
+        .args(["--task", "tasks/imdb.toml", "--expert", "openai"])
+        .arg("--config")
+        .arg(&config)
+        .arg("--expert-config")
+        .arg(&expert)
+        .args(["--ack-wait-secs", "60"])
+        .stderr(Stdio::piped());
+    let out = finish_within(command, Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--ack-wait-secs 60 is not above the expert's longest call (98 s"),
+        "{stderr}"
+    );
+}

@@ -42,6 +42,24 @@ impl ExpertSpec {
             Self::OpenAi(config) => format!("openai|{}|{}", config.base_url, config.model),
         }
     }
+
+    /// The longest one call may take, retries and backoff included, when
+    /// the settings bound it (a local model's time is not bounded here).
+    pub fn longest_call(&self) -> Option<Duration> {
+        match self {
+            Self::Recorded { delay, .. } => Some(*delay),
+            #[cfg(feature = "local")]
+            Self::Local(_) => None,
+            // Settings too large for a Duration bound nothing.
+            Self::OpenAi(config) => {
+                let attempts = config.max_attempts.max(1);
+                let timeout = Duration::try_from_secs_f64(config.timeout_secs).ok()?;
+                let waits =
+                    Duration::from_millis(config.backoff_max_ms).checked_mul(attempts - 1)?;
+                timeout.checked_mul(attempts)?.checked_add(waits)
+            }
+        }
+    }
 }
 
 /// The expert a spec describes.

@@ -109,19 +109,40 @@ pub struct Cluster {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
     pub names: Names,
+    /// Counts the client's reconnections: consumers kept in the server's
+    /// memory (ordered ones) are gone after a restart and must be made again.
+    pub reconnects: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Cluster {
     /// Connects and creates whatever of the cluster does not exist yet.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self> {
         let names = Names::new(prefix)?;
+        let (connected, reconnects) = tokio::sync::watch::channel(0u64);
         let client = async_nats::ConnectOptions::new()
             .name("cascade")
+            .event_callback(move |event| {
+                let connected = connected.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => connected.send_modify(|n| *n += 1),
+                        async_nats::Event::Disconnected => {
+                            eprintln!("the NATS server is gone; reconnecting")
+                        }
+                        _ => {}
+                    }
+                }
+            })
             .connect(url)
             .await
             .map_err(RuntimeError::nats(format!("connecting to {url}")))?;
         let js = jetstream::new(client.clone());
-        let cluster = Self { client, js, names };
+        let cluster = Self {
+            client,
+            js,
+            names,
+            reconnects,
+        };
         cluster.create_streams().await?;
         Ok(cluster)
     }

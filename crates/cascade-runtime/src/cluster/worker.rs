@@ -27,6 +27,9 @@ use crate::error::{Result, RuntimeError};
 use crate::input::{self, ItemId, RawLine};
 use crate::session::{Counts, Demonstration, Next, Session, Settled, Ticket};
 
+/// How often a working worker prints its counts.
+const REPORT_EVERY: Duration = Duration::from_secs(30);
+
 /// A worker's settings.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
@@ -155,14 +158,13 @@ pub async fn run_worker(
         )
         .await
         .map_err(RuntimeError::nats("the workers' consumer"))?;
-    let mut pulled = consumer
-        .stream()
-        .max_messages_per_batch(options.max_in_flight)
-        .heartbeat(Duration::from_secs(5))
-        .expires(Duration::from_secs(10))
-        .messages()
+    let mut pulled = pull_items(&consumer, options.max_in_flight)
         .await
         .map_err(RuntimeError::nats("pulling items"))?;
+    // After a reconnection the server may have lost the pull requests: pull afresh.
+    let mut reconnects = cluster.reconnects.clone();
+    reconnects.mark_unchanged();
+    let mut repull = false;
 
     let levels = session.level_names().to_vec();
     let (returned_tx, mut returned_rx) = mpsc::unbounded_channel::<Returned>();
@@ -170,6 +172,7 @@ pub async fn run_worker(
     let mut storing = JoinSet::new();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut last_sync = Instant::now();
+    let (mut last_report, mut reported) = (Instant::now(), 0);
     let mut last_snapshot = learner.sequence;
     let store = Store {
         js: cluster.js.clone(),
@@ -243,11 +246,28 @@ pub async fn run_worker(
                     }
                 }
             }
+            Ok(()) = reconnects.changed() => repull = true,
             _ = tick.tick() => {
+                if repull {
+                    match pull_items(&consumer, options.max_in_flight).await {
+                        Ok(stream) => (pulled, repull) = (stream, false),
+                        Err(e) => eprintln!("worker {}: pulling items: {e}", options.name),
+                    }
+                }
                 while let Some(done) = storing.try_join_next() {
                     if let Err(e) = done {
                         eprintln!("worker {}: storing a result: {e}", options.name);
                     }
+                }
+                if last_report.elapsed() >= REPORT_EVERY && session.counts().lines > reported {
+                    last_report = Instant::now();
+                    reported = session.counts().lines;
+                    eprintln!(
+                        "worker {}: {}; log at label {}",
+                        options.name,
+                        session.counts().status_line(),
+                        learner.sequence
+                    );
                 }
                 if last_sync.elapsed() >= Duration::from_secs(1) {
                     last_sync = Instant::now();
@@ -289,6 +309,19 @@ pub async fn run_worker(
         label_sequence: learner.sequence,
         restored_from: learner.restored_from,
     })
+}
+
+async fn pull_items(
+    consumer: &consumer::PullConsumer,
+    batch: usize,
+) -> std::result::Result<pull::Stream, async_nats::Error> {
+    Ok(consumer
+        .stream()
+        .max_messages_per_batch(batch)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(10))
+        .messages()
+        .await?)
 }
 
 /// The replica's place in the log.
@@ -336,48 +369,70 @@ impl Learner {
     }
 }
 
-/// The log from `after + 1` on, in order, as a channel fed by an ordered consumer.
+/// The log from `after + 1` on, in order, as a channel fed by an ordered
+/// consumer. The consumer lives in the server's memory: when it is lost (a
+/// server restart) or errs, a new one starts after the last label sent, at
+/// once, rather than after the client's own heartbeat-based recovery.
 async fn follow_labels(cluster: &Cluster, after: u64) -> Result<mpsc::Receiver<Logged>> {
     let stream = cluster
         .js
         .get_stream(cluster.names.labels_stream())
         .await
         .map_err(RuntimeError::nats("the LABELS stream"))?;
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig {
-            deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: after + 1,
-            },
-            ..Default::default()
-        })
+    let mut messages = ordered_from(&stream, after + 1)
         .await
         .map_err(RuntimeError::nats("following the LABELS log"))?;
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(RuntimeError::nats("following the LABELS log"))?;
+    let mut reconnects = cluster.reconnects.clone();
+    reconnects.mark_unchanged();
     let (tx, rx) = mpsc::channel(4096);
     tokio::spawn(async move {
-        while let Some(message) = messages.next().await {
-            let message = match message {
-                Ok(message) => message,
-                Err(error) => {
-                    // The ordered consumer recreates itself where it stopped.
-                    eprintln!("following the LABELS log: {error}");
-                    continue;
+        let mut next = after + 1;
+        loop {
+            loop {
+                let message = tokio::select! {
+                    message = messages.next() => message,
+                    _ = reconnects.changed() => break,
+                };
+                let Some(Ok(message)) =
+                    message.map(|m| m.inspect_err(|e| eprintln!("following the LABELS log: {e}")))
+                else {
+                    break;
+                };
+                let Ok(info) = message.info() else { continue };
+                next = info.stream_sequence + 1;
+                let logged = Logged {
+                    sequence: info.stream_sequence,
+                    payload: message.payload.clone(),
+                };
+                if tx.send(logged).await.is_err() {
+                    return; // the worker has stopped
+                }
+            }
+            messages = loop {
+                if tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                if let Ok(messages) = ordered_from(&stream, next).await {
+                    break messages;
                 }
             };
-            let Ok(info) = message.info() else { continue };
-            let logged = Logged {
-                sequence: info.stream_sequence,
-                payload: message.payload.clone(),
-            };
-            if tx.send(logged).await.is_err() {
-                return;
-            }
         }
     });
     Ok(rx)
+}
+
+async fn ordered_from(
+    stream: &jetstream::stream::Stream,
+    start_sequence: u64,
+) -> std::result::Result<pull::Ordered, async_nats::Error> {
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence },
+            ..Default::default()
+        })
+        .await?;
+    Ok(consumer.messages().await?)
 }
 
 fn log_ended() -> RuntimeError {
