@@ -120,6 +120,15 @@ pub struct SessionArgs {
     /// Spend this share of the items on the LLM (a stream of unknown length).
     #[arg(long)]
     pub llm_rate: Option<f64>,
+    /// Answer as the LLM would on at least this share of items, with
+    /// --confidence at every point of the stream: the audit rate and the
+    /// deferral price follow an anytime-valid bound. Overrides the config's
+    /// budget and --audit-rate.
+    #[arg(long, conflicts_with_all = ["llm_budget", "llm_rate", "audit_rate"])]
+    pub target_agreement: Option<f64>,
+    /// The agreement target's confidence, 1 − δ (default 0.95).
+    #[arg(long, requires = "target_agreement")]
+    pub confidence: Option<f64>,
     /// The number of items to come, for llm_budget (`run`: default the input file's lines).
     #[arg(long)]
     pub stream_length: Option<u64>,
@@ -165,6 +174,8 @@ impl SessionArgs {
                 seed: self.seed,
                 llm_budget: self.llm_budget,
                 llm_rate: self.llm_rate,
+                target_agreement: self.target_agreement,
+                confidence: self.confidence,
             },
             models: self.models.clone(),
             expert: self.expert.spec()?,

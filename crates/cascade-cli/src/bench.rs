@@ -59,6 +59,14 @@ pub struct BenchArgs {
     /// Spend this share of the items on the LLM (for streams of unknown length).
     #[arg(long)]
     llm_rate: Option<f64>,
+    /// Answer as the LLM would on at least this share of items (audits and
+    /// the deferral price set from an anytime-valid bound); overrides the
+    /// config's budget.
+    #[arg(long, conflicts_with_all = ["llm_budget", "llm_rate"])]
+    target_agreement: Option<f64>,
+    /// The agreement target's confidence, 1 − δ (default 0.95).
+    #[arg(long, requires = "target_agreement")]
+    confidence: Option<f64>,
     /// Overrides the config's seed.
     #[arg(long)]
     seed: Option<u64>,
@@ -112,6 +120,8 @@ impl From<&BenchArgs> for ReplaySpec {
             mu: a.mu,
             llm_budget: a.llm_budget,
             llm_rate: a.llm_rate,
+            target_agreement: a.target_agreement,
+            confidence: a.confidence,
             seed: a.seed,
             baseline: a.baseline,
             route_prob: a.route_prob.clone(),
@@ -129,6 +139,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         anyhow::bail!("bench replays with --expert recorded or local; label a stream with a live API through `cascade label` or `cascade run`");
     }
     let report = replay(&ReplaySpec::from(args), true)?;
+    if let (Some(target), Some(bound)) = (report.target_agreement, report.agreement_bound) {
+        let realized = report.agreement_checks.last().map_or(f64::NAN, |c| c.1);
+        println!(
+            "agreement target {target}: agreement with the LLM {realized:.4}, bound {bound:.4} (holding at every point); {} audits, {} LLM calls in all",
+            report.audits,
+            report.total_llm_calls()
+        );
+    }
     if let Some(path) = &args.summary {
         let json = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;

@@ -194,11 +194,13 @@ impl Cascade {
         audit_rate: Option<f64>,
         on_expert_failure: &str,
     ) -> PyResult<Self> {
+        // An agreement target is a config field (`target_agreement`, `confidence`).
         let overrides = Overrides {
             mu,
             seed,
             llm_budget,
             llm_rate,
+            ..Overrides::default()
         };
         let models = models.unwrap_or_else(|| PathBuf::from("models"));
         let config = if let Ok(dict) = config.cast::<PyDict>() {

@@ -88,6 +88,11 @@ pub fn counts_dict(py: Python<'_>, counts: &Counts, levels: &[String]) -> PyResu
         "audited_agreement_lower_bound",
         (counts.audits > 0).then(|| counts.audit_bound.lower()),
     )?;
+    if let Some(target) = &counts.agreement {
+        dict.set_item("target_agreement", target.target().agreement)?;
+        dict.set_item("confidence", target.target().confidence)?;
+        dict.set_item("agreement_lower_bound", target.agreement_bound())?;
+    }
     dict.set_item("bad_input", counts.bad_input)?;
     dict.set_item("expert_unavailable", counts.expert_unavailable)?;
     dict.set_item("errors", counts.errors)?;

@@ -17,6 +17,9 @@ pub struct Overrides {
     /// Replaces the config's budget, whichever kind (with `llm_rate`).
     pub llm_budget: Option<u64>,
     pub llm_rate: Option<f64>,
+    /// Replaces the config's agreement target (and clears its budget).
+    pub target_agreement: Option<f64>,
+    pub confidence: Option<f64>,
 }
 
 impl Overrides {
@@ -30,6 +33,16 @@ impl Overrides {
         if self.llm_budget.is_some() || self.llm_rate.is_some() {
             config.llm_budget = self.llm_budget;
             config.llm_rate = self.llm_rate;
+            config.target_agreement = None;
+            config.confidence = None;
+        }
+        if self.target_agreement.is_some() {
+            config.target_agreement = self.target_agreement;
+            config.llm_budget = None;
+            config.llm_rate = None;
+        }
+        if self.confidence.is_some() {
+            config.confidence = self.confidence;
         }
     }
 }
@@ -89,6 +102,8 @@ pub fn build(
             })?,
         }),
         (None, Some(rate)) => Some(Budget::Rate(rate)),
+        // An agreement target steers a rate budget (from all-LLM at first).
+        (None, None) if config.target_agreement.is_some() => Some(Budget::Rate(1.0)),
         (None, None) => None,
     };
     // Before anything is allocated: a size typo is an error naming the field.
@@ -120,6 +135,7 @@ pub fn build_session(
     let options = SessionOptions {
         audit_rate: SessionOptions::audit_rate(audit_rate, config)?,
         on_failure,
+        target: config.agreement_target(),
     };
     Ok(Session::new(cascade, config.seed, options))
 }

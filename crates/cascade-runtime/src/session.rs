@@ -125,6 +125,9 @@ pub struct Counts {
     /// item (the Wilson interval holds at one fixed count only).
     #[serde(default)]
     pub audit_bound: cascade::LowerConfidenceSequence,
+    /// The agreement target's controller, when the session has one.
+    #[serde(default)]
+    pub agreement: Option<cascade::AgreementController>,
 }
 
 impl Counts {
@@ -137,6 +140,13 @@ impl Counts {
 
     fn add(&mut self, settled: &Settled) {
         self.lines += 1;
+        if let Some(agreement) = &mut self.agreement {
+            match settled {
+                Settled::Student { .. } | Settled::Fallback { .. } => agreement.record(true),
+                Settled::Llm { .. } => agreement.record(false),
+                Settled::Failed { .. } | Settled::BadInput { .. } => {}
+            }
+        }
         match settled {
             Settled::Student { level, .. } => self.answered[*level] += 1,
             Settled::Llm { .. } => self.llm += 1,
@@ -163,6 +173,16 @@ impl Counts {
             self.expert_unavailable,
             self.errors
         );
+        if let Some(agreement) = &self.agreement {
+            let target = agreement.target();
+            line += &format!(
+                "; agreement ≥ {:.3} (target {}, {:.0}% at every point; {} audits)",
+                agreement.agreement_bound(),
+                target.agreement,
+                100.0 * target.confidence,
+                agreement.audits()
+            );
+        }
         if let Some((p, half)) = self.audited_agreement() {
             line += &format!(
                 "; audited agreement {p:.3} ± {half:.3} ({} audits; ≥ {:.3} at every point, 95%)",
@@ -215,8 +235,9 @@ pub struct Ticket {
 enum Waiting {
     /// A deferred item: its label is learned.
     Label(Deferred),
-    /// An audited student answer: the expert's label is only compared.
-    Audit(Settled),
+    /// An audited student answer: the expert's label is only compared. The
+    /// rate it was drawn at weighs it in an agreement target's bound.
+    Audit(Settled, f64),
 }
 
 impl Ticket {
@@ -226,7 +247,7 @@ impl Ticket {
 
     /// An audit (the item is answered; the expert's label is only compared).
     pub fn is_audit(&self) -> bool {
-        matches!(self.waiting, Waiting::Audit(_))
+        matches!(self.waiting, Waiting::Audit(..))
     }
 }
 
@@ -248,6 +269,9 @@ pub struct SessionOptions {
     /// without bias; audits never train the cascade.
     pub audit_rate: f64,
     pub on_failure: OnExpertFailure,
+    /// An agreement target: it sets the audit rate (instead of `audit_rate`)
+    /// and steers the cascade's rate budget (`cascade::target`).
+    pub target: Option<cascade::AgreementTarget>,
 }
 
 /// What a session saves beside the cascade.
@@ -276,8 +300,10 @@ impl Session {
             .iter()
             .map(|s| s.to_string())
             .collect();
+        let mut counts = Counts::new(level_names.len());
+        counts.agreement = options.target.map(cascade::AgreementController::new);
         Self {
-            counts: Counts::new(level_names.len()),
+            counts,
             level_names,
             cascade,
             options,
@@ -287,6 +313,14 @@ impl Session {
 
     /// Decides who answers `text`.
     pub fn route(&mut self, text: &str) -> Result<Routed> {
+        let audit_rate = match &self.counts.agreement {
+            Some(agreement) => {
+                self.cascade
+                    .steer_budget(agreement.llm_rate(), agreement.must_defer());
+                agreement.audit_rate()
+            }
+            None => self.options.audit_rate,
+        };
         let routed = self.cascade.route(text)?;
         let next = match routed.outcome {
             Outcome::Answered { level, label } => {
@@ -295,12 +329,15 @@ impl Session {
                     label,
                     probs: routed.level_probs[level].clone(),
                 };
-                if self.audit_rng.random::<f64>() < self.options.audit_rate {
+                if self.audit_rng.random::<f64>() < audit_rate {
                     Next::Ask(Ticket {
                         text: text.to_string(),
-                        waiting: Waiting::Audit(settled),
+                        waiting: Waiting::Audit(settled, audit_rate),
                     })
                 } else {
+                    if let Some(agreement) = &mut self.counts.agreement {
+                        agreement.observe_unaudited();
+                    }
                     self.counts.add(&settled);
                     Next::Done(settled)
                 }
@@ -340,12 +377,19 @@ impl Session {
         answer: std::result::Result<Answer, ExpertError>,
     ) -> Result<(Settled, Option<Demonstration>)> {
         let (settled, demonstration) = match (ticket.waiting, answer) {
-            (Waiting::Audit(settled), answer) => {
-                if let (Ok(answer), Settled::Student { label, .. }) = (answer, &settled) {
-                    let agrees = *label == answer.label;
+            (Waiting::Audit(settled, rate), answer) => {
+                let agrees = match (&answer, &settled) {
+                    (Ok(answer), Settled::Student { label, .. }) => Some(*label == answer.label),
+                    _ => None,
+                };
+                if let Some(agrees) = agrees {
                     self.counts.audits += 1;
                     self.counts.audit_agreements += u64::from(agrees);
                     self.counts.audit_bound.observe(f64::from(u8::from(agrees)));
+                }
+                if let Some(agreement) = &mut self.counts.agreement {
+                    // No label from the LLM counts against the students.
+                    agreement.observe_audit(agrees, rate);
                 }
                 (settled, None)
             }

@@ -60,6 +60,7 @@ fn session(audit_rate: f64, overrides: &Overrides, length: Option<u64>) -> Sessi
     let options = SessionOptions {
         audit_rate,
         on_failure: OnExpertFailure::Student,
+        target: config.agreement_target(),
     };
     Session::new(cascade, config.seed, options)
 }
@@ -283,4 +284,59 @@ fn a_logged_label_that_does_not_fit_is_refused() {
         let demonstration = serde_json::from_str(bad).unwrap();
         assert!(s.learn(demonstration).is_err(), "{bad}");
     }
+}
+
+/// An agreement target on a learnable stream: the students take over as far
+/// as the audits' bound allows, the stream's agreement with the expert stays
+/// at or above the target at every point after the first items, and the
+/// bound the session reports is below the realized agreement.
+#[test]
+fn an_agreement_target_holds_while_the_students_take_over() {
+    let overrides = Overrides {
+        target_agreement: Some(0.9),
+        ..Overrides::default()
+    };
+    let mut session = session(0.0, &overrides, None);
+    let runtime = runtime();
+    let (mut agreeing, mut students) = (0u64, 0u64);
+    let texts = stream(3000);
+    for (i, text) in texts.iter().enumerate() {
+        let truth = usize::from(text.contains("good"));
+        let settled = match session.route(text).unwrap().next {
+            cascade_runtime::Next::Done(settled) => settled,
+            cascade_runtime::Next::Ask(ticket) => {
+                let answer = runtime.block_on(RuleExpert.label(Query {
+                    id: &serde_json::Value::Null,
+                    text: ticket.text(),
+                }));
+                session.settle(ticket, answer).unwrap()
+            }
+        };
+        students += u64::from(settled.level().is_some());
+        agreeing += u64::from(settled.label() == Some(truth));
+        if i >= 200 {
+            let realized = agreeing as f64 / (i + 1) as f64;
+            assert!(
+                realized >= 0.9,
+                "agreement {realized} after {} items",
+                i + 1
+            );
+        }
+    }
+    let counts = session.counts();
+    let target = counts.agreement.as_ref().unwrap();
+    assert!(
+        students > 1500,
+        "the students answered only {students} of 3000"
+    );
+    assert!(
+        counts.audits > 50 && counts.audits < students,
+        "{} audits",
+        counts.audits
+    );
+    let realized = agreeing as f64 / 3000.0;
+    assert!(target.agreement_bound() >= 0.9 && target.agreement_bound() <= realized);
+    assert!(counts
+        .status_line()
+        .contains("(target 0.9, 95% at every point;"));
 }

@@ -52,6 +52,9 @@ pub struct BudgetController {
     forced_answers: u64,
     /// Items the LLM had to answer because only they could reach the budget.
     forced_deferrals: u64,
+    /// Set by an agreement target: the next item must go to the LLM.
+    #[serde(default)]
+    hold: bool,
 }
 
 impl BudgetController {
@@ -67,6 +70,7 @@ impl BudgetController {
             calls: 0,
             forced_answers: 0,
             forced_deferrals: 0,
+            hold: false,
         }
     }
 
@@ -119,6 +123,9 @@ impl BudgetController {
     }
 
     pub fn allowance(&self) -> Allowance {
+        if self.hold {
+            return Allowance::MustDefer;
+        }
         match self.left() {
             None => Allowance::Free,
             Some((items_left, calls_left)) => {
@@ -154,6 +161,15 @@ impl BudgetController {
 
     /// Records one routed item. During warm-up the LLM must answer whatever the
     /// price, so the price does not move (it would only wind up).
+    /// An agreement target's steering: the LLM share to price toward (a
+    /// rate budget's rate) and whether the next item must go to the LLM.
+    pub fn steer(&mut self, llm_rate: f64, must_defer: bool) {
+        if let Budget::Rate(rate) = &mut self.budget {
+            *rate = llm_rate;
+        }
+        self.hold = must_defer;
+    }
+
     /// Sets the items seen and calls made to a count kept elsewhere (a
     /// cluster's global count); `record` adds this worker's own from here.
     pub fn sync(&mut self, seen: u64, calls: u64) {

@@ -243,6 +243,14 @@ impl Cascade {
         self.rng = ChaCha8Rng::seed_from_u64(seed);
     }
 
+    /// An agreement target's steering of the budget controller (see
+    /// [`BudgetController::steer`]); nothing without a budget.
+    pub fn steer_budget(&mut self, llm_rate: f64, must_defer: bool) {
+        if let Some(budget) = &mut self.budget {
+            budget.steer(llm_rate, must_defer);
+        }
+    }
+
     /// Tells the budget controller how many items and LLM calls the whole
     /// cluster has seen, so every worker prices against the global count.
     pub fn sync_budget(&mut self, seen: u64, calls: u64) {

@@ -48,6 +48,14 @@ pub struct CascadeConfig {
     pub llm_budget: Option<u64>,
     /// Spend this share of items on the LLM, for streams of unknown length.
     pub llm_rate: Option<f64>,
+    /// Answer as the LLM would on at least this share of items, with
+    /// `confidence` at every point of the stream (audits and a price on
+    /// deferral set from a confidence sequence; see `target.rs`).
+    #[serde(default)]
+    pub target_agreement: Option<f64>,
+    /// The target's confidence, 1 − δ (default 0.95).
+    #[serde(default)]
+    pub confidence: Option<f64>,
     /// Which gates the budget's price applies to.
     #[serde(default)]
     pub budget_prices: PricedLevels,
@@ -279,6 +287,12 @@ impl CascadeConfig {
         Ok(config)
     }
 
+    /// The agreement target, when `target_agreement` is set (checked by `validate`).
+    pub fn agreement_target(&self) -> Option<crate::AgreementTarget> {
+        let agreement = self.target_agreement?;
+        crate::AgreementTarget::new(agreement, self.confidence.unwrap_or(DEFAULT_CONFIDENCE)).ok()
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         check("mu", self.mu.is_finite() && self.mu >= 0.0, || {
             format!("must be a finite number >= 0, got {}", self.mu)
@@ -292,6 +306,23 @@ impl CascadeConfig {
             "llm_budget",
             self.llm_budget.is_none() || self.llm_rate.is_none(),
             || "give either llm_budget or llm_rate, not both".into(),
+        )?;
+        if let Some(agreement) = self.target_agreement {
+            crate::AgreementTarget::new(agreement, self.confidence.unwrap_or(DEFAULT_CONFIDENCE))
+                .map_err(|e| ConfigError::Invalid {
+                field: e.field.into(),
+                reason: format!("must be in (0, 1), got {}", e.value),
+            })?;
+            check(
+                "target_agreement",
+                self.llm_budget.is_none() && self.llm_rate.is_none(),
+                || "sets the LLM's share itself: give it or llm_budget/llm_rate, not both".into(),
+            )?;
+        }
+        check(
+            "confidence",
+            self.confidence.is_none() || self.target_agreement.is_some(),
+            || "is the confidence of target_agreement, which is not set".into(),
         )?;
         check(
             "budget_step",
@@ -533,6 +564,9 @@ impl LevelConfig {
     }
 }
 
+/// The agreement target's confidence when the config gives none.
+pub const DEFAULT_CONFIDENCE: f64 = 0.95;
+
 fn check(field: &str, ok: bool, reason: impl FnOnce() -> String) -> Result<(), ConfigError> {
     if ok {
         Ok(())
@@ -580,6 +614,43 @@ mod tests {
         let text = GOOD.replace(from, to);
         assert_ne!(text, GOOD, "replacement `{from}` did not apply");
         CascadeConfig::from_toml(&text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn agreement_targets_are_checked_by_field() {
+        for (to, field) in [
+            (
+                "mu = 5e-4\ntarget_agreement = 1.5",
+                "`target_agreement`: must be in (0, 1), got 1.5",
+            ),
+            (
+                "mu = 5e-4\ntarget_agreement = 0.0",
+                "`target_agreement`: must be in (0, 1), got 0",
+            ),
+            (
+                "mu = 5e-4\ntarget_agreement = 0.9\nconfidence = 1.0",
+                "`confidence`: must be in (0, 1), got 1",
+            ),
+            (
+                "mu = 5e-4\nconfidence = 0.9",
+                "`confidence`: is the confidence of target_agreement",
+            ),
+            (
+                "mu = 5e-4\ntarget_agreement = 0.9\nllm_rate = 0.3",
+                "`target_agreement`: sets the LLM's share itself",
+            ),
+        ] {
+            let error = error_for("mu = 5e-4", to);
+            assert!(error.contains(field), "{to}: {error}");
+        }
+        let ok = CascadeConfig::from_toml(
+            &GOOD.replace("mu = 5e-4", "mu = 5e-4\ntarget_agreement = 0.9"),
+        )
+        .unwrap();
+        assert_eq!(
+            ok.agreement_target(),
+            Some(crate::AgreementTarget::new(0.9, DEFAULT_CONFIDENCE).unwrap())
+        );
     }
 
     #[test]

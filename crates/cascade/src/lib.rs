@@ -10,6 +10,7 @@ pub mod config;
 pub mod gate;
 pub mod metrics;
 pub mod student;
+pub mod target;
 
 pub use budget::{Budget, BudgetController};
 pub use cascade::{Cascade, CascadeError, Deferred, Outcome, Routed, Routing};
@@ -17,3 +18,4 @@ pub use confidence::{InvalidConfidence, LowerConfidenceSequence};
 pub use config::{CascadeConfig, ConfigError};
 pub use metrics::{AnsweredBy, Metrics, Summary};
 pub use student::{Demonstration, Student, StudentError};
+pub use target::{AgreementController, AgreementTarget, InvalidTarget};

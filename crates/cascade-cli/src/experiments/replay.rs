@@ -51,6 +51,8 @@ pub struct ReplaySpec {
     pub mu: Option<f64>,
     pub llm_budget: Option<u64>,
     pub llm_rate: Option<f64>,
+    pub target_agreement: Option<f64>,
+    pub confidence: Option<f64>,
     pub seed: Option<u64>,
     pub baseline: Option<Baseline>,
     pub route_prob: Vec<f64>,
@@ -77,6 +79,8 @@ impl ReplaySpec {
             mu: None,
             llm_budget: None,
             llm_rate: None,
+            target_agreement: None,
+            confidence: None,
             seed: None,
             baseline: None,
             route_prob: vec![0.5],
@@ -94,6 +98,8 @@ impl ReplaySpec {
             seed: self.seed,
             llm_budget: self.llm_budget,
             llm_rate: self.llm_rate,
+            target_agreement: self.target_agreement,
+            confidence: self.confidence,
         }
     }
 }
@@ -141,6 +147,20 @@ pub struct Report {
     /// Who answered over the stream, in windows of equal length.
     #[serde(default)]
     pub timeline: Vec<Window>,
+    /// Student answers also sent to the LLM (audits): LLM calls beside
+    /// `llm_calls`, which counts the items the LLM answered.
+    #[serde(default)]
+    pub audits: u64,
+    /// The agreement target, and the anytime-valid bound on the stream's
+    /// agreement with the LLM at the end.
+    #[serde(default)]
+    pub target_agreement: Option<f64>,
+    #[serde(default)]
+    pub agreement_bound: Option<f64>,
+    /// (items, agreement with the recorded LLM so far) every
+    /// [`AGREEMENT_CHECK_EVERY`] items and at the end.
+    #[serde(default)]
+    pub agreement_checks: Vec<(u64, f64)>,
     pub wall_seconds: f64,
 }
 
@@ -162,11 +182,14 @@ pub struct LiveExpertReport {
 }
 
 impl Report {
-    /// Every LLM call the run paid for, on the stream and before it.
+    /// Every LLM call the run paid for, on the stream (audits included) and before it.
     pub fn total_llm_calls(&self) -> u64 {
-        self.summary.llm_calls + self.offline_llm_calls
+        self.summary.llm_calls + self.audits + self.offline_llm_calls
     }
 }
+
+/// Items between two checks of the realized agreement with the LLM.
+pub const AGREEMENT_CHECK_EVERY: usize = 500;
 
 /// Windows per timeline.
 const TIMELINE_WINDOWS: usize = 50;
@@ -233,6 +256,7 @@ pub fn replay(spec: &ReplaySpec, print: bool) -> Result<Report> {
     // The LLM's label is known without a call when it is the recorded one.
     let recorded_llm = local.is_none();
 
+    let (mut agreeing, mut agreement_checks) = (0u64, Vec::new());
     let mut predictions = Vec::with_capacity(stream.len());
     let mut progress = Progress::new(stream.len() as u64, "items");
     let mut position = 0;
@@ -244,6 +268,13 @@ pub fn replay(spec: &ReplaySpec, print: bool) -> Result<Report> {
             item.gold,
             recorded_llm.then_some(item.expert),
         );
+        if recorded_llm {
+            agreeing += u64::from(record.prediction == item.expert);
+            let seen = position + 1;
+            if seen % AGREEMENT_CHECK_EVERY == 0 || seen == stream.len() {
+                agreement_checks.push((seen as u64, agreeing as f64 / seen as f64));
+            }
+        }
         predictions.push((record.by, record.prediction));
         in_window[match record.by {
             AnsweredBy::Level(j) => j,
@@ -303,6 +334,11 @@ pub fn replay(spec: &ReplaySpec, print: bool) -> Result<Report> {
         _ => None,
     };
     let budget = cascade.and_then(|c| c.budget());
+    let counts = match &answerers {
+        Answerers::Cascade(c) => Some(c.session().counts()),
+        _ => None,
+    };
+    let target = counts.and_then(|c| c.agreement.as_ref());
     let report = Report {
         dataset: spec.data.display().to_string(),
         stream: spec.stream.clone(),
@@ -320,6 +356,10 @@ pub fn replay(spec: &ReplaySpec, print: bool) -> Result<Report> {
         live_expert,
         summary,
         timeline,
+        audits: counts.map_or(0, |c| c.audits),
+        target_agreement: target.map(|t| t.target().agreement),
+        agreement_bound: target.map(|t| t.agreement_bound()),
+        agreement_checks,
         wall_seconds,
     };
     if print {
@@ -468,6 +508,7 @@ fn build_session(spec: &ReplaySpec, task: &Task, stream: &[&Item]) -> Result<Ses
     let options = SessionOptions {
         audit_rate: 0.0,
         on_failure: spec.on_failure,
+        target: config.agreement_target(),
     };
     Ok(Session::new(cascade, config.seed, options))
 }

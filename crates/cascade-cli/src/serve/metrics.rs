@@ -141,6 +141,23 @@ pub(super) async fn metrics(State(service): State<Arc<Service>>, headers: Header
         "Anytime-valid 95% lower bound on the audited agreement (a confidence sequence: it holds at every point of the stream at once).",
         vec![(String::new(), counts.audit_bound.lower().to_string())],
     );
+    if let Some(target) = &counts.agreement {
+        metric(
+            "cascade_agreement_target",
+            "gauge",
+            "The agreement target: the share of items to answer as the LLM would, and its confidence.",
+            vec![
+                ("{stat=\"agreement\"}".into(), target.target().agreement.to_string()),
+                ("{stat=\"confidence\"}".into(), target.target().confidence.to_string()),
+            ],
+        );
+        metric(
+            "cascade_agreement_lower_bound",
+            "gauge",
+            "Anytime-valid lower bound (at the target's confidence) on the share of items answered as the LLM would.",
+            vec![(String::new(), target.agreement_bound().to_string())],
+        );
+    }
     {
         let latency = lock(&service.latency);
         out += "# HELP cascade_request_duration_seconds Time to answer a classify request.\n# TYPE cascade_request_duration_seconds histogram\n";
