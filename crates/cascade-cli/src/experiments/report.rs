@@ -165,6 +165,13 @@ fn dataset_section(md: &mut String, dataset: &str, runs: &[&GridRun], paper: Opt
              and online ensemble `configs/{}`.\n",
             spec.cascade_config, spec.larger_config, spec.ensemble_config
         );
+        for config in [spec.cascade_config, spec.larger_config] {
+            let _ = writeln!(
+                md,
+                "Options beyond the paper in `configs/{config}`: {}.\n",
+                options_beyond_paper(config)
+            );
+        }
     }
 
     // Who answered, for every cascade run, and why a cell fell short.
@@ -387,6 +394,48 @@ fn shortfall(run: &GridRun) -> String {
         }
     }
     why
+}
+
+/// What a shipped config uses that the paper's cascade does not (besides the
+/// budget's online price, which every budgeted cell uses), read from the file.
+fn options_beyond_paper(config: &str) -> String {
+    let path = Path::new("configs").join(config);
+    let Some(config) = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|text| cascade::CascadeConfig::from_toml(&text).ok())
+    else {
+        return format!("unknown ({} unreadable)", path.display());
+    };
+    let mut options = Vec::new();
+    if config.combine_levels {
+        options.push("`combine_levels` (a level answers with the mean of its and the earlier levels' probabilities)".to_string());
+    }
+    for level in &config.levels {
+        let name = level.name();
+        if level.replay > 0 {
+            options.push(format!(
+                "`{name}`: `replay = {}` (past labels replayed per training pass)",
+                level.replay
+            ));
+        }
+        if level.kind == cascade::config::StudentKind::EmbeddingHead {
+            let layers = &level.embedding_head.layers;
+            options.push(format!(
+                "`{name}`: a frozen encoder ({}) under an online softmax head instead of a fine-tuned one{}",
+                level.embedding_head.model,
+                if layers.is_empty() {
+                    String::new()
+                } else {
+                    format!(", layers {layers:?}")
+                }
+            ));
+        }
+    }
+    if options.is_empty() {
+        "none".into()
+    } else {
+        options.join("; ")
+    }
 }
 
 #[cfg(test)]
