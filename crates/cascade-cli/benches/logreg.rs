@@ -37,6 +37,7 @@ fn bench_logreg(c: &mut Criterion) {
         .map(|(text, label)| Demonstration {
             text,
             label: *label,
+            probs: None,
         })
         .collect();
     student.learn(&demos).expect("learn");

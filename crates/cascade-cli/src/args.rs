@@ -129,6 +129,15 @@ pub struct SessionArgs {
     /// The agreement target's confidence, 1 − δ (default 0.95).
     #[arg(long, requires = "target_agreement")]
     pub confidence: Option<f64>,
+    /// Do not re-open the cascade when audits show the students' agreement
+    /// with the LLM has fallen (config `drift_recovery`; a cluster worker
+    /// never re-opens: its learner follows the shared log only).
+    #[arg(long)]
+    pub no_drift_recovery: bool,
+    /// Learn the expert's label only, even when it gives a probability per
+    /// label (config `soft_labels`).
+    #[arg(long)]
+    pub hard_labels: bool,
     /// The number of items to come, for llm_budget (`run`: default the input file's lines).
     #[arg(long)]
     pub stream_length: Option<u64>,
@@ -176,6 +185,8 @@ impl SessionArgs {
                 llm_rate: self.llm_rate,
                 target_agreement: self.target_agreement,
                 confidence: self.confidence,
+                no_drift_recovery: self.no_drift_recovery,
+                hard_labels: self.hard_labels,
             },
             models: self.models.clone(),
             expert: self.expert.spec()?,

@@ -24,6 +24,27 @@ pub struct BenchArgs {
     /// The recorded answer field that plays the LLM.
     #[arg(long, default_value = "gpt35")]
     expert_field: String,
+    /// `K:FIELD`: from the K-th item of the stream (0-based) on, the recorded
+    /// field FIELD plays the LLM (a teacher that changes mid-stream, e.g.
+    /// `6000:label` for gold).
+    #[arg(long, value_parser = parse_switch)]
+    expert_switch: Option<(usize, String)>,
+    /// Share of student answers also sent to the LLM (counted as LLM calls,
+    /// never learned); the drift detector watches them. Default 0 (the
+    /// paper's replays); a target sets its own.
+    #[arg(long, default_value_t = 0.0, conflicts_with = "target_agreement")]
+    audit_rate: f64,
+    /// Do not re-open the cascade when the audits show a change.
+    #[arg(long)]
+    no_drift_recovery: bool,
+    /// Learn the expert's label only, even when it gives probabilities.
+    #[arg(long)]
+    hard_labels: bool,
+    /// Local expert: serve answers found in --expert-cache instead of
+    /// computing them (repeated experiments; the model's time is then not
+    /// measured).
+    #[arg(long, requires = "expert_cache")]
+    reuse_expert_cache: bool,
     /// Who plays the LLM: the recorded answers (`--expert-field`), or a local
     /// GGUF model run live on every deferred item.
     #[arg(long, value_enum, default_value = "recorded")]
@@ -106,6 +127,10 @@ impl From<&BenchArgs> for ReplaySpec {
             stream: a.stream.clone(),
             limit: a.limit,
             expert_field: a.expert_field.clone(),
+            expert_switch: a.expert_switch.clone(),
+            audit_rate: a.audit_rate,
+            no_drift_recovery: a.no_drift_recovery,
+            hard_labels: a.hard_labels,
             local_expert: (a.expert == ExpertKind::Local).then(|| LocalConfig {
                 model: a
                     .local_model
@@ -113,7 +138,7 @@ impl From<&BenchArgs> for ReplaySpec {
                     .unwrap_or_else(|| default_local_model(&a.models)),
                 max_text_tokens: a.max_text_tokens,
                 cache: a.expert_cache.clone(),
-                reuse_cached: false,
+                reuse_cached: a.reuse_expert_cache,
             }),
             config: a.config.clone(),
             task: a.task.clone(),
@@ -132,6 +157,20 @@ impl From<&BenchArgs> for ReplaySpec {
             on_failure: OnExpertFailure::from(a.on_expert_failure),
         }
     }
+}
+
+/// `K:FIELD` of `--expert-switch`.
+fn parse_switch(value: &str) -> std::result::Result<(usize, String), String> {
+    let (position, field) = value
+        .split_once(':')
+        .ok_or_else(|| format!("expected K:FIELD (e.g. 6000:label), got `{value}`"))?;
+    let position = position
+        .parse()
+        .map_err(|_| format!("K must be an item position, got `{position}`"))?;
+    if field.is_empty() {
+        return Err("FIELD is empty".into());
+    }
+    Ok((position, field.to_string()))
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {

@@ -185,7 +185,7 @@ impl Student for EmbeddingHead {
         self.fill_cache(&texts)?;
         for demo in batch {
             let x = self.features(demo.text)?;
-            self.head.step(&x, demo.label);
+            self.head.step_toward(&x, &demo.target(self.labels));
         }
         Ok(())
     }

@@ -123,10 +123,27 @@ impl Student for FineTuned {
         cascade::student::check_labels(batch, self.labels)?;
         let texts: Vec<&str> = batch.iter().map(|d| d.text).collect();
         let labels: Vec<u32> = batch.iter().map(|d| d.label as u32).collect();
+        // Soft labels: the mean cross-entropy to each row's distribution.
+        let soft = batch.iter().any(|d| d.probs.is_some()).then(|| {
+            batch
+                .iter()
+                .flat_map(|d| d.target(self.labels))
+                .collect::<Vec<f32>>()
+        });
         let logits = self.logits(&texts)?;
         let step = || -> candle_core::Result<()> {
-            let labels = Tensor::from_vec(labels, texts.len(), &self.device)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+            let loss = match soft {
+                None => {
+                    let labels = Tensor::from_vec(labels, texts.len(), &self.device)?;
+                    candle_nn::loss::cross_entropy(&logits, &labels)?
+                }
+                Some(targets) => {
+                    let targets =
+                        Tensor::from_vec(targets, (texts.len(), self.labels), &self.device)?;
+                    let log_probs = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?;
+                    ((targets * log_probs)?.sum_all()?.neg()? / texts.len() as f64)?
+                }
+            };
             let grads = loss.backward()?;
             self.optimizer.step(&grads)
         };

@@ -43,8 +43,16 @@ const HELD_OUT: [(&str, usize); 2] = [
 fn demonstrations() -> Vec<Demonstration<'static>> {
     POSITIVE
         .iter()
-        .map(|text| Demonstration { text, label: 1 })
-        .chain(NEGATIVE.iter().map(|text| Demonstration { text, label: 0 }))
+        .map(|text| Demonstration {
+            text,
+            label: 1,
+            probs: None,
+        })
+        .chain(NEGATIVE.iter().map(|text| Demonstration {
+            text,
+            label: 0,
+            probs: None,
+        }))
         .collect()
 }
 
@@ -347,6 +355,7 @@ fn embedding_head_windows_read_past_max_len() {
             .map(|(text, label)| Demonstration {
                 text,
                 label: *label,
+                probs: None,
             })
             .collect();
         for _ in 0..10 {

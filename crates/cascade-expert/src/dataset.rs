@@ -142,6 +142,16 @@ impl Dataset {
         self.by_id.get(&id).map(|&i| &self.items[i])
     }
 
+    /// The recorded answers of `ids` replaced by `other`'s (another field of
+    /// the same data): a teacher that changes mid-stream.
+    pub fn take_expert_from(&mut self, other: &Dataset, ids: &[u64]) {
+        for id in ids {
+            if let (Some(&i), Some(item)) = (self.by_id.get(id), other.get(*id)) {
+                self.items[i].expert = item.expert;
+            }
+        }
+    }
+
     /// The items in the requested order.
     pub fn stream(&self, order: &StreamOrder) -> Result<Vec<&Item>, DatasetError> {
         let ids_path = match order {

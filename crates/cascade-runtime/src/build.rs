@@ -20,6 +20,10 @@ pub struct Overrides {
     /// Replaces the config's agreement target (and clears its budget).
     pub target_agreement: Option<f64>,
     pub confidence: Option<f64>,
+    /// Turns drift recovery off (`drift_recovery = false`).
+    pub no_drift_recovery: bool,
+    /// Learns the expert's label only, not its distribution (`soft_labels = false`).
+    pub hard_labels: bool,
 }
 
 impl Overrides {
@@ -43,6 +47,12 @@ impl Overrides {
         }
         if self.confidence.is_some() {
             config.confidence = self.confidence;
+        }
+        if self.no_drift_recovery {
+            config.drift_recovery = false;
+        }
+        if self.hard_labels {
+            config.soft_labels = false;
         }
     }
 }
@@ -136,6 +146,7 @@ pub fn build_session(
         audit_rate: SessionOptions::audit_rate(audit_rate, config)?,
         on_failure,
         target: config.agreement_target(),
+        drift_recovery: config.drift_recovery,
     };
     Ok(Session::new(cascade, config.seed, options))
 }

@@ -128,6 +128,12 @@ pub struct Counts {
     /// The agreement target's controller, when the session has one.
     #[serde(default)]
     pub agreement: Option<cascade::AgreementController>,
+    /// The change detector on the audits (with drift recovery).
+    #[serde(default)]
+    pub drift: cascade::DriftDetector,
+    /// The lines at which a change was detected and the cascade re-opened.
+    #[serde(default)]
+    pub reopened: Vec<u64>,
 }
 
 impl Counts {
@@ -181,6 +187,12 @@ impl Counts {
                 target.agreement,
                 100.0 * target.confidence,
                 agreement.audits()
+            );
+        }
+        if let Some(last) = self.reopened.last() {
+            line += &format!(
+                "; re-opened after a change {} time(s), last at line {last}",
+                self.reopened.len()
             );
         }
         if let Some((p, half)) = self.audited_agreement() {
@@ -272,7 +284,14 @@ pub struct SessionOptions {
     /// An agreement target: it sets the audit rate (instead of `audit_rate`)
     /// and steers the cascade's rate budget (`cascade::target`).
     pub target: Option<cascade::AgreementTarget>,
+    /// Re-open the cascade when the audits show a change (`drift_recovery`).
+    pub drift_recovery: bool,
 }
+
+/// After a change, at least this share of student answers is audited...
+pub const RECOVERY_AUDIT_RATE: f64 = 0.2;
+/// ...for this many items: the detector and the bound follow the new regime.
+pub const RECOVERY_ITEMS: u64 = 1000;
 
 /// What a session saves beside the cascade.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -313,7 +332,7 @@ impl Session {
 
     /// Decides who answers `text`.
     pub fn route(&mut self, text: &str) -> Result<Routed> {
-        let audit_rate = match &self.counts.agreement {
+        let mut audit_rate = match &self.counts.agreement {
             Some(agreement) => {
                 self.cascade
                     .steer_budget(agreement.llm_rate(), agreement.must_defer());
@@ -321,6 +340,11 @@ impl Session {
             }
             None => self.options.audit_rate,
         };
+        if let Some(&line) = self.counts.reopened.last() {
+            if self.counts.lines < line + RECOVERY_ITEMS {
+                audit_rate = audit_rate.max(RECOVERY_AUDIT_RATE);
+            }
+        }
         let routed = self.cascade.route(text)?;
         let next = match routed.outcome {
             Outcome::Answered { level, label } => {
@@ -391,6 +415,11 @@ impl Session {
                     // No label from the LLM counts against the students.
                     agreement.observe_audit(agrees, rate);
                 }
+                if let Some(agrees) = agrees {
+                    if self.options.drift_recovery && self.counts.drift.observe(!agrees) {
+                        self.reopen();
+                    }
+                }
                 (settled, None)
             }
             (Waiting::Label(deferred), Ok(answer)) => (
@@ -424,11 +453,34 @@ impl Session {
         Ok((settled, demonstration))
     }
 
-    /// Learns the expert's label for a deferred item.
+    /// Learns the expert's label for a deferred item (and its distribution,
+    /// when the expert gave one: soft labels).
     pub fn learn(&mut self, demonstration: Demonstration) -> Result<()> {
-        self.cascade
-            .learn(demonstration.deferred, Some(demonstration.label))?;
+        self.cascade.learn_with_probs(
+            demonstration.deferred,
+            Some(demonstration.label),
+            demonstration.probs.as_deref(),
+        )?;
         Ok(())
+    }
+
+    /// The audits show a change: the cascade re-opens (exploration restarts,
+    /// replay forgets), a target starts a new epoch, and audits rise for
+    /// [`RECOVERY_ITEMS`] items.
+    fn reopen(&mut self) {
+        self.cascade.reopen();
+        if let Some(agreement) = &mut self.counts.agreement {
+            agreement.start_epoch();
+        }
+        self.counts.reopened.push(self.counts.lines);
+    }
+
+    /// Learning comes only from a shared log of labels (a cluster worker):
+    /// nothing a worker sees alone, such as its audits, may change the
+    /// learner, so drift recovery is off.
+    pub fn learn_from_log(&mut self) {
+        self.cascade.learn_from_log();
+        self.options.drift_recovery = false;
     }
 
     /// An input that is not an item: counted, never routed.

@@ -61,6 +61,7 @@ fn session(audit_rate: f64, overrides: &Overrides, length: Option<u64>) -> Sessi
         audit_rate,
         on_failure: OnExpertFailure::Student,
         target: config.agreement_target(),
+        drift_recovery: config.drift_recovery,
     };
     Session::new(cascade, config.seed, options)
 }
@@ -339,4 +340,49 @@ fn an_agreement_target_holds_while_the_students_take_over() {
     assert!(counts
         .status_line()
         .contains("(target 0.9, 95% at every point;"));
+}
+
+/// The teacher's rule flips half way (the user changed the LLM's prompt):
+/// the audits find the change, the cascade re-opens, and the students follow
+/// the new rule sooner than without drift recovery.
+#[test]
+fn a_flipped_rule_is_detected_and_recovered() {
+    let run = |overrides: &Overrides| {
+        let mut session = session(0.05, overrides, None);
+        let texts = stream(6000);
+        let mut agreeing = [0u64; 3];
+        for (i, text) in texts.iter().enumerate() {
+            let flipped = i >= 3000;
+            let rule = |text: &str| usize::from(text.contains("good") != flipped);
+            let settled = match session.route(text).unwrap().next {
+                cascade_runtime::Next::Done(settled) => settled,
+                cascade_runtime::Next::Ask(ticket) => {
+                    let answer = Ok(Answer::label(rule(ticket.text())));
+                    session.settle(ticket, answer).unwrap()
+                }
+            };
+            // Agreement with the teacher of the moment: before, just after, late.
+            let window = match i {
+                0..3000 => 0,
+                3000..4000 => 1,
+                _ => 2,
+            };
+            agreeing[window] += u64::from(settled.label() == Some(rule(text)));
+        }
+        let counts = session.counts();
+        (counts.reopened.clone(), agreeing, counts.llm)
+    };
+    let (reopened, with, with_calls) = run(&Overrides::default());
+    let (never, without, without_calls) = run(&Overrides {
+        no_drift_recovery: true,
+        ..Overrides::default()
+    });
+    eprintln!("with recovery: {reopened:?} {with:?} {with_calls} calls; without: {without:?} {without_calls} calls");
+    assert!(never.is_empty());
+    assert_eq!(reopened.len(), 1, "re-opened at {reopened:?}");
+    assert!((3000..3300).contains(&reopened[0]), "found at {reopened:?}");
+    assert!(with[0] > 2900, "{with:?}");
+    // The first 1,000 items after the flip: recovered sooner.
+    assert!(with[1] > without[1] + 50, "{with:?} vs {without:?}");
+    assert!(with[2] > 1950, "{with:?}");
 }

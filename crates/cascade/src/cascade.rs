@@ -103,12 +103,18 @@ struct Level {
     cache: Vec<(String, usize)>,
     /// Every demonstration trained on so far, when `replay` > 0.
     history: Vec<(String, usize)>,
+    /// The expert's distribution beside each cached and replayed label, when
+    /// it gave one (soft labels); kept in step with `cache` and `history`.
+    cache_probs: Vec<Option<Vec<f32>>>,
+    history_probs: Vec<Option<Vec<f32>>>,
     replay: usize,
     replay_rng: ChaCha8Rng,
     cache_size: usize,
     epochs: usize,
     batch: usize,
     updates: u64,
+    /// `updates` when exploration last restarted (a detected change).
+    explored_from: u64,
     decaying_factor: f64,
     calibration: f32,
 }
@@ -120,6 +126,8 @@ pub struct Cascade {
     mu: f64,
     warmup_updates: u64,
     combine_levels: bool,
+    /// Learn from the expert's distribution when it gives one.
+    soft_labels: bool,
     priced_levels: PricedLevels,
     routing: Routing,
     /// Prices deferral to meet an LLM-call budget; `None`: the paper's fixed-mu rule.
@@ -154,8 +162,14 @@ struct LevelState {
     student: Vec<u8>,
     cache: Vec<(String, usize)>,
     history: Vec<(String, usize)>,
+    #[serde(default)]
+    cache_probs: Vec<Option<Vec<f32>>>,
+    #[serde(default)]
+    history_probs: Vec<Option<Vec<f32>>>,
     replay_rng: ChaCha8Rng,
     updates: u64,
+    #[serde(default)]
+    explored_from: u64,
 }
 
 /// Gates train during warm-up once every level has trained more than this often.
@@ -201,6 +215,8 @@ impl Cascade {
                 student,
                 cache: Vec::with_capacity(level.cache_size),
                 history: Vec::new(),
+                cache_probs: Vec::with_capacity(level.cache_size),
+                history_probs: Vec::new(),
                 replay: level.replay,
                 // Its own stream, so replay never shifts the routing coins.
                 replay_rng: ChaCha8Rng::seed_from_u64(
@@ -210,6 +226,7 @@ impl Cascade {
                 epochs: level.epochs,
                 batch: level.batch(),
                 updates: 0,
+                explored_from: 0,
                 decaying_factor: level.gate.decaying_factor,
                 calibration: level.gate.calibration,
             })
@@ -221,6 +238,7 @@ impl Cascade {
             mu: config.mu,
             warmup_updates: config.warmup_updates,
             combine_levels: config.combine_levels,
+            soft_labels: config.soft_labels,
             priced_levels: config.budget_prices,
             routing,
             budget: None,
@@ -288,10 +306,23 @@ impl Cascade {
         self.min_updates() < self.warmup_updates
     }
 
-    /// The chance that level j's coin lets it answer: `1 − decaying_factor^updates`.
+    /// The chance that level j's coin lets it answer: `1 − decaying_factor^k`,
+    /// k its updates since exploration last (re)started.
     pub fn exploration_probability(&self, level: usize) -> f64 {
         let l = &self.levels[level];
-        1.0 - l.decaying_factor.powf(l.updates as f64)
+        1.0 - l.decaying_factor.powf((l.updates - l.explored_from) as f64)
+    }
+
+    /// After a detected change (the teacher or the texts moved): exploration
+    /// restarts, so the gates see the students' new errors on items the LLM
+    /// labels, and the replay histories from before the change are dropped,
+    /// so the students stop rehearsing labels that may no longer hold.
+    pub fn reopen(&mut self) {
+        for level in &mut self.levels {
+            level.explored_from = level.updates;
+            level.history.clear();
+            level.history_probs.clear();
+        }
     }
 
     pub fn mu(&self) -> f64 {
@@ -354,8 +385,11 @@ impl Cascade {
                     student: level.student.save_state().map_err(|e| level.error(e))?,
                     cache: level.cache.clone(),
                     history: level.history.clone(),
+                    cache_probs: level.cache_probs.clone(),
+                    history_probs: level.history_probs.clone(),
                     replay_rng: level.replay_rng.clone(),
                     updates: level.updates,
+                    explored_from: level.explored_from,
                 })
             })
             .collect::<Result<_, CascadeError>>()?;
@@ -413,6 +447,20 @@ impl Cascade {
         {
             return Err(invalid("a cached label is out of range"));
         }
+        // Distributions beside the labels: none (a state from before soft
+        // labels) or one per label, each of the task's width.
+        let probs_fit = |probs: &[Option<Vec<f32>>], labels: usize| {
+            (probs.is_empty() || probs.len() == labels)
+                && probs.iter().flatten().all(|p| p.len() == self.labels)
+        };
+        if !state.levels.iter().all(|l| {
+            probs_fit(&l.cache_probs, l.cache.len()) && probs_fit(&l.history_probs, l.history.len())
+        }) {
+            return Err(invalid("cached label distributions"));
+        }
+        if state.levels.iter().any(|l| l.explored_from > l.updates) {
+            return Err(invalid("exploration restarted after the last update"));
+        }
         if let Routing::Fixed(probs) = &state.routing {
             if probs.len() != self.levels.len() || !probs.iter().all(|p| (0.0..=1.0).contains(p)) {
                 return Err(invalid("routing probabilities"));
@@ -428,10 +476,13 @@ impl Cascade {
                 .map_err(|e| level.error(e))?;
         }
         for (level, saved) in self.levels.iter_mut().zip(state.levels) {
+            level.cache_probs = pad(saved.cache_probs, saved.cache.len());
+            level.history_probs = pad(saved.history_probs, saved.history.len());
             level.cache = saved.cache;
             level.history = saved.history;
             level.replay_rng = saved.replay_rng;
             level.updates = saved.updates;
+            level.explored_from = saved.explored_from;
         }
         self.gates = state.gates;
         self.mu = state.mu;
@@ -600,6 +651,19 @@ impl Cascade {
     /// Learns from the LLM's label for a deferred item. `None` (the LLM gave no
     /// parsable label) teaches nothing.
     pub fn learn(&mut self, item: Deferred, label: Option<usize>) -> Result<(), CascadeError> {
+        self.learn_with_probs(item, label, None)
+    }
+
+    /// [`Cascade::learn`] with the expert's probability per label, when it
+    /// gives them: with `soft_labels` (the default) the students learn the
+    /// distribution (cross-entropy to it) and the gates' error target is the
+    /// chance that a student's answer is not the expert's.
+    pub fn learn_with_probs(
+        &mut self,
+        item: Deferred,
+        label: Option<usize>,
+        probs: Option<&[f32]>,
+    ) -> Result<(), CascadeError> {
         let Some(label) = label else {
             return Ok(());
         };
@@ -609,6 +673,10 @@ impl Cascade {
                 labels: self.labels,
             });
         }
+        let probs = match probs.filter(|_| self.soft_labels) {
+            Some(probs) => Some(self.distribution(probs)?),
+            None => None,
+        };
         if let Some(inputs) = &item.gate_inputs {
             // A deferred item from a log may come from anywhere: check its shape.
             let fits = inputs.len() == self.levels.len()
@@ -630,9 +698,10 @@ impl Cascade {
             let examples: Vec<GateExample> = inputs
                 .iter()
                 .zip(&self.levels)
-                .map(|(probs, level)| GateExample {
-                    probs,
+                .map(|(probs_j, level)| GateExample {
+                    probs: probs_j,
                     label,
+                    soft: probs.as_deref(),
                     calibration: if item.warmup { 0.0 } else { level.calibration },
                     cost: level.cost,
                 })
@@ -641,11 +710,27 @@ impl Cascade {
         }
         for level in &mut self.levels {
             level.cache.push((item.text.clone(), label));
+            level.cache_probs.push(probs.clone());
             if level.cache.len() >= level.cache_size {
                 level.train_on_cache().map_err(|e| level.error(e))?;
             }
         }
         Ok(())
+    }
+
+    /// The expert's probabilities as a distribution over this task's labels.
+    fn distribution(&self, probs: &[f32]) -> Result<Vec<f32>, CascadeError> {
+        let sum: f32 = probs.iter().sum();
+        let fits = probs.len() == self.labels
+            && probs.iter().all(|p| p.is_finite() && *p >= 0.0)
+            && sum > 0.0;
+        if !fits {
+            return Err(CascadeError::MalformedDemonstration(format!(
+                "the expert's probabilities must be {} finite, non-negative numbers with a positive sum, got {probs:?}",
+                self.labels
+            )));
+        }
+        Ok(probs.iter().map(|p| p / sum).collect())
     }
 
     fn observe(&mut self, text: &str) {
@@ -727,6 +812,13 @@ impl Cascade {
     }
 }
 
+/// A saved state's distributions beside its labels: from a state written
+/// before soft labels, none for each.
+fn pad(mut probs: Vec<Option<Vec<f32>>>, labels: usize) -> Vec<Option<Vec<f32>>> {
+    probs.resize(labels, None);
+    probs
+}
+
 impl Level {
     /// A student's error, with the level's name.
     fn error(&self, source: StudentError) -> CascadeError {
@@ -747,10 +839,16 @@ impl Level {
         let demos: Vec<Demonstration> = self
             .cache
             .iter()
-            .chain(replayed.iter().map(|&i| &self.history[i]))
-            .map(|(text, label)| Demonstration {
+            .zip(&self.cache_probs)
+            .chain(
+                replayed
+                    .iter()
+                    .map(|&i| (&self.history[i], &self.history_probs[i])),
+            )
+            .map(|((text, label), probs)| Demonstration {
                 text,
                 label: *label,
+                probs: probs.as_deref(),
             })
             .collect();
         for _ in 0..self.epochs {
@@ -760,8 +858,10 @@ impl Level {
         }
         if self.replay > 0 {
             self.history.append(&mut self.cache);
+            self.history_probs.append(&mut self.cache_probs);
         }
         self.cache.clear();
+        self.cache_probs.clear();
         self.updates += 1;
         Ok(())
     }

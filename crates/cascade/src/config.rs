@@ -64,6 +64,17 @@ pub struct CascadeConfig {
     /// students that disagree give flat probabilities, which gates learn to defer.
     #[serde(default)]
     pub combine_levels: bool,
+    /// Learn from the expert's probability per label when it gives them
+    /// (the local model; not recorded answers): cross-entropy to the
+    /// distribution instead of to the label.
+    #[serde(default = "default_true")]
+    pub soft_labels: bool,
+    /// When audits show the students' agreement with the LLM has fallen (a
+    /// change detector on them, `drift.rs`), re-open the cascade: exploration
+    /// restarts, replay forgets the labels from before, a target starts a new
+    /// epoch and audits rise for a while. Needs audits to see anything.
+    #[serde(default = "default_true")]
+    pub drift_recovery: bool,
     /// How fast the budget controller's price (log-odds) moves per item.
     #[serde(default = "default_budget_step")]
     pub budget_step: f64,
@@ -266,6 +277,10 @@ fn default_epochs() -> usize {
 fn default_gate_lr() -> f32 {
     7e-4
 }
+fn default_true() -> bool {
+    true
+}
+
 fn default_budget_step() -> f64 {
     0.01
 }

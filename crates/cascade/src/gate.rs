@@ -51,6 +51,8 @@ pub struct GateExample<'a> {
     pub probs: &'a [f32],
     /// The LLM's label.
     pub label: usize,
+    /// The LLM's distribution over the labels, when it gave one (soft labels).
+    pub soft: Option<&'a [f32]>,
     /// Added to the 0/1 error target (0 during warm-up).
     pub calibration: f32,
     /// The level's deferral cost c_j.
@@ -156,10 +158,7 @@ pub fn train_gates(gates: &mut [Gate], examples: &[GateExample<'_>], mu: f64) ->
         .collect();
     let outputs: Vec<f32> = forwards.iter().map(|f| f.output).collect();
     let targets: Vec<f32> = examples.iter().map(error_target).collect();
-    let ce: Vec<f32> = examples
-        .iter()
-        .map(|ex| -ex.probs[ex.label].max(MIN_PROBABILITY).ln())
-        .collect();
+    let ce: Vec<f32> = examples.iter().map(cross_entropy).collect();
     let deferral: Vec<f32> = examples.iter().map(|ex| (ex.cost * mu) as f32).collect();
 
     let (loss, d_outputs) = loss_and_gradient(&outputs, &targets, &ce, &deferral);
@@ -173,10 +172,27 @@ pub fn train_gates(gates: &mut [Gate], examples: &[GateExample<'_>], mu: f64) ->
     loss
 }
 
-/// `min(1[argmax p ≠ y] + calibration, 1)`.
+/// `min(1[argmax p ≠ y] + calibration, 1)`; with a soft label q, the chance
+/// 1 − q[argmax p] that the answer is not the LLM's takes the indicator's place.
 fn error_target(ex: &GateExample<'_>) -> f32 {
-    let wrong = argmax(ex.probs) != ex.label;
-    (f32::from(u8::from(wrong)) + ex.calibration).min(1.0)
+    let answer = argmax(ex.probs);
+    let wrong = match ex.soft {
+        Some(q) => 1.0 - q[answer],
+        None => f32::from(u8::from(answer != ex.label)),
+    };
+    (wrong + ex.calibration).min(1.0)
+}
+
+/// The student's cross-entropy to the LLM's label, or to its distribution.
+fn cross_entropy(ex: &GateExample<'_>) -> f32 {
+    match ex.soft {
+        Some(q) => q
+            .iter()
+            .zip(ex.probs)
+            .map(|(q, p)| -q * p.max(MIN_PROBABILITY).ln())
+            .sum(),
+        None => -ex.probs[ex.label].max(MIN_PROBABILITY).ln(),
+    }
 }
 
 /// The loss without the regulariser, and its gradient with respect to each gate output.
@@ -267,6 +283,7 @@ mod tests {
                 ([0.45, 0.55], 0)
             };
             let ex = GateExample {
+                soft: None,
                 probs: &probs,
                 label,
                 calibration: 0.3,
@@ -283,6 +300,26 @@ mod tests {
         assert!(uncertain > 0.5, "uncertain input should defer: {uncertain}");
     }
 
+    /// With a soft label the gate's error target is the chance that the
+    /// answer is not the LLM's, and its cross-entropy is to the distribution.
+    #[test]
+    fn a_soft_label_sets_the_error_target_and_cross_entropy() {
+        let soft = [0.8, 0.2];
+        let ex = GateExample {
+            soft: Some(&soft),
+            probs: &[0.6, 0.4],
+            label: 0,
+            calibration: 0.1,
+            cost: 1.0,
+        };
+        assert!((error_target(&ex) - 0.3).abs() < 1e-6);
+        let ce = -(0.8 * 0.6f32.ln() + 0.2 * 0.4f32.ln());
+        assert!((cross_entropy(&ex) - ce).abs() < 1e-6);
+        let hard = GateExample { soft: None, ..ex };
+        assert!((error_target(&hard) - 0.1).abs() < 1e-6);
+        assert!((cross_entropy(&hard) + 0.6f32.ln()).abs() < 1e-6);
+    }
+
     #[test]
     fn a_large_mu_makes_deferring_expensive() {
         let train = |mu: f64| {
@@ -290,6 +327,7 @@ mod tests {
             let mut gates = vec![Gate::new(2, &config(), &mut rng)];
             for _ in 0..2000 {
                 let ex = GateExample {
+                    soft: None,
                     probs: &[0.6, 0.4],
                     label: 1,
                     calibration: 0.0,

@@ -22,6 +22,13 @@
 //! - audits are frequent while the bound is loose and rare once it is tight:
 //!   the audit rate is twice the gap between the estimate and L, within
 //!   [`MIN_AUDIT_RATE`, 1].
+//!
+//! After a detected change (`drift.rs`) the controller starts a new epoch:
+//! the bound of the items so far is frozen as it stands (a confidence
+//! sequence holds at any stopping time), and the items from here on must meet
+//! A by themselves, under a fresh sequence. Epoch k spends δ(1 − r)r^k of δ
+//! (r = [`EPOCH_RATIO`]), so all epochs together spend at most δ, and the
+//! stream, a union of epochs each at or above A, stays at or above A.
 
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +40,9 @@ pub const MIN_AUDIT_RATE: f64 = 0.1;
 /// λ of the bound on the realized disagreements' excess (`errors_bound`):
 /// near-optimal for the variance of a few hundred to a thousand errors.
 const NOISE_BET: f64 = 0.1;
+
+/// Epoch k of the target spends δ(1 − r)r^k: most of δ goes to the first.
+pub const EPOCH_RATIO: f64 = 0.2;
 
 /// The fewest items over which the controller plans to spend its slack.
 pub const HORIZON: u64 = 500;
@@ -71,11 +81,19 @@ impl AgreementTarget {
 pub struct AgreementController {
     target: AgreementTarget,
     bound: LowerConfidenceSequence,
-    /// Items answered (by a student or the LLM).
+    /// Items answered (by a student or the LLM) in this epoch.
     items: u64,
     /// Of them, answered by a student (audited ones included).
     student_answers: u64,
     audits: u64,
+    /// Epochs ended by a detected change, and their items and bound on
+    /// disagreements, frozen.
+    #[serde(default)]
+    epoch: u32,
+    #[serde(default)]
+    frozen_items: u64,
+    #[serde(default)]
+    frozen_errors: f64,
 }
 
 /// The weight's scale: X = 1 − 1[audited, disagrees]/(α c) stays in [0, 1].
@@ -83,18 +101,44 @@ const SCALE: f64 = 1.0 / MIN_AUDIT_RATE;
 
 impl AgreementController {
     pub fn new(target: AgreementTarget) -> Self {
-        // Half of δ for the students' expected agreement, half for the noise
-        // of the realized one around it (`errors_bound`); the target's
-        // confidence is checked in (0, 1).
-        let bound =
-            LowerConfidenceSequence::new((1.0 + target.confidence) / 2.0).unwrap_or_default();
         Self {
             target,
-            bound,
+            bound: Self::sequence(target, 0),
             items: 0,
             student_answers: 0,
             audits: 0,
+            epoch: 0,
+            frozen_items: 0,
+            frozen_errors: 0.0,
         }
+    }
+
+    /// Epoch k's share of δ.
+    fn delta(target: AgreementTarget, epoch: u32) -> f64 {
+        (1.0 - target.confidence) * (1.0 - EPOCH_RATIO) * EPOCH_RATIO.powi(epoch as i32)
+    }
+
+    /// Half of the epoch's δ for the students' expected agreement, half for
+    /// the noise of the realized one around it (`errors_bound`); the target's
+    /// confidence is checked in (0, 1).
+    fn sequence(target: AgreementTarget, epoch: u32) -> LowerConfidenceSequence {
+        LowerConfidenceSequence::new(1.0 - Self::delta(target, epoch) / 2.0).unwrap_or_default()
+    }
+
+    /// A change was detected: the items so far keep the bound they have, and
+    /// those from here on must meet the target by themselves.
+    pub fn start_epoch(&mut self) {
+        self.frozen_errors += self.errors_bound(self.student_answers);
+        self.frozen_items += self.items;
+        self.epoch += 1;
+        self.bound = Self::sequence(self.target, self.epoch);
+        self.items = 0;
+        self.student_answers = 0;
+    }
+
+    /// Epochs started by a detected change.
+    pub fn epochs_restarted(&self) -> u32 {
+        self.epoch
     }
 
     pub fn target(&self) -> AgreementTarget {
@@ -129,10 +173,12 @@ impl AgreementController {
 
     /// The stream's agreement so far is at least this (1 when nothing was answered).
     pub fn agreement_bound(&self) -> f64 {
-        if self.items == 0 {
+        let items = self.frozen_items + self.items;
+        if items == 0 {
             return 1.0;
         }
-        1.0 - self.errors_bound(self.student_answers) / self.items as f64
+        let errors = self.frozen_errors + self.errors_bound(self.student_answers);
+        (1.0 - errors / items as f64).max(0.0)
     }
 
     /// Whether a student answering the next item would break the bound.
@@ -148,10 +194,17 @@ impl AgreementController {
     /// E: by Ville's inequality on exp(λ S − (e^λ − 1 − λ) V), at every point
     /// it stays under log(2/δ)/λ + (e^λ − 1 − λ)/λ · E (the other half of δ).
     fn errors_bound(&self, answers: u64) -> f64 {
+        if answers == 0 {
+            return 0.0;
+        }
         let expected = answers as f64 * (1.0 - self.student_bound());
-        let delta = 1.0 - self.target.confidence;
-        let psi = (NOISE_BET.exp() - 1.0 - NOISE_BET) / NOISE_BET;
-        expected * (1.0 + psi) + (2.0 / delta).ln() / NOISE_BET
+        let delta = Self::delta(self.target, self.epoch);
+        expected * (1.0 + Self::psi()) + (2.0 / delta).ln() / NOISE_BET
+    }
+
+    /// (e^λ − 1 − λ)/λ: the noise term's share of the expected disagreements.
+    fn psi() -> f64 {
+        (NOISE_BET.exp() - 1.0 - NOISE_BET) / NOISE_BET
     }
 
     /// The LLM share to price toward: the one whose student answers, over as
@@ -162,7 +215,7 @@ impl AgreementController {
         let errors_allowed = (1.0 - self.target.agreement) * (self.items as f64 + horizon);
         let errors_bound = self.errors_bound(self.student_answers);
         // The bound's slope per further student answer.
-        let per_answer = (self.errors_bound(1_000_000) - self.errors_bound(0)) / 1e6;
+        let per_answer = (1.0 + Self::psi()) * (1.0 - self.student_bound());
         let student_share = (errors_allowed - errors_bound) / (horizon * per_answer.max(1e-12));
         (1.0 - student_share).clamp(0.0, 1.0)
     }
@@ -232,6 +285,36 @@ mod tests {
         assert_eq!(c.llm_rate(), 0.0);
         assert!(c.audit_rate() < 0.2, "a tight bound needs few audits");
         assert_eq!(c.audits(), 751);
+    }
+
+    /// After a change, the items so far keep the bound they had, and the
+    /// new epoch must meet the target by itself before students answer.
+    #[test]
+    fn a_new_epoch_keeps_the_old_bound_and_starts_over() {
+        let mut c = AgreementController::new(AgreementTarget::new(0.9, 0.95).unwrap());
+        while c.must_defer() {
+            c.record(false);
+        }
+        for _ in 0..4000 {
+            c.record(true);
+            c.observe_audit(Some(true), 1.0);
+        }
+        let (items, bound) = (c.items, c.agreement_bound());
+        assert!(!c.must_defer() && bound > 0.95, "{bound}");
+        c.start_epoch();
+        assert_eq!(c.epochs_restarted(), 1);
+        // Nothing answered since: the stream's bound is the old one.
+        assert!((c.agreement_bound() - bound).abs() < 1e-12);
+        assert!(c.must_defer(), "the new epoch has no evidence yet");
+        assert_eq!(c.audit_rate(), 1.0);
+        // Its δ is a fifth of the first's: a longer all-LLM start.
+        let mut llm = 0;
+        while c.must_defer() {
+            c.record(false);
+            llm += 1;
+        }
+        assert!((400..600).contains(&llm), "{llm}");
+        assert_eq!(c.frozen_items, items);
     }
 
     #[test]

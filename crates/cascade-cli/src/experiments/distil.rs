@@ -68,6 +68,7 @@ pub(super) fn distil(
             item.expert.map(|label| Demonstration {
                 text: &item.text,
                 label,
+                probs: None,
             })
         })
         .collect();

@@ -44,6 +44,13 @@ pub struct ReplaySpec {
     pub stream: String,
     pub limit: Option<usize>,
     pub expert_field: String,
+    /// From this stream position on, another recorded field plays the LLM
+    /// (the user switched LLM or prompt mid-stream).
+    pub expert_switch: Option<(usize, String)>,
+    /// Share of student answers also sent to the LLM (without a target).
+    pub audit_rate: f64,
+    pub no_drift_recovery: bool,
+    pub hard_labels: bool,
     /// A local model plays the LLM instead of the recorded answers.
     pub local_expert: Option<LocalConfig>,
     pub config: Option<PathBuf>,
@@ -73,6 +80,10 @@ impl ReplaySpec {
             stream: "test".into(),
             limit: None,
             expert_field: "gpt35".into(),
+            expert_switch: None,
+            audit_rate: 0.0,
+            no_drift_recovery: false,
+            hard_labels: false,
             local_expert: None,
             config,
             task: None,
@@ -100,6 +111,8 @@ impl ReplaySpec {
             llm_rate: self.llm_rate,
             target_agreement: self.target_agreement,
             confidence: self.confidence,
+            no_drift_recovery: self.no_drift_recovery,
+            hard_labels: self.hard_labels,
         }
     }
 }
@@ -161,6 +174,12 @@ pub struct Report {
     /// [`AGREEMENT_CHECK_EVERY`] items and at the end.
     #[serde(default)]
     pub agreement_checks: Vec<(u64, f64)>,
+    /// (items, the agreement target's lower bound) every 100 items.
+    #[serde(default)]
+    pub bound_checks: Vec<(u64, f64)>,
+    /// Items after which audits showed a change and the cascade re-opened.
+    #[serde(default)]
+    pub reopened: Vec<u64>,
     pub wall_seconds: f64,
 }
 
@@ -203,7 +222,17 @@ pub fn replay(spec: &ReplaySpec, print: bool) -> Result<Report> {
         (name, _) => name.clone(),
     };
     let task = load_task(&spec.data, task_name.as_deref())?;
-    let dataset = Dataset::load(&spec.data, &task, &spec.expert_field)?;
+    let mut dataset = Dataset::load(&spec.data, &task, &spec.expert_field)?;
+    if let Some((position, field)) = &spec.expert_switch {
+        let switched = Dataset::load(&spec.data, &task, field)?;
+        let ids: Vec<u64> = dataset
+            .stream(&StreamOrder::parse(&spec.stream))?
+            .iter()
+            .skip(*position)
+            .map(|item| item.id)
+            .collect();
+        dataset.take_expert_from(&switched, &ids);
+    }
     let mut stream = dataset.stream(&StreamOrder::parse(&spec.stream))?;
     if let Some(limit) = spec.limit {
         stream.truncate(limit);
@@ -220,11 +249,9 @@ pub fn replay(spec: &ReplaySpec, print: bool) -> Result<Report> {
             if spec.baseline == Some(Baseline::Distilled) {
                 bail!("--baseline distilled trains on recorded labels; it does not run with --expert local");
             }
-            // Deferred items are always computed live, to measure the model's cost.
-            let config = LocalConfig {
-                reuse_cached: false,
-                ..config.clone()
-            };
+            // Deferred items are computed live, to measure the model's cost,
+            // unless the caller asked for the cache's answers.
+            let config = config.clone();
             let expert = LocalExpert::load(&config, task.clone())
                 .with_context(|| format!("loading the local expert {}", config.model.display()))?;
             (Arc::new(expert.clone()), Some(expert))
@@ -298,9 +325,17 @@ pub fn replay(spec: &ReplaySpec, print: bool) -> Result<Report> {
         position += 1;
         Ok(())
     };
+    let mut bound_checks = Vec::new();
     for (index, item) in stream.iter().enumerate() {
         for record in answerers.answer(index, item, &*expert, &runtime)? {
             score(record)?;
+        }
+        if (index + 1) % 100 == 0 {
+            if let Answerers::Cascade(c) = &answerers {
+                if let Some(target) = &c.session().counts().agreement {
+                    bound_checks.push((index as u64 + 1, target.agreement_bound()));
+                }
+            }
         }
     }
     for record in answerers.finish()? {
@@ -360,6 +395,8 @@ pub fn replay(spec: &ReplaySpec, print: bool) -> Result<Report> {
         target_agreement: target.map(|t| t.target().agreement),
         agreement_bound: target.map(|t| t.agreement_bound()),
         agreement_checks,
+        bound_checks,
+        reopened: counts.map_or_else(Vec::new, |c| c.reopened.clone()),
         wall_seconds,
     };
     if print {
@@ -506,9 +543,10 @@ fn build_session(spec: &ReplaySpec, task: &Task, stream: &[&Item]) -> Result<Ses
         progress.finish();
     }
     let options = SessionOptions {
-        audit_rate: 0.0,
+        audit_rate: spec.audit_rate,
         on_failure: spec.on_failure,
         target: config.agreement_target(),
+        drift_recovery: config.drift_recovery,
     };
     Ok(Session::new(cascade, config.seed, options))
 }

@@ -103,7 +103,7 @@ pub async fn run_worker(
         ));
     }
     cluster.bind(&options.fingerprint).await?;
-    session.cascade_mut().learn_from_log();
+    session.learn_from_log();
     session.reseed(name_seed(&options.name));
 
     let mut learner = Learner {

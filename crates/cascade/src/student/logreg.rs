@@ -41,8 +41,10 @@ impl Student for LogReg {
     fn learn(&mut self, batch: &[Demonstration<'_>]) -> Result<(), StudentError> {
         super::check_labels(batch, self.labels)?;
         for demo in batch {
-            self.model
-                .step(&self.features.transform(demo.text), demo.label);
+            self.model.step_toward(
+                &self.features.transform(demo.text),
+                &demo.target(self.labels),
+            );
         }
         Ok(())
     }
@@ -103,7 +105,11 @@ mod tests {
         }
         let demos: Vec<_> = TRAIN
             .iter()
-            .map(|&(text, label)| Demonstration { text, label })
+            .map(|&(text, label)| Demonstration {
+                text,
+                label,
+                probs: None,
+            })
             .collect();
         for _ in 0..5 {
             lr.learn(&demos).unwrap();
@@ -141,6 +147,7 @@ mod tests {
             .learn(&[Demonstration {
                 text: "x y",
                 label: 2,
+                probs: None,
             }])
             .unwrap_err();
         assert!(err.to_string().contains("out of range"));

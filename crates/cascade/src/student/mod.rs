@@ -13,6 +13,22 @@ pub use logreg::LogReg;
 pub struct Demonstration<'a> {
     pub text: &'a str,
     pub label: usize,
+    /// The LLM's probability per label (a distribution), when it gave one:
+    /// students then learn the cross-entropy to it instead of to the label.
+    pub probs: Option<&'a [f32]>,
+}
+
+impl Demonstration<'_> {
+    /// What the student's cross-entropy aims at: the expert's distribution,
+    /// or the label as a one-hot row.
+    pub fn target(&self, labels: usize) -> Vec<f32> {
+        match self.probs {
+            Some(probs) if probs.len() == labels => probs.to_vec(),
+            _ => (0..labels)
+                .map(|k| f32::from(u8::from(k == self.label)))
+                .collect(),
+        }
+    }
 }
 
 /// Why a student failed. The cascade adds the level's name.

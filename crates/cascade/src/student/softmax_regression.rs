@@ -72,13 +72,20 @@ impl SoftmaxRegression {
 
     /// One optimiser step on the cross-entropy of one example.
     pub fn step(&mut self, x: &SparseVector, label: usize) {
+        let target: Vec<f32> = (0..self.labels)
+            .map(|k| f32::from(u8::from(k == label)))
+            .collect();
+        self.step_toward(x, &target);
+    }
+
+    /// One optimiser step on the cross-entropy to a distribution over the labels.
+    pub fn step_toward(&mut self, x: &SparseVector, target: &[f32]) {
         let p = self.probabilities(x);
         self.steps += 1;
         let bias = self.inputs as u32;
         for &(index, value) in x.iter().chain(std::iter::once(&(bias, 1.0))) {
             let l2 = if index == bias { 0.0 } else { self.l2 };
-            for (class, &prob) in p.iter().enumerate() {
-                let target = if class == label { 1.0 } else { 0.0 };
+            for (class, (&prob, &target)) in p.iter().zip(target).enumerate() {
                 let i = index as usize * self.labels + class;
                 let grad = value * (prob - target) + l2 * self.weights[i];
                 self.update(i, grad);
@@ -146,5 +153,20 @@ mod tests {
         }
         assert!(model.probabilities(&a)[0] > 0.9);
         assert!(model.probabilities(&b)[1] > 0.9);
+    }
+
+    /// A soft label is learned as the distribution it is, not as its argmax.
+    #[test]
+    fn a_soft_label_is_learned_as_a_distribution() {
+        let mut soft = SoftmaxRegression::new(2, 2, Optimizer::Adagrad, 0.5, 0.0);
+        let mut hard = soft.clone();
+        let x: SparseVector = vec![(0, 1.0)];
+        for _ in 0..500 {
+            soft.step_toward(&x, &[0.7, 0.3]);
+            hard.step(&x, 0);
+        }
+        let p = soft.probabilities(&x)[0];
+        assert!((p - 0.7).abs() < 0.02, "{p}");
+        assert!(hard.probabilities(&x)[0] > 0.95);
     }
 }
