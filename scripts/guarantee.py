@@ -14,6 +14,15 @@ hindsight as the one with the fewest LLM calls whose run ends at agreement
 >= A on that stream (default seed).
 
   scripts/guarantee.py [--seeds 20] [--datasets imdb hatespeech isear]
+
+The audit rate (the one setting of the controller a user may change) is
+chosen on the train halves, never on the test streams:
+
+  scripts/guarantee.py --select [--seeds 3]
+
+runs every candidate rate on `split_train_ids.txt` of each dataset (gold is
+not used) and picks the one with the lowest mean ratio of calls to the
+train-half oracle among those whose runs all held the target.
 Needs the release binary (cargo build --release).
 """
 
@@ -32,11 +41,16 @@ TARGETS = {"imdb": [0.90, 0.95, 0.98], "hatespeech": [0.90, 0.95, 0.98], "isear"
 MUS = [0] + [float(f"{10 ** (-6 + 5 * i / 39):.3g}") for i in range(40)]
 
 
-def bench(dataset, extra, tmp):
+AUDIT_RATES = [0.05, 0.1, 0.15, 0.2, 0.3, 0.4]
+
+
+def bench(dataset, extra, tmp, stream="test"):
     out = Path(tmp) / "summary.json"
+    if stream == "train":
+        stream = str(DATA / dataset / "split_train_ids.txt")
     subprocess.run(
         [str(BIN), "bench", "--data", str(DATA / dataset), "--config", f"configs/{dataset}-lr.toml",
-         "--summary", str(out), *map(str, extra)],
+         "--stream", stream, "--summary", str(out), *map(str, extra)],
         cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     r = json.loads(out.read_text())
@@ -56,8 +70,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=20)
     p.add_argument("--datasets", nargs="+", default=list(TARGETS))
+    p.add_argument("--select", action="store_true", help="choose the audit rate on the train halves")
     a = p.parse_args()
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    if a.select:
+        return select(a, cpu)
     print(f"CPU: {cpu}\n")
     print("| dataset | target A | runs ≥ A at the end | runs ≥ A at every checkpoint | min agreement seen | calls (mean ± sd, audits incl.) | of which audits | oracle mu | oracle calls | ratio | accuracy vs gold (mean) | oracle accuracy |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -82,6 +99,36 @@ def main():
                     f"{statistics.mean(r['accuracy'] for r in runs):.2f} | {oracle[2]['accuracy'] if oracle else float('nan'):.2f} |",
                     flush=True,
                 )
+
+
+def select(a, cpu):
+    print(f"CPU: {cpu}; train halves (split_train_ids.txt); {a.seeds} seeds per cell\n")
+    print("| audit rate | " + " | ".join(f"{d} {t}" for d in a.datasets for t in TARGETS[d])
+          + " | mean ratio | all runs held A |")
+    print("|---|" + "---|" * (sum(len(TARGETS[d]) for d in a.datasets) + 2))
+    with tempfile.TemporaryDirectory() as tmp:
+        oracles = {}
+        for dataset in a.datasets:
+            sweep = [bench(dataset, ["--mu", mu], tmp, "train") for mu in MUS]
+            for target in TARGETS[dataset]:
+                oracles[dataset, target] = min(r["calls"] for r in sweep if r["agreement"] >= target)
+        best = None
+        for rate in AUDIT_RATES:
+            ratios, held, cells = [], True, []
+            for dataset in a.datasets:
+                for target in TARGETS[dataset]:
+                    runs = [bench(dataset, ["--target-agreement", target, "--audit-rate", rate, "--seed", s],
+                                  tmp, "train") for s in range(1, a.seeds + 1)]
+                    held &= all(r["agreement"] >= target and all(x >= target for _, x in r["checks"])
+                                for r in runs)
+                    ratio = statistics.mean(r["calls"] for r in runs) / oracles[dataset, target]
+                    ratios.append(ratio)
+                    cells.append(f"{ratio:.2f}×")
+            mean = statistics.mean(ratios)
+            print(f"| {rate} | " + " | ".join(cells) + f" | {mean:.3f} | {'yes' if held else 'no'} |", flush=True)
+            if held and (best is None or mean < best[1]):
+                best = (rate, mean)
+        print(f"\nchosen audit rate: {best[0] if best else 'none held'}")
 
 
 if __name__ == "__main__":

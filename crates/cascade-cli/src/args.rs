@@ -121,10 +121,10 @@ pub struct SessionArgs {
     #[arg(long)]
     pub llm_rate: Option<f64>,
     /// Answer as the LLM would on at least this share of items, with
-    /// --confidence at every point of the stream: the audit rate and the
-    /// deferral price follow an anytime-valid bound. Overrides the config's
-    /// budget and --audit-rate.
-    #[arg(long, conflicts_with_all = ["llm_budget", "llm_rate", "audit_rate"])]
+    /// --confidence at every point of the stream: the deferral price follows an
+    /// anytime-valid bound on the audits. Overrides the config's
+    /// budget.
+    #[arg(long, conflicts_with_all = ["llm_budget", "llm_rate"])]
     pub target_agreement: Option<f64>,
     /// The agreement target's confidence, 1 − δ (default 0.95).
     #[arg(long, requires = "target_agreement")]
@@ -157,7 +157,8 @@ pub struct SessionArgs {
     pub on_expert_failure: FailurePolicy,
     /// Share of student-answered items also sent to the expert, to estimate
     /// agreement with it without bias; they do not train the cascade.
-    /// Default: 1 − the deepest level's decaying_factor.
+    /// Default: 0.2 under --target-agreement (its bound rests on them), else
+    /// 1 − the deepest level's decaying_factor.
     #[arg(long)]
     pub audit_rate: Option<f64>,
     /// Folder of the models named in configs (`scripts/setup.sh` fills it).

@@ -31,9 +31,9 @@ pub struct BenchArgs {
     expert_switch: Option<(usize, String)>,
     /// Share of student answers also sent to the LLM (counted as LLM calls,
     /// never learned); the drift detector watches them. Default 0 (the
-    /// paper's replays); a target sets its own.
-    #[arg(long, default_value_t = 0.0, conflicts_with = "target_agreement")]
-    audit_rate: f64,
+    /// paper's replays), or 0.2 under a target, whose bound rests on them.
+    #[arg(long)]
+    audit_rate: Option<f64>,
     /// Do not re-open the cascade when the audits show a change.
     #[arg(long)]
     no_drift_recovery: bool,

@@ -147,6 +147,7 @@ pub fn build_session(
         on_failure,
         target: config.agreement_target(),
         drift_recovery: config.drift_recovery,
+        stream_length,
     };
     Ok(Session::new(cascade, config.seed, options))
 }

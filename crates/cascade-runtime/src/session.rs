@@ -247,9 +247,8 @@ pub struct Ticket {
 enum Waiting {
     /// A deferred item: its label is learned.
     Label(Deferred),
-    /// An audited student answer: the expert's label is only compared. The
-    /// rate it was drawn at weighs it in an agreement target's bound.
-    Audit(Settled, f64),
+    /// An audited student answer: the expert's label is only compared.
+    Audit(Settled),
 }
 
 impl Ticket {
@@ -281,11 +280,13 @@ pub struct SessionOptions {
     /// without bias; audits never train the cascade.
     pub audit_rate: f64,
     pub on_failure: OnExpertFailure,
-    /// An agreement target: it sets the audit rate (instead of `audit_rate`)
-    /// and steers the cascade's rate budget (`cascade::target`).
+    /// An agreement target: its bound counts on `audit_rate`, and it steers
+    /// the cascade's rate budget (`cascade::target`).
     pub target: Option<cascade::AgreementTarget>,
     /// Re-open the cascade when the audits show a change (`drift_recovery`).
     pub drift_recovery: bool,
+    /// The number of items to come, when known (a target spends its slack by the end).
+    pub stream_length: Option<u64>,
 }
 
 /// After a change, at least this share of student answers is audited...
@@ -320,7 +321,10 @@ impl Session {
             .map(|s| s.to_string())
             .collect();
         let mut counts = Counts::new(level_names.len());
-        counts.agreement = options.target.map(cascade::AgreementController::new);
+        counts.agreement = options.target.map(|target| {
+            cascade::AgreementController::new(target, options.audit_rate)
+                .with_stream_length(options.stream_length)
+        });
         Self {
             counts,
             level_names,
@@ -332,19 +336,20 @@ impl Session {
 
     /// Decides who answers `text`.
     pub fn route(&mut self, text: &str) -> Result<Routed> {
-        let mut audit_rate = match &self.counts.agreement {
+        let audit_rate = match &self.counts.agreement {
+            // A target's audits keep one rate: its bound counts on it.
             Some(agreement) => {
                 self.cascade
                     .steer_budget(agreement.llm_rate(), agreement.must_defer());
                 agreement.audit_rate()
             }
-            None => self.options.audit_rate,
+            None => match self.counts.reopened.last() {
+                Some(&line) if self.counts.lines < line + RECOVERY_ITEMS => {
+                    self.options.audit_rate.max(RECOVERY_AUDIT_RATE)
+                }
+                _ => self.options.audit_rate,
+            },
         };
-        if let Some(&line) = self.counts.reopened.last() {
-            if self.counts.lines < line + RECOVERY_ITEMS {
-                audit_rate = audit_rate.max(RECOVERY_AUDIT_RATE);
-            }
-        }
         let routed = self.cascade.route(text)?;
         let next = match routed.outcome {
             Outcome::Answered { level, label } => {
@@ -356,12 +361,9 @@ impl Session {
                 if self.audit_rng.random::<f64>() < audit_rate {
                     Next::Ask(Ticket {
                         text: text.to_string(),
-                        waiting: Waiting::Audit(settled, audit_rate),
+                        waiting: Waiting::Audit(settled),
                     })
                 } else {
-                    if let Some(agreement) = &mut self.counts.agreement {
-                        agreement.observe_unaudited();
-                    }
                     self.counts.add(&settled);
                     Next::Done(settled)
                 }
@@ -401,7 +403,7 @@ impl Session {
         answer: std::result::Result<Answer, ExpertError>,
     ) -> Result<(Settled, Option<Demonstration>)> {
         let (settled, demonstration) = match (ticket.waiting, answer) {
-            (Waiting::Audit(settled, rate), answer) => {
+            (Waiting::Audit(settled), answer) => {
                 let agrees = match (&answer, &settled) {
                     (Ok(answer), Settled::Student { label, .. }) => Some(*label == answer.label),
                     _ => None,
@@ -413,7 +415,7 @@ impl Session {
                 }
                 if let Some(agreement) = &mut self.counts.agreement {
                     // No label from the LLM counts against the students.
-                    agreement.observe_audit(agrees, rate);
+                    agreement.observe_audit(agrees);
                 }
                 if let Some(agrees) = agrees {
                     if self.options.drift_recovery && self.counts.drift.observe(!agrees) {
@@ -570,12 +572,15 @@ impl Settled {
 }
 
 impl SessionOptions {
-    /// The share of student answers audited: as given, or by default the
+    /// The share of student answers audited: as given, or by default under
+    /// an agreement target [`cascade::target::DEFAULT_AUDIT_RATE`], else the
     /// deepest level's floor of exploration, `1 − decaying_factor` (0.03 for
     /// the authors' 0.97): where exploration fades, a small share stays.
     pub fn audit_rate(given: Option<f64>, config: &cascade::CascadeConfig) -> Result<f64> {
+        let target = config.target_agreement.is_some();
         let rate = match given {
             Some(rate) => rate,
+            None if target => cascade::target::DEFAULT_AUDIT_RATE,
             None => config
                 .levels
                 .last()
@@ -585,6 +590,12 @@ impl SessionOptions {
             return Err(crate::RuntimeError::setting(
                 "--audit-rate",
                 format!("must be in [0, 1], got {rate}"),
+            ));
+        }
+        if target && rate == 0.0 {
+            return Err(crate::RuntimeError::setting(
+                "--audit-rate",
+                "must be above 0 under an agreement target: its bound rests on the audits",
             ));
         }
         Ok(rate)

@@ -62,6 +62,7 @@ fn session(audit_rate: f64, overrides: &Overrides, length: Option<u64>) -> Sessi
         on_failure: OnExpertFailure::Student,
         target: config.agreement_target(),
         drift_recovery: config.drift_recovery,
+        stream_length: length,
     };
     Session::new(cascade, config.seed, options)
 }
@@ -297,7 +298,7 @@ fn an_agreement_target_holds_while_the_students_take_over() {
         target_agreement: Some(0.9),
         ..Overrides::default()
     };
-    let mut session = session(0.0, &overrides, None);
+    let mut session = session(cascade::target::DEFAULT_AUDIT_RATE, &overrides, None);
     let runtime = runtime();
     let (mut agreeing, mut students) = (0u64, 0u64);
     let texts = stream(3000);

@@ -14,9 +14,13 @@
 //!
 //! with v_i = 4 (X_i − μ̂_{i−1})², ψ_E(λ) = (−ln(1 − λ) − λ) / 4, and the
 //! predictable bets λ_i = min(√(2 log(1/α) / (σ̂²_{i−1} i ln(1 + i))), 1/2),
-//! where μ̂ and σ̂² are running estimates started at 1/2 and 1/4. The bound
-//! reported is the running maximum of L_t (the intersection of the sequence,
-//! valid since every L_t holds at once), so it never falls.
+//! where μ̂ and σ̂² are running estimates started at 1/2 and 1/4. With a
+//! constant mean every L_t bounds it; when the mean moves (the students or
+//! the LLM change), L_t bounds the bet-weighted average of the conditional
+//! means so far (Σ λ_i μ_i / Σ λ_i), which favours early observations. So the
+//! bound reported is L_t itself, not its running maximum (which is valid only
+//! for a constant mean, and would hide a fall). The agreement target does not
+//! rest on it (`target.rs` bounds the realized disagreements directly).
 
 use serde::{Deserialize, Serialize};
 
@@ -88,7 +92,7 @@ impl LowerConfidenceSequence {
         let mean_after = (0.5 + self.sum) / (i + 1.0);
         self.squared_deviations += (x - mean_after).powi(2);
         let bound = (self.weighted_sum - self.log_inverse_alpha - self.penalty) / self.bets;
-        self.lower = self.lower.max(bound.clamp(0.0, 1.0));
+        self.lower = bound.clamp(0.0, 1.0);
         self.lower
     }
 
@@ -185,23 +189,28 @@ mod tests {
     }
 
     #[test]
-    fn the_bound_tightens_with_data_and_never_falls() {
+    fn the_bound_tightens_with_data_and_follows_a_fall() {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let mut cs = LowerConfidenceSequence::new(0.95).unwrap();
-        let mut previous = 0.0;
         let mut at = Vec::new();
-        for n in 1..=5000 {
-            let bound = cs.observe(f64::from(u8::from(rng.random::<f64>() < 0.97)));
-            assert!(bound >= previous);
-            previous = bound;
-            if [100, 1000, 5000].contains(&n) {
+        for n in 1..=8000 {
+            // 0.97 for 5,000 observations, then 0.5.
+            let p = if n <= 5000 { 0.97 } else { 0.5 };
+            let bound = cs.observe(f64::from(u8::from(rng.random::<f64>() < p)));
+            if [100, 1000, 5000, 8000].contains(&n) {
                 at.push(bound);
             }
         }
-        eprintln!("bound after 100, 1000, 5000 items of Bernoulli(0.97): {at:?}");
+        eprintln!(
+            "bound after 100, 1000, 5000 items of Bernoulli(0.97), then 3,000 of 0.5: {at:?}"
+        );
         // Close under the truth once data accumulate (0.97 here).
         assert!(at[0] < at[1] && at[1] < at[2], "{at:?}");
         assert!(at[2] > 0.95 && at[2] < 0.97, "{at:?}");
+        // The mean fell: so does the bound, but slowly: it bounds the
+        // bet-weighted average, which favours the early 0.97s (the plain
+        // average is 0.79). Why the agreement target does not rest on it.
+        assert!(at[3] < at[2] - 0.03 && at[3] > 0.79, "{at:?}");
     }
 
     #[test]

@@ -47,8 +47,9 @@ pub struct ReplaySpec {
     /// From this stream position on, another recorded field plays the LLM
     /// (the user switched LLM or prompt mid-stream).
     pub expert_switch: Option<(usize, String)>,
-    /// Share of student answers also sent to the LLM (without a target).
-    pub audit_rate: f64,
+    /// Share of student answers also sent to the LLM (`None`: none, or a
+    /// target's default).
+    pub audit_rate: Option<f64>,
     pub no_drift_recovery: bool,
     pub hard_labels: bool,
     /// A local model plays the LLM instead of the recorded answers.
@@ -81,7 +82,7 @@ impl ReplaySpec {
             limit: None,
             expert_field: "gpt35".into(),
             expert_switch: None,
-            audit_rate: 0.0,
+            audit_rate: None,
             no_drift_recovery: false,
             hard_labels: false,
             local_expert: None,
@@ -543,10 +544,14 @@ fn build_session(spec: &ReplaySpec, task: &Task, stream: &[&Item]) -> Result<Ses
         progress.finish();
     }
     let options = SessionOptions {
-        audit_rate: spec.audit_rate,
+        audit_rate: match spec.audit_rate {
+            None if config.target_agreement.is_none() => 0.0,
+            given => SessionOptions::audit_rate(given, &config)?,
+        },
         on_failure: spec.on_failure,
         target: config.agreement_target(),
         drift_recovery: config.drift_recovery,
+        stream_length: Some(stream.len() as u64),
     };
     Ok(Session::new(cascade, config.seed, options))
 }
