@@ -7,11 +7,11 @@ The expert alone fills its response cache once (about 25 minutes on 2 cores):
   cascade bench --data ../shared/data/imdb --baseline llm-only --expert local \\
       --limit 2000 --expert-cache CACHE
 
-then each cascade run (configs/imdb-local.toml: LR -> MiniLM embedding head)
+then each cascade run (configs/imdb-embed.toml: LR -> MiniLM embedding head, embeddings cached on disk)
 reads the expert's answers and probabilities from the cache
 (`--reuse-expert-cache`), with and without `--hard-labels`, at each budget:
 
-  cascade bench --data ../shared/data/imdb --config configs/imdb-local.toml \\
+  cascade bench --data ../shared/data/imdb --config configs/imdb-embed.toml \\
       --expert local --limit 2000 --expert-cache CACHE --reuse-expert-cache \\
       --llm-budget B [--hard-labels] --seed S
 
@@ -36,7 +36,7 @@ BIN = ROOT / "target" / "release" / "cascade"
 
 def run(cache, budget, hard, seed, tmp):
     out = Path(tmp) / "s.json"
-    args = [str(BIN), "bench", "--data", str(DATA / "imdb"), "--config", "configs/imdb-local.toml",
+    args = [str(BIN), "bench", "--data", str(DATA / "imdb"), "--config", "configs/imdb-embed.toml",
             "--expert", "local", "--limit", "2000", "--expert-cache", str(cache), "--reuse-expert-cache",
             "--llm-budget", str(budget), "--seed", str(seed), "--summary", str(out)]
     if hard:

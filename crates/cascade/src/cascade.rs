@@ -1011,4 +1011,62 @@ mod tests {
         }
         assert!((c.exploration_probability(0) - 0.75).abs() < 1e-12);
     }
+
+    #[test]
+    fn reopening_restarts_exploration_and_survives_a_checkpoint() {
+        let mut c =
+            Cascade::with_students(&config(1), fixed_students(1), 2, Routing::Gated).unwrap();
+        for _ in 0..8 {
+            let Outcome::Deferred(item) = c.route("x").unwrap().outcome else {
+                panic!()
+            };
+            c.learn(item, Some(0)).unwrap();
+        }
+        c.reopen();
+        assert_eq!(c.exploration_probability(0), 0.0);
+        let bytes = c.save_state().unwrap();
+        let mut restored =
+            Cascade::with_students(&config(1), fixed_students(1), 2, Routing::Gated).unwrap();
+        restored.load_state(&bytes).unwrap();
+        assert_eq!(restored.exploration_probability(0), 0.0);
+        assert_eq!(restored.save_state().unwrap(), bytes);
+    }
+
+    /// The expert's distribution is kept beside its label through a
+    /// checkpoint, checked, and ignored with `soft_labels = false`.
+    #[test]
+    fn soft_labels_are_kept_checked_and_optional() {
+        let learn = |config: &CascadeConfig, probs: Option<&[f32]>| {
+            let mut c =
+                Cascade::with_students(config, fixed_students(1), 2, Routing::Gated).unwrap();
+            for _ in 0..3 {
+                let Outcome::Deferred(item) = c.route("x").unwrap().outcome else {
+                    panic!()
+                };
+                c.learn_with_probs(item, Some(0), probs).unwrap();
+            }
+            c
+        };
+        let soft = learn(&config(1), Some(&[3.0, 1.0]));
+        assert_eq!(soft.levels[0].cache_probs, vec![Some(vec![0.75, 0.25]); 3]);
+        let bytes = soft.save_state().unwrap();
+        let mut restored =
+            Cascade::with_students(&config(1), fixed_students(1), 2, Routing::Gated).unwrap();
+        restored.load_state(&bytes).unwrap();
+        assert_eq!(restored.levels[0].cache_probs, soft.levels[0].cache_probs);
+        let mut hard_config = config(1);
+        hard_config.soft_labels = false;
+        let hard = learn(&hard_config, Some(&[3.0, 1.0]));
+        assert_eq!(hard.levels[0].cache_probs, vec![None; 3]);
+        // A distribution of the wrong width, or negative, is refused.
+        let mut c =
+            Cascade::with_students(&config(1), fixed_students(1), 2, Routing::Gated).unwrap();
+        for bad in [&[1.0f32][..], &[0.5, -0.1]] {
+            let Outcome::Deferred(item) = c.route("x").unwrap().outcome else {
+                panic!()
+            };
+            let refused = c.learn_with_probs(item, Some(0), Some(bad));
+            assert!(matches!(refused, Err(CascadeError::MalformedDemonstration(_))));
+        }
+    }
 }
