@@ -55,6 +55,9 @@ pub struct BudgetController {
     /// Set by an agreement target: the next item must go to the LLM.
     #[serde(default)]
     hold: bool,
+    /// Items an agreement target held for the LLM.
+    #[serde(default)]
+    held: u64,
 }
 
 impl BudgetController {
@@ -71,6 +74,7 @@ impl BudgetController {
             forced_answers: 0,
             forced_deferrals: 0,
             hold: false,
+            held: 0,
         }
     }
 
@@ -159,8 +163,12 @@ impl BudgetController {
         self.forced_deferrals
     }
 
-    /// Records one routed item. During warm-up the LLM must answer whatever the
-    /// price, so the price does not move (it would only wind up).
+    /// Items an agreement target sent to the LLM because its bound allowed
+    /// no student answer.
+    pub fn held(&self) -> u64 {
+        self.held
+    }
+
     /// An agreement target's steering: the LLM share to price toward (a
     /// rate budget's rate) and whether the next item must go to the LLM.
     pub fn steer(&mut self, llm_rate: f64, must_defer: bool) {
@@ -177,8 +185,13 @@ impl BudgetController {
         self.calls = calls;
     }
 
+    /// Records one routed item. During warm-up the LLM must answer whatever the
+    /// price, so the price does not move (it would only wind up). An item an
+    /// agreement target held for the LLM is the target's doing, not a
+    /// forced deferral of the budget's guards.
     pub fn record(&mut self, deferred: bool, warmup: bool) {
         match self.allowance() {
+            _ if self.hold => self.held += 1,
             Allowance::MustAnswer => self.forced_answers += 1,
             Allowance::MustDefer => self.forced_deferrals += 1,
             Allowance::Free => {}

@@ -1066,7 +1066,10 @@ mod tests {
                 panic!()
             };
             let refused = c.learn_with_probs(item, Some(0), Some(bad));
-            assert!(matches!(refused, Err(CascadeError::MalformedDemonstration(_))));
+            assert!(matches!(
+                refused,
+                Err(CascadeError::MalformedDemonstration(_))
+            ));
         }
     }
 }

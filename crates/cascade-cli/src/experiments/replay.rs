@@ -178,6 +178,10 @@ pub struct Report {
     /// (items, the agreement target's lower bound) every 100 items.
     #[serde(default)]
     pub bound_checks: Vec<(u64, f64)>,
+    /// Items an agreement target sent to the LLM because its bound allowed
+    /// no student answer.
+    #[serde(default)]
+    pub target_holds: Option<u64>,
     /// Items after which audits showed a change and the cascade re-opened.
     #[serde(default)]
     pub reopened: Vec<u64>,
@@ -388,6 +392,7 @@ pub fn replay(spec: &ReplaySpec, print: bool) -> Result<Report> {
         budget_price: budget.map(|b| b.price()),
         forced_answers: budget.map(|b| b.forced_answers()),
         forced_deferrals: budget.map(|b| b.forced_deferrals()),
+        target_holds: budget.map(|b| b.held()).filter(|_| target.is_some()),
         offline_llm_calls: offline_calls,
         live_expert,
         summary,

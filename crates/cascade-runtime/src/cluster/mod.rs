@@ -338,12 +338,8 @@ impl Cluster {
             }
             if purge_log {
                 // Every kept snapshot holds the labels up to its sequence.
-                let labels = self
-                    .js
-                    .get_stream(self.names.labels_stream())
-                    .await
-                    .map_err(RuntimeError::nats("the LABELS stream"))?;
-                labels
+                self.labels()
+                    .await?
                     .purge()
                     .sequence(previous.sequence + 1)
                     .await
@@ -353,14 +349,18 @@ impl Cluster {
         Ok(written)
     }
 
-    /// The sequence of the last label in the log.
-    pub async fn last_label(&self) -> Result<u64> {
-        let mut stream = self
-            .js
+    /// The LABELS stream (the log).
+    pub(crate) async fn labels(&self) -> Result<async_nats::jetstream::stream::Stream> {
+        self.js
             .get_stream(self.names.labels_stream())
             .await
-            .map_err(RuntimeError::nats("the LABELS stream"))?;
-        let info = stream
+            .map_err(RuntimeError::nats("the LABELS stream"))
+    }
+
+    /// The sequence of the last label in the log.
+    pub async fn last_label(&self) -> Result<u64> {
+        let mut labels = self.labels().await?;
+        let info = labels
             .info()
             .await
             .map_err(RuntimeError::nats("the LABELS stream"))?;

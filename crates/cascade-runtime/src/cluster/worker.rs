@@ -374,11 +374,7 @@ impl Learner {
 /// server restart) or errs, a new one starts after the last label sent, at
 /// once, rather than after the client's own heartbeat-based recovery.
 async fn follow_labels(cluster: &Cluster, after: u64) -> Result<mpsc::Receiver<Logged>> {
-    let stream = cluster
-        .js
-        .get_stream(cluster.names.labels_stream())
-        .await
-        .map_err(RuntimeError::nats("the LABELS stream"))?;
+    let stream = cluster.labels().await?;
     let mut messages = ordered_from(&stream, after + 1)
         .await
         .map_err(RuntimeError::nats("following the LABELS log"))?;
