@@ -135,7 +135,7 @@ pub struct SessionArgs {
     #[arg(long)]
     pub no_drift_recovery: bool,
     /// Learn the expert's label only, even when it gives a probability per
-    /// label (config `soft_labels`).
+    /// label (config `soft_label_weight = 0`).
     #[arg(long)]
     pub hard_labels: bool,
     /// The number of items to come, for llm_budget (`run`: default the input file's lines).
@@ -188,6 +188,7 @@ impl SessionArgs {
                 confidence: self.confidence,
                 no_drift_recovery: self.no_drift_recovery,
                 hard_labels: self.hard_labels,
+                soft_label_weight: None,
             },
             models: self.models.clone(),
             expert: self.expert.spec()?,

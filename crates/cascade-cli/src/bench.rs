@@ -38,8 +38,12 @@ pub struct BenchArgs {
     #[arg(long)]
     no_drift_recovery: bool,
     /// Learn the expert's label only, even when it gives probabilities.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "soft_label_weight")]
     hard_labels: bool,
+    /// Overrides the config's soft_label_weight: the expert's distribution's
+    /// share in what is learned, in [0, 1].
+    #[arg(long)]
+    soft_label_weight: Option<f64>,
     /// Local expert: serve answers found in --expert-cache instead of
     /// computing them (repeated experiments; the model's time is then not
     /// measured).
@@ -131,6 +135,7 @@ impl From<&BenchArgs> for ReplaySpec {
             audit_rate: a.audit_rate,
             no_drift_recovery: a.no_drift_recovery,
             hard_labels: a.hard_labels,
+            soft_label_weight: a.soft_label_weight,
             local_expert: (a.expert == ExpertKind::Local).then(|| LocalConfig {
                 model: a
                     .local_model

@@ -22,8 +22,10 @@ pub struct Overrides {
     pub confidence: Option<f64>,
     /// Turns drift recovery off (`drift_recovery = false`).
     pub no_drift_recovery: bool,
-    /// Learns the expert's label only, not its distribution (`soft_labels = false`).
+    /// Learns the expert's label only, not its distribution (`soft_label_weight = 0`).
     pub hard_labels: bool,
+    /// Replaces `soft_label_weight`.
+    pub soft_label_weight: Option<f64>,
 }
 
 impl Overrides {
@@ -51,8 +53,11 @@ impl Overrides {
         if self.no_drift_recovery {
             config.drift_recovery = false;
         }
+        if let Some(weight) = self.soft_label_weight {
+            config.soft_label_weight = weight;
+        }
         if self.hard_labels {
-            config.soft_labels = false;
+            config.soft_label_weight = 0.0;
         }
     }
 }

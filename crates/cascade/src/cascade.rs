@@ -126,8 +126,8 @@ pub struct Cascade {
     mu: f64,
     warmup_updates: u64,
     combine_levels: bool,
-    /// Learn from the expert's distribution when it gives one.
-    soft_labels: bool,
+    /// The expert's distribution's weight in what is learned (`soft_label_weight`).
+    soft_label_weight: f32,
     priced_levels: PricedLevels,
     routing: Routing,
     /// Prices deferral to meet an LLM-call budget; `None`: the paper's fixed-mu rule.
@@ -238,7 +238,7 @@ impl Cascade {
             mu: config.mu,
             warmup_updates: config.warmup_updates,
             combine_levels: config.combine_levels,
-            soft_labels: config.soft_labels,
+            soft_label_weight: config.soft_label_weight as f32,
             priced_levels: config.budget_prices,
             routing,
             budget: None,
@@ -655,9 +655,10 @@ impl Cascade {
     }
 
     /// [`Cascade::learn`] with the expert's probability per label, when it
-    /// gives them: with `soft_labels` (the default) the students learn the
-    /// distribution (cross-entropy to it) and the gates' error target is the
-    /// chance that a student's answer is not the expert's.
+    /// gives them: with `soft_label_weight` w > 0 the students learn the
+    /// cross-entropy to (1 − w)·one-hot(label) + w·probabilities, and the
+    /// gates' error target is that mixture's chance that a student's answer
+    /// is not the expert's.
     pub fn learn_with_probs(
         &mut self,
         item: Deferred,
@@ -673,8 +674,8 @@ impl Cascade {
                 labels: self.labels,
             });
         }
-        let probs = match probs.filter(|_| self.soft_labels) {
-            Some(probs) => Some(self.distribution(probs)?),
+        let probs = match probs.filter(|_| self.soft_label_weight > 0.0) {
+            Some(probs) => Some(self.soft_target(label, probs)?),
             None => None,
         };
         if let Some(inputs) = &item.gate_inputs {
@@ -716,6 +717,17 @@ impl Cascade {
             }
         }
         Ok(())
+    }
+
+    /// (1 − w)·one-hot(label) + w·the expert's distribution.
+    fn soft_target(&self, label: usize, probs: &[f32]) -> Result<Vec<f32>, CascadeError> {
+        let w = self.soft_label_weight;
+        Ok(self
+            .distribution(probs)?
+            .iter()
+            .enumerate()
+            .map(|(k, q)| w * q + (1.0 - w) * f32::from(u8::from(k == label)))
+            .collect())
     }
 
     /// The expert's probabilities as a distribution over this task's labels.
@@ -1047,15 +1059,23 @@ mod tests {
             }
             c
         };
-        let soft = learn(&config(1), Some(&[3.0, 1.0]));
+        let mut pure = config(1);
+        pure.soft_label_weight = 1.0;
+        let soft = learn(&pure, Some(&[3.0, 1.0]));
         assert_eq!(soft.levels[0].cache_probs, vec![Some(vec![0.75, 0.25]); 3]);
+        // Half and half with the label's one-hot row (the default).
+        let mixed = learn(&config(1), Some(&[3.0, 1.0]));
+        assert_eq!(
+            mixed.levels[0].cache_probs,
+            vec![Some(vec![0.875, 0.125]); 3]
+        );
         let bytes = soft.save_state().unwrap();
         let mut restored =
             Cascade::with_students(&config(1), fixed_students(1), 2, Routing::Gated).unwrap();
         restored.load_state(&bytes).unwrap();
         assert_eq!(restored.levels[0].cache_probs, soft.levels[0].cache_probs);
         let mut hard_config = config(1);
-        hard_config.soft_labels = false;
+        hard_config.soft_label_weight = 0.0;
         let hard = learn(&hard_config, Some(&[3.0, 1.0]));
         assert_eq!(hard.levels[0].cache_probs, vec![None; 3]);
         // A distribution of the wrong width, or negative, is refused.

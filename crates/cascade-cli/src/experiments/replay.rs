@@ -52,6 +52,7 @@ pub struct ReplaySpec {
     pub audit_rate: Option<f64>,
     pub no_drift_recovery: bool,
     pub hard_labels: bool,
+    pub soft_label_weight: Option<f64>,
     /// A local model plays the LLM instead of the recorded answers.
     pub local_expert: Option<LocalConfig>,
     pub config: Option<PathBuf>,
@@ -85,6 +86,7 @@ impl ReplaySpec {
             audit_rate: None,
             no_drift_recovery: false,
             hard_labels: false,
+            soft_label_weight: None,
             local_expert: None,
             config,
             task: None,
@@ -114,6 +116,7 @@ impl ReplaySpec {
             confidence: self.confidence,
             no_drift_recovery: self.no_drift_recovery,
             hard_labels: self.hard_labels,
+            soft_label_weight: self.soft_label_weight,
         }
     }
 }
