@@ -1063,8 +1063,10 @@ mod tests {
         pure.soft_label_weight = 1.0;
         let soft = learn(&pure, Some(&[3.0, 1.0]));
         assert_eq!(soft.levels[0].cache_probs, vec![Some(vec![0.75, 0.25]); 3]);
-        // Half and half with the label's one-hot row (the default).
-        let mixed = learn(&config(1), Some(&[3.0, 1.0]));
+        // Half and half with the label's one-hot row.
+        let mut half = config(1);
+        half.soft_label_weight = 0.5;
+        let mixed = learn(&half, Some(&[3.0, 1.0]));
         assert_eq!(
             mixed.levels[0].cache_probs,
             vec![Some(vec![0.875, 0.125]); 3]
