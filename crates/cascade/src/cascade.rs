@@ -1076,13 +1076,11 @@ mod tests {
             Cascade::with_students(&config(1), fixed_students(1), 2, Routing::Gated).unwrap();
         restored.load_state(&bytes).unwrap();
         assert_eq!(restored.levels[0].cache_probs, soft.levels[0].cache_probs);
-        let mut hard_config = config(1);
-        hard_config.soft_label_weight = 0.0;
-        let hard = learn(&hard_config, Some(&[3.0, 1.0]));
+        // The default: the label alone.
+        let hard = learn(&config(1), Some(&[3.0, 1.0]));
         assert_eq!(hard.levels[0].cache_probs, vec![None; 3]);
         // A distribution of the wrong width, or negative, is refused.
-        let mut c =
-            Cascade::with_students(&config(1), fixed_students(1), 2, Routing::Gated).unwrap();
+        let mut c = Cascade::with_students(&pure, fixed_students(1), 2, Routing::Gated).unwrap();
         for bad in [&[1.0f32][..], &[0.5, -0.1]] {
             let Outcome::Deferred(item) = c.route("x").unwrap().outcome else {
                 panic!()
