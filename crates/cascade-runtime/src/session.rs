@@ -627,5 +627,12 @@ mod tests {
         assert!((rate(None).unwrap() - 0.03).abs() < 1e-12);
         assert_eq!(rate(Some(0.5)).unwrap(), 0.5);
         assert!(rate(Some(1.5)).is_err());
+        // Under a target: its own default, and never 0 (its bound rests on audits).
+        let mut target = config.clone();
+        target.target_agreement = Some(0.9);
+        let rate = |given| SessionOptions::audit_rate(given, &target);
+        assert_eq!(rate(None).unwrap(), cascade::target::DEFAULT_AUDIT_RATE);
+        let refused = rate(Some(0.0)).unwrap_err().to_string();
+        assert!(refused.contains("--audit-rate"), "{refused}");
     }
 }

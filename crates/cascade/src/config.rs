@@ -667,6 +667,10 @@ mod tests {
                 "mu = 5e-4\ntarget_agreement = 0.9\nllm_rate = 0.3",
                 "`target_agreement`: sets the LLM's share itself",
             ),
+            (
+                "mu = 5e-4\nsoft_label_weight = 1.5",
+                "`soft_label_weight`: must be in [0, 1], got 1.5",
+            ),
         ] {
             let error = error_for("mu = 5e-4", to);
             assert!(error.contains(field), "{to}: {error}");
