@@ -148,9 +148,6 @@ impl AgreementController {
         self.student_answers += u64::from(by_student);
     }
 
-    /// A student answer that was not audited.
-    pub fn observe_unaudited(&mut self) {}
-
     /// An audited student answer: did it agree with the LLM? (`None`: the
     /// LLM gave no label, counted as a disagreement.) The rate it was drawn
     /// at is the controller's own.
