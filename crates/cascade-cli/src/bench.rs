@@ -160,6 +160,7 @@ impl From<&BenchArgs> for ReplaySpec {
             log: a.log.clone(),
             models: a.models.clone(),
             on_failure: OnExpertFailure::from(a.on_expert_failure),
+            quiet: false,
         }
     }
 }

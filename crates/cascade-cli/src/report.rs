@@ -1,4 +1,5 @@
-//! `cascade report`: Table 1 and its figures regenerated from a grid's JSON.
+//! `cascade report`: Table 1 and its figures regenerated from a grid's JSON,
+//! and selection.md from selection.json where one lies beside it.
 
 use std::path::{Path, PathBuf};
 
@@ -31,5 +32,12 @@ pub fn run(args: &ReportArgs) -> Result<()> {
             .map(Path::to_path_buf)
             .unwrap_or_default(),
     };
-    write_all(&results, &out)
+    write_all(&results, &out)?;
+    let selection = args
+        .json
+        .with_file_name(crate::experiments::select::SELECTION_JSON);
+    if selection.is_file() {
+        crate::experiments::select::write_markdown(&selection, &out)?;
+    }
+    Ok(())
 }

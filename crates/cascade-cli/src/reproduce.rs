@@ -23,7 +23,8 @@ pub struct ReproduceArgs {
     #[arg(long, value_delimiter = ',')]
     pub datasets: Vec<String>,
     /// Only these kinds of run (comma-separated: llm-only, cascade, larger,
-    /// distilled-lr, distilled-transformer, online-ensemble, mu-sweep, shift).
+    /// distilled-lr, distilled-transformer, online-ensemble, mu-sweep, shift,
+    /// paper-rules).
     #[arg(long, value_delimiter = ',', value_enum)]
     pub kinds: Vec<RunKind>,
     /// The recorded answer field that plays the LLM (any annotation column).
@@ -32,11 +33,29 @@ pub struct ReproduceArgs {
     /// Folder of the models named in configs (`scripts/setup.sh` fills it).
     #[arg(long, env = "CASCADE_MODELS", default_value = "models")]
     pub models: PathBuf,
-    /// Folder of the grid's cascade configs.
+    /// Folder of the grid's cascade configs: the grid runs `selected/`,
+    /// which `--select` writes from the base configs beside it.
     #[arg(long, default_value = "configs")]
     pub configs: PathBuf,
+    /// Choose the settings on each dataset's train half instead of running
+    /// the grid: writes `<configs>/selected/*.toml`, selection.json and
+    /// selection.md (in --out). The test stream is not read.
+    #[arg(long)]
+    pub select: bool,
+    /// Seeds per cascade cell of the grid (the config's, then the next ones);
+    /// the table shows mean ± sd.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub seeds: u64,
+    /// Seeds per candidate and budget in `--select` (ISEAR moves by 2 points
+    /// from seed to seed).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub select_seeds: u64,
 }
 
 pub fn run(args: &ReproduceArgs) -> Result<()> {
-    crate::experiments::grid::run(args)
+    if args.select {
+        crate::experiments::select::run(args)
+    } else {
+        crate::experiments::grid::run(args)
+    }
 }

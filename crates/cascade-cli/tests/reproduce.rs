@@ -40,7 +40,7 @@ fn quick_grid_writes_json_table_and_figures_from_its_own_runs() {
     assert_models_fetched();
     let out = tempfile::tempdir().unwrap();
     let out_dir = out.path().to_str().unwrap();
-    cascade(&["reproduce", "--quick", "--out", out_dir]);
+    cascade(&["reproduce", "--quick", "--seeds", "2", "--out", out_dir]);
 
     let json: Value =
         serde_json::from_slice(&std::fs::read(out.path().join("table1.json")).unwrap()).unwrap();
@@ -77,10 +77,30 @@ fn quick_grid_writes_json_table_and_figures_from_its_own_runs() {
         }
     }
     assert!(runs.iter().any(|r| r["kind"] == "shift"));
+    // The paper's rules run where `--select` wrote the row's configs (the
+    // committed ones cover HateSpeech and ISEAR at least).
+    for dataset in ["imdb", "hatespeech", "isear"] {
+        let selected = repo_root()
+            .join("configs/selected")
+            .join(format!("{dataset}-paper-rules.toml"))
+            .is_file();
+        let ran = runs
+            .iter()
+            .any(|r| r["dataset"] == dataset && r["kind"] == "paper-rules");
+        assert_eq!(ran, selected, "{dataset}");
+        assert!(
+            selected || dataset == "imdb",
+            "no selected configs for {dataset}"
+        );
+    }
     let table = std::fs::read_to_string(out.path().join("table1.md")).unwrap();
     for run in runs {
         assert_eq!(run["report"]["items"], 200, "quick runs replay 200 items");
-        if let Some(budget) = run["budget"].as_u64() {
+        // The paper's rules reach a budget through mu alone, as near as it can.
+        if let Some(budget) = run["budget"]
+            .as_u64()
+            .filter(|_| run["kind"] != "paper-rules")
+        {
             let calls = run["report"]["llm_calls"].as_u64().unwrap()
                 + run["report"]["offline_llm_calls"].as_u64().unwrap();
             assert!(
@@ -88,10 +108,22 @@ fn quick_grid_writes_json_table_and_figures_from_its_own_runs() {
                 "{run}: {calls} calls for a budget of {budget}"
             );
         }
-        // Every cascade cell of the table is this run's own accuracy.
+        // A cascade cell is the mean ± sd of its seeds' runs.
         if run["kind"] == "cascade" {
-            let accuracy = run["report"]["accuracy"].as_f64().unwrap();
-            assert!(table.contains(&format!("**{:.2} (", 100.0 * accuracy)));
+            let cell: Vec<f64> = runs
+                .iter()
+                .filter(|r| {
+                    r["kind"] == "cascade"
+                        && r["dataset"] == run["dataset"]
+                        && r["budget"] == run["budget"]
+                })
+                .map(|r| r["report"]["accuracy"].as_f64().unwrap())
+                .collect();
+            assert_eq!(cell.len(), 2, "two seeds per cascade cell");
+            let mean = (cell[0] + cell[1]) / 2.0;
+            let sd = (cell[0] - cell[1]).abs() / 2f64.sqrt();
+            let text = format!("**{:.2} ± {:.2} (", 100.0 * mean, 100.0 * sd);
+            assert!(table.contains(&text), "{text} not in the table");
         }
         // A quick grid has no paper number beside it: the budgets are scaled.
         assert!(run["paper_accuracy"].is_null());
@@ -201,4 +233,120 @@ fn the_grid_replays_another_annotation_column_without_the_papers_numbers() {
         assert!(run["paper_accuracy"].is_null());
     }
     assert!(out.path().join("figures/isear-curve.svg").exists());
+}
+
+/// The configs folder copied with the embedding cache moved into `cache`, so
+/// the test neither reads nor grows the shared one.
+fn configs_copy(dir: &std::path::Path) -> std::path::PathBuf {
+    let configs = dir.join("configs");
+    std::fs::create_dir_all(&configs).unwrap();
+    let cache = dir.join("cache").display().to_string();
+    for entry in std::fs::read_dir(repo_root().join("configs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path)
+                .unwrap()
+                .replace("\".cache/embeddings\"", &format!("{cache:?}"));
+            std::fs::write(configs.join(path.file_name().unwrap()), text).unwrap();
+        }
+    }
+    configs
+}
+
+#[test]
+fn select_scores_candidates_on_the_train_half_and_writes_what_it_chose() {
+    assert_models_fetched();
+    let dir = tempfile::tempdir().unwrap();
+    let configs = configs_copy(dir.path());
+    let out = dir.path().join("out");
+    cascade(&[
+        "reproduce",
+        "--select",
+        "--quick",
+        "--select-seeds",
+        "1",
+        "--datasets",
+        "isear",
+        "--configs",
+        configs.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let json: Value =
+        serde_json::from_slice(&std::fs::read(out.join("selection.json")).unwrap()).unwrap();
+    let isear = &json["datasets"][0];
+    assert_eq!(isear["dataset"], "isear");
+    let candidates = isear["candidates"].as_array().unwrap();
+    let scores: Vec<f64> = candidates
+        .iter()
+        .map(|c| c["score"].as_f64().unwrap())
+        .collect();
+    let chosen = isear["chosen"].as_u64().unwrap() as usize;
+    // The chosen candidate has the best score, the first of equals.
+    let best = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    assert_eq!(chosen, scores.iter().position(|&s| s == best).unwrap());
+    // Stage 1 tries 16 structures; stage 2 tunes the best of them.
+    let stage = |n: u64| candidates.iter().filter(move |c| c["stage"] == n);
+    assert_eq!(stage(1).count(), 16);
+    let structure = |c: &Value| {
+        let k = &c["candidate"];
+        (
+            k["layers"].clone(),
+            k["combine_levels"].clone(),
+            k["replay"].clone(),
+            k["pacing"].clone(),
+        )
+    };
+    // The best structure: the first of the highest stage-1 scores.
+    let stage_one_best = stage(1)
+        .reduce(|a, b| {
+            if b["score"].as_f64().unwrap() > a["score"].as_f64().unwrap() {
+                b
+            } else {
+                a
+            }
+        })
+        .unwrap();
+    assert!(stage(2).count() >= 11);
+    assert!(stage(2).all(|c| structure(c) == structure(stage_one_best)));
+    // Each run is scored on the train half at the scaled budget: 200 items.
+    for c in candidates {
+        for run in c["runs"].as_array().unwrap() {
+            assert!(run["llm_calls"].as_u64().unwrap() <= 200);
+        }
+    }
+
+    // The written configs carry the chosen options.
+    let chosen = &candidates[chosen]["candidate"];
+    let read = |name: &str| -> toml::Value {
+        toml::from_str(&std::fs::read_to_string(configs.join("selected").join(name)).unwrap())
+            .unwrap()
+    };
+    let cascade_config = read("isear.toml");
+    assert_eq!(
+        cascade_config["combine_levels"].as_bool(),
+        chosen["combine_levels"].as_bool()
+    );
+    assert_eq!(
+        cascade_config["budget_pacing"].as_float(),
+        chosen["pacing"].as_f64()
+    );
+    let embed = &cascade_config["levels"][1];
+    assert_eq!(embed["kind"].as_str(), Some("embedding_head"));
+    assert_eq!(embed["replay"].as_integer(), chosen["replay"].as_i64());
+    let calibration = embed["gate"]["calibration"].as_float().unwrap();
+    assert!((calibration - chosen["calibration"].as_f64().unwrap()).abs() < 1e-6);
+    // The paper's rules: the same students without our mechanisms.
+    let paper = read("isear-paper-rules.toml");
+    assert_eq!(paper["combine_levels"].as_bool(), Some(false));
+    for level in paper["levels"].as_array().unwrap() {
+        assert_eq!(level["replay"].as_integer(), Some(0));
+    }
+    assert_eq!(
+        paper["levels"][1]["embedding_head"],
+        embed["embedding_head"]
+    );
+    assert!(configs.join("selected/isear-3level.toml").is_file());
+    let md = std::fs::read_to_string(out.join("selection.md")).unwrap();
+    assert!(md.contains("**Chosen:"), "{md}");
 }

@@ -31,7 +31,6 @@ pub struct EmbeddingHead {
     layers: Vec<usize>,
     cache: EmbeddingCache,
     head: SoftmaxRegression,
-    device: Device,
 }
 
 impl EmbeddingHead {
@@ -72,89 +71,14 @@ impl EmbeddingHead {
             layers,
             cache,
             head: SoftmaxRegression::new(dim, labels, Optimizer::Adagrad, config.lr, config.l2),
-            device: Device::Cpu,
         })
     }
 
-    /// Encodes the texts not yet cached, in length-sorted batches of windows.
+    /// Encodes the texts not yet cached.
     fn fill_cache(&mut self, texts: &[&str]) -> Result<(), StudentError> {
-        let mut missing: Vec<&str> = Vec::new();
-        // (token ids, index into `missing`) for every window of every missing text.
-        let mut rows: Vec<(Vec<u32>, usize)> = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        for text in texts {
-            if self.cache.get(text).is_none() && seen.insert(*text) {
-                let body = self.text.body_ids(text).map_err(StudentError::from)?;
-                let width = self.text.body_capacity();
-                // At least one window, so an empty text is encoded as `[CLS] [SEP]`.
-                let count = body.len().div_ceil(width).clamp(1, self.windows);
-                for window in 0..count {
-                    let start = (window * width).min(body.len());
-                    let end = (start + width).min(body.len());
-                    rows.push((self.text.wrap(&body[start..end]), missing.len()));
-                }
-                missing.push(text);
-            }
-        }
-        // Similar lengths together: less padding.
-        rows.sort_by_key(|(ids, _)| ids.len());
-        // Per text: the sum of its windows' embeddings and their count.
-        let mut sums: Vec<Option<(Vec<f32>, usize)>> = vec![None; missing.len()];
-        for chunk in rows.chunks(ENCODE_BATCH) {
-            let ids: Vec<Vec<u32>> = chunk.iter().map(|(ids, _)| ids.clone()).collect();
-            let batch = super::tokenize::pad_batch(&ids, self.text.pad_id(), &self.device)
-                .map_err(StudentError::from)?;
-            let embeddings = self
-                .encode(&batch.ids, &batch.mask)
-                .map_err(|e| StudentError::from(EncoderError::from(e)))?;
-            for ((_, text), embedding) in chunk.iter().zip(embeddings) {
-                match &mut sums[*text] {
-                    Some((sum, count)) => {
-                        sum.iter_mut().zip(embedding).for_each(|(s, v)| *s += v);
-                        *count += 1;
-                    }
-                    slot => *slot = Some((embedding, 1)),
-                }
-            }
-        }
-        for (text, sum) in missing.into_iter().zip(sums) {
-            // Every missing text has at least one window.
-            let (mut embedding, count) =
-                sum.ok_or(StudentError::from(EncoderError::MissingEmbedding))?;
-            if count > 1 {
-                // The mean of unit vectors, made unit again. One window is
-                // kept as encoded, bit for bit.
-                let norm = embedding.iter().map(|v| v * v).sum::<f32>().sqrt();
-                embedding.iter_mut().for_each(|v| *v /= norm.max(1e-12));
-            }
-            self.cache
-                .insert(text, embedding)
-                .map_err(|e| StudentError::from(EncoderError::CacheWrite(e)))?;
-        }
-        self.cache
-            .flush()
-            .map_err(|e| StudentError::from(EncoderError::CacheWrite(e)))
-    }
-
-    /// Per text: each asked layer's mean-pooled output made unit, concatenated
-    /// and scaled so the whole is unit too (one layer: scale 1, exact).
-    fn encode(&self, ids: &Tensor, mask: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
-        let scale = 1.0 / (self.layers.len() as f64).sqrt();
-        let parts = self
-            .encoder
-            .forward_layers(ids, mask, &self.layers)?
-            .iter()
-            .map(|hidden| {
-                let pooled = mean_pool(hidden, mask)?;
-                let norms = pooled
-                    .sqr()?
-                    .sum_keepdim(1)?
-                    .sqrt()?
-                    .clamp(1e-12, f64::MAX)?;
-                pooled.broadcast_div(&norms)? * scale
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Tensor::cat(&parts, 1)?.to_vec2()
+        let mut targets = [(self.layers.as_slice(), &mut self.cache)];
+        fill(&self.encoder, &self.text, self.windows, &mut targets, texts)
+            .map_err(StudentError::from)
     }
 
     fn features(&self, text: &str) -> Result<SparseVector, StudentError> {
@@ -209,6 +133,147 @@ impl Student for EmbeddingHead {
         self.head = head;
         Ok(())
     }
+}
+
+/// Encodes `texts` once for several layer choices of one embedding-head
+/// config (a search comparing them): the encoder runs to the deepest layer
+/// asked and each choice's file cache gets its embedding, as the head with
+/// that choice would have computed it.
+pub fn fill_caches(
+    config: &EmbeddingHeadConfig,
+    layer_choices: &[Vec<usize>],
+    texts: &[&str],
+) -> Result<(), EncoderError> {
+    let mut heads = layer_choices
+        .iter()
+        .map(|layers| {
+            let config = EmbeddingHeadConfig {
+                layers: layers.clone(),
+                ..config.clone()
+            };
+            EmbeddingHead::new(2, &config)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let Some((first, rest)) = heads.split_first_mut() else {
+        return Ok(());
+    };
+    let mut targets = vec![(first.layers.as_slice(), &mut first.cache)];
+    targets.extend(rest.iter_mut().map(|h| (h.layers.as_slice(), &mut h.cache)));
+    fill(
+        &first.encoder,
+        &first.text,
+        first.windows,
+        &mut targets,
+        texts,
+    )
+}
+
+/// Encodes the texts missing from any target cache, in length-sorted batches
+/// of windows, running the encoder once to the deepest layer any target
+/// pools. Each target is (its pooled layers, ascending; its cache).
+fn fill(
+    encoder: &BertEncoder,
+    text_encoder: &TextEncoder,
+    windows: usize,
+    targets: &mut [(&[usize], &mut EmbeddingCache)],
+    texts: &[&str],
+) -> Result<(), EncoderError> {
+    let mut missing: Vec<&str> = Vec::new();
+    // (token ids, index into `missing`) for every window of every missing text.
+    let mut rows: Vec<(Vec<u32>, usize)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for text in texts {
+        let absent = targets.iter().any(|(_, cache)| cache.get(text).is_none());
+        if absent && seen.insert(*text) {
+            let body = text_encoder.body_ids(text)?;
+            let width = text_encoder.body_capacity();
+            // At least one window, so an empty text is encoded as `[CLS] [SEP]`.
+            let count = body.len().div_ceil(width).clamp(1, windows);
+            for window in 0..count {
+                let start = (window * width).min(body.len());
+                let end = (start + width).min(body.len());
+                rows.push((text_encoder.wrap(&body[start..end]), missing.len()));
+            }
+            missing.push(text);
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut all_layers: Vec<usize> = targets
+        .iter()
+        .flat_map(|(l, _)| l.iter().copied())
+        .collect();
+    all_layers.sort_unstable();
+    all_layers.dedup();
+    // Similar lengths together: less padding.
+    rows.sort_by_key(|(ids, _)| ids.len());
+    // Per target, per text: the sum of its windows' embeddings and their count.
+    let mut sums: Vec<Vec<Option<WindowSum>>> = vec![vec![None; missing.len()]; targets.len()];
+    let device = Device::Cpu;
+    for chunk in rows.chunks(ENCODE_BATCH) {
+        let ids: Vec<Vec<u32>> = chunk.iter().map(|(ids, _)| ids.clone()).collect();
+        let batch = super::tokenize::pad_batch(&ids, text_encoder.pad_id(), &device)?;
+        let hidden = encoder.forward_layers(&batch.ids, &batch.mask, &all_layers)?;
+        for ((layers, _), target_sums) in targets.iter().zip(&mut sums) {
+            let picked: Vec<&Tensor> = layers
+                .iter()
+                .filter_map(|l| all_layers.iter().position(|a| a == l).map(|i| &hidden[i]))
+                .collect();
+            let embeddings = pool(&picked, &batch.mask)?;
+            for ((_, text), embedding) in chunk.iter().zip(embeddings) {
+                match &mut target_sums[*text] {
+                    Some((sum, count)) => {
+                        sum.iter_mut().zip(embedding).for_each(|(s, v)| *s += v);
+                        *count += 1;
+                    }
+                    slot => *slot = Some((embedding, 1)),
+                }
+            }
+        }
+    }
+    for ((_, cache), target_sums) in targets.iter_mut().zip(sums) {
+        for (text, sum) in missing.iter().zip(target_sums) {
+            if cache.get(text).is_some() {
+                continue;
+            }
+            // Every missing text has at least one window.
+            let (mut embedding, count) = sum.ok_or(EncoderError::MissingEmbedding)?;
+            if count > 1 {
+                // The mean of unit vectors, made unit again. One window is
+                // kept as encoded, bit for bit.
+                let norm = embedding.iter().map(|v| v * v).sum::<f32>().sqrt();
+                embedding.iter_mut().for_each(|v| *v /= norm.max(1e-12));
+            }
+            cache
+                .insert(text, embedding)
+                .map_err(EncoderError::CacheWrite)?;
+        }
+        cache.flush().map_err(EncoderError::CacheWrite)?;
+    }
+    Ok(())
+}
+
+/// A text's windows' embeddings summed, and how many.
+type WindowSum = (Vec<f32>, usize);
+
+/// Per text: each layer's mean-pooled output made unit, concatenated and
+/// scaled so the whole is unit too (one layer: scale 1, exact).
+fn pool(hidden: &[&Tensor], mask: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
+    let scale = 1.0 / (hidden.len() as f64).sqrt();
+    let parts = hidden
+        .iter()
+        .map(|hidden| {
+            let pooled = mean_pool(hidden, mask)?;
+            let norms = pooled
+                .sqr()?
+                .sum_keepdim(1)?
+                .sqrt()?
+                .clamp(1e-12, f64::MAX)?;
+            pooled.broadcast_div(&norms)? * scale
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 1)?.to_vec2()
 }
 
 /// A file name per model folder, length limit, window count and pooled layers.

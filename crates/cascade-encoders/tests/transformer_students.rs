@@ -13,6 +13,7 @@ use cascade::config::{EmbeddingHeadConfig, StudentKind, TransformerConfig};
 use cascade::student::LogReg;
 use cascade::{Cascade, CascadeConfig, Demonstration, Outcome, Routing, Student};
 use cascade_encoders::bert::WeightSource;
+use cascade_encoders::embedding_head::fill_caches;
 use cascade_encoders::{BertConfig, BertEncoder, EmbeddingHead, FineTuned, Trainable};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -421,4 +422,54 @@ fn embedding_head_pools_the_asked_layers() {
     // A layer the model does not have is named in the error.
     let err = train(vec![3]).unwrap_err().to_string();
     assert!(err.contains("layer 3") && err.contains("2 layers"), "{err}");
+}
+
+#[test]
+fn one_pass_fills_each_layer_choice_as_its_own_head_would() {
+    let model = tiny_bert_folder();
+    let texts: Vec<&str> = HELD_OUT
+        .iter()
+        .map(|(t, _)| *t)
+        .chain(POSITIVE.iter().copied())
+        .collect();
+    let config = |cache: &Path| EmbeddingHeadConfig {
+        model: model.path().to_string_lossy().into_owned(),
+        max_len: 32,
+        cache_dir: Some(cache.to_string_lossy().into_owned()),
+        ..EmbeddingHeadConfig::default()
+    };
+    let choices = [Vec::new(), vec![1]];
+    // Apart: each choice's head encodes the texts itself.
+    let apart = tempfile::tempdir().unwrap();
+    for layers in &choices {
+        let config = EmbeddingHeadConfig {
+            layers: layers.clone(),
+            ..config(apart.path())
+        };
+        EmbeddingHead::new(2, &config)
+            .unwrap()
+            .precompute(&texts)
+            .unwrap();
+    }
+    // Together: one encoder pass to the deepest layer fills both caches.
+    let together = tempfile::tempdir().unwrap();
+    fill_caches(&config(together.path()), &choices, &texts).unwrap();
+    let files = |dir: &Path| {
+        let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let path = e.unwrap().path();
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                (name, std::fs::read(&path).unwrap())
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    let (apart, together) = (files(apart.path()), files(together.path()));
+    assert_eq!(together.len(), 2);
+    assert_eq!(apart, together);
+    assert!(together
+        .iter()
+        .all(|(_, bytes)| bytes.len() == texts.len() * (16 + 4 * 16)));
 }

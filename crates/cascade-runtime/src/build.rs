@@ -147,12 +147,25 @@ pub fn build_session(
     stream_length: Option<u64>,
 ) -> Result<Session> {
     let cascade = build(config, labels, Routing::Gated, stream_length)?;
-    let options = SessionOptions {
-        audit_rate: SessionOptions::audit_rate(audit_rate, config)?,
+    let audit_rate = SessionOptions::audit_rate(audit_rate, config)?;
+    let options = session_options(config, audit_rate, on_failure, stream_length);
+    Ok(Session::new(cascade, config.seed, options))
+}
+
+/// What a config sets in a session besides its cascade: the one place every
+/// front end (and the replays, which build their cascade themselves) takes
+/// them from. `audit_rate` is resolved ([`SessionOptions::audit_rate`]).
+pub fn session_options(
+    config: &CascadeConfig,
+    audit_rate: f64,
+    on_failure: OnExpertFailure,
+    stream_length: Option<u64>,
+) -> SessionOptions {
+    SessionOptions {
+        audit_rate,
         on_failure,
         target: config.agreement_target(),
         drift_recovery: config.drift_recovery,
         stream_length,
-    };
-    Ok(Session::new(cascade, config.seed, options))
+    }
 }

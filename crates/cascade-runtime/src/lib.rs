@@ -22,7 +22,7 @@ pub mod progress;
 pub mod session;
 pub mod students;
 
-pub use build::{build, build_session, config_from_toml, load_config, Overrides};
+pub use build::{build, build_session, config_from_toml, load_config, session_options, Overrides};
 pub use checkpoint::{Position, Resume, StateDir};
 pub use error::{Result, RuntimeError};
 pub use experts::{build_expert, ExpertSpec};

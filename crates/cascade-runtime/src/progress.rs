@@ -39,6 +39,19 @@ impl Progress {
         }
     }
 
+    /// Shows nothing: for runs whose caller reports progress itself.
+    pub fn hidden() -> Self {
+        Self {
+            bar: None,
+            what: String::new(),
+            len: 0,
+            done: 0,
+            next_line: 0,
+            message: String::new(),
+            started: Instant::now(),
+        }
+    }
+
     pub fn inc(&mut self, n: u64) {
         self.done += n;
         match &self.bar {

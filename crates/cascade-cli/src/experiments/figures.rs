@@ -53,7 +53,9 @@ fn case_run<'a>(runs: &[&'a GridRun]) -> Option<&'a GridRun> {
     let cascades: Vec<&GridRun> = runs
         .iter()
         .copied()
-        .filter(|r| r.kind == RunKind::Cascade && !r.report.timeline.is_empty())
+        .filter(|r| {
+            r.kind == RunKind::Cascade && r.report.seed.is_none() && !r.report.timeline.is_empty()
+        })
         .collect();
     cascades.get(cascades.len() / 2).copied()
 }
@@ -168,6 +170,7 @@ where
     }
     let kinds = [
         RunKind::Cascade,
+        RunKind::PaperRules,
         RunKind::Larger,
         RunKind::MuSweep,
         RunKind::DistilledLr,
@@ -178,7 +181,8 @@ where
     for (i, kind) in kinds.into_iter().enumerate() {
         let mut points: Vec<(f64, f64)> = runs
             .iter()
-            .filter(|r| r.kind == kind)
+            // One seed per cell: the config's own.
+            .filter(|r| r.kind == kind && r.report.seed.is_none())
             .filter_map(|r| point(r))
             .collect();
         if points.is_empty() {

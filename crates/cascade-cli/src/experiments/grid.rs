@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::replay::{replay, Baseline, ReplaySpec, Report};
 use super::report;
+use super::select::SELECTED_DIR;
 pub use crate::reproduce::ReproduceArgs;
 
 /// One dataset's row of the paper's Table 1 and the configs that run it.
@@ -28,15 +29,15 @@ pub struct DatasetSpec {
     pub paper_llm_accuracy: f64,
     /// The paper's recall (%) at each budget, where it reports one.
     pub paper_recall: Option<[f64; 3]>,
-    /// The small cascade (LR → transformer → LLM) and the larger, 3-level one.
-    pub cascade_config: &'static str,
-    pub larger_config: &'static str,
+    /// The configs `--select` starts from (small cascade, 3-level), and the
+    /// authors' gate calibration for their BERT-base level, its start.
+    pub base_config: &'static str,
+    pub base_larger_config: &'static str,
+    pub authors_calibration: f32,
     /// Budgets (indices) the larger cascade runs at.
     pub larger_budgets: &'static [usize],
-    /// The online ensemble's students, and the config and level of the
-    /// distilled transformer.
-    pub ensemble_config: &'static str,
-    pub distilled_transformer: (&'static str, &'static str),
+    /// The cascade config's level the distilled transformer baseline trains.
+    pub distilled_level: &'static str,
     pub mu_sweep: &'static [f64],
     /// An id list for the distribution-shift run, at the middle budget.
     pub shift_stream: Option<&'static str>,
@@ -51,11 +52,11 @@ pub const GRID: [DatasetSpec; 3] = [
         paper_accuracy: [87.95, 92.48, 93.01],
         paper_llm_accuracy: 94.15,
         paper_recall: None,
-        cascade_config: "imdb-mpnet.toml",
-        larger_config: "imdb-3level.toml",
+        base_config: "imdb-mpnet.toml",
+        base_larger_config: "imdb-3level.toml",
+        authors_calibration: 0.30,
         larger_budgets: &[1],
-        ensemble_config: "imdb-mpnet.toml",
-        distilled_transformer: ("imdb-mpnet.toml", "embed"),
+        distilled_level: "embed",
         mu_sweep: &[1e-4, 2e-4, 3e-4, 4e-4, 5e-4, 6e-4],
         shift_stream: Some("shift_length_order_ids.txt"),
         goal: Some((3800, 93.5)),
@@ -66,11 +67,11 @@ pub const GRID: [DatasetSpec; 3] = [
         paper_accuracy: [82.66, 85.35, 83.26],
         paper_llm_accuracy: 83.34,
         paper_recall: Some([82.36, 77.20, 81.03]),
-        cascade_config: "hatespeech-mpnet.toml",
-        larger_config: "hatespeech-3level.toml",
+        base_config: "hatespeech-mpnet.toml",
+        base_larger_config: "hatespeech-3level.toml",
+        authors_calibration: 0.40,
         larger_budgets: &[1],
-        ensemble_config: "hatespeech-mpnet.toml",
-        distilled_transformer: ("hatespeech-mpnet.toml", "embed"),
+        distilled_level: "embed",
         mu_sweep: &[1e-4, 2e-4, 4e-4, 6e-4],
         shift_stream: None,
         goal: None,
@@ -81,16 +82,55 @@ pub const GRID: [DatasetSpec; 3] = [
         paper_accuracy: [60.78, 65.34, 69.75],
         paper_llm_accuracy: 70.34,
         paper_recall: None,
-        cascade_config: "isear-mpnet.toml",
-        larger_config: "isear-3level.toml",
+        base_config: "isear-mpnet.toml",
+        base_larger_config: "isear-3level.toml",
+        authors_calibration: 0.45,
         larger_budgets: &[0, 1, 2],
-        ensemble_config: "isear-mpnet.toml",
-        distilled_transformer: ("isear-mpnet.toml", "embed"),
+        distilled_level: "embed",
         mu_sweep: &[8e-4, 1e-3, 1.2e-3, 1.4e-3],
         shift_stream: None,
         goal: None,
     },
 ];
+
+/// The configs a row runs (paths inside the configs folder).
+pub struct RowConfigs {
+    /// The small cascade (LR → transformer → LLM); the online ensemble and
+    /// the distilled baselines use its students.
+    pub cascade: String,
+    /// The larger, 3-level cascade.
+    pub larger: String,
+    /// The same students with the paper's mechanisms only.
+    pub paper_rules: Option<String>,
+}
+
+impl DatasetSpec {
+    /// What `--select` wrote for this dataset; for one not selected yet, the
+    /// base configs (whose settings came from test-stream scores: the table
+    /// says so) and no paper's-rules run.
+    pub fn configs(&self, configs: &Path) -> RowConfigs {
+        let selected = |suffix: &str| format!("{SELECTED_DIR}/{}{suffix}.toml", self.name);
+        if configs.join(selected("")).is_file() {
+            RowConfigs {
+                cascade: selected(""),
+                larger: selected("-3level"),
+                paper_rules: Some(selected("-paper-rules")),
+            }
+        } else {
+            eprintln!(
+                "{}: no {}; running the base configs (run `cascade reproduce --select --datasets {}`)",
+                self.name,
+                configs.join(selected("")).display(),
+                self.name
+            );
+            RowConfigs {
+                cascade: self.base_config.into(),
+                larger: self.base_larger_config.into(),
+                paper_rules: None,
+            }
+        }
+    }
+}
 
 /// The annotation column holding the paper's LLM (GPT-3.5): only runs that
 /// replay it sit beside the paper's numbers.
@@ -100,7 +140,7 @@ pub const PAPER_EXPERT_FIELD: &str = "gpt35";
 pub const RESULTS_JSON: &str = "table1.json";
 
 /// Items per stream in `--quick` mode.
-const QUICK_ITEMS: usize = 200;
+pub const QUICK_ITEMS: usize = 200;
 
 /// What a grid run is, as the table and figures group them.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
@@ -114,6 +154,8 @@ pub enum RunKind {
     OnlineEnsemble,
     MuSweep,
     Shift,
+    /// The same students with the paper's mechanisms only, mu found for the budget.
+    PaperRules,
 }
 
 impl RunKind {
@@ -127,6 +169,7 @@ impl RunKind {
             Self::OnlineEnsemble => "online ensemble",
             Self::MuSweep => "cascade, fixed mu",
             Self::Shift => "cascade, length-ordered stream",
+            Self::PaperRules => "cascade, paper's rules",
         }
     }
 }
@@ -169,8 +212,8 @@ impl GridResults {
     }
 }
 
-pub fn run(args: &ReproduceArgs) -> Result<()> {
-    let started = Instant::now();
+/// The grid's datasets that `--datasets` names (all by default).
+pub fn selected_specs(args: &ReproduceArgs) -> Result<Vec<&'static DatasetSpec>> {
     let specs: Vec<&DatasetSpec> = GRID
         .iter()
         .filter(|d| args.datasets.is_empty() || args.datasets.iter().any(|n| n == d.name))
@@ -181,6 +224,12 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
             args.datasets
         );
     }
+    Ok(specs)
+}
+
+pub fn run(args: &ReproduceArgs) -> Result<()> {
+    let started = Instant::now();
+    let specs = selected_specs(args)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let json_path = args.out.join(RESULTS_JSON);
@@ -234,8 +283,11 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
                 .or(planned.replay.mu.map(|mu| format!(" mu {mu}")))
                 .unwrap_or_default()
         );
-        let report = replay(&planned.replay, false)
-            .with_context(|| format!("{} {}", spec.name, planned.kind.label()))?;
+        let report = match (planned.kind, planned.replay.llm_budget) {
+            (RunKind::PaperRules, Some(budget)) => mu_for_budget(&planned.replay, budget),
+            _ => replay(&planned.replay, false),
+        }
+        .with_context(|| format!("{} {}", spec.name, planned.kind.label()))?;
         eprintln!(
             "    {} LLM calls, accuracy {}, {:.1} s",
             report.total_llm_calls(),
@@ -245,9 +297,13 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
                 .map_or("-".into(), |a| format!("{:.4}", a)),
             report.wall_seconds
         );
-        let slot = planned
-            .budget_index
-            .filter(|_| beside_paper && matches!(planned.kind, RunKind::Cascade | RunKind::Larger));
+        let slot = planned.budget_index.filter(|_| {
+            beside_paper
+                && matches!(
+                    planned.kind,
+                    RunKind::Cascade | RunKind::Larger | RunKind::PaperRules
+                )
+        });
         results.runs.push(GridRun {
             dataset: spec.name.into(),
             kind: planned.kind,
@@ -278,7 +334,7 @@ struct Planned {
 fn plan_runs(spec: &DatasetSpec, args: &ReproduceArgs) -> Result<Vec<Planned>> {
     let data = args.data_root.join(spec.name);
     let limit = args.quick.then_some(QUICK_ITEMS);
-    let length = test_stream_length(&data)?;
+    let length = stream_length(&data.join("split_test_ids.txt"))?;
     let scale = |budget: u64| match limit {
         // Scale the paper's budget to the quick stream's length.
         Some(items) => (budget as f64 * items as f64 / length as f64).round() as u64,
@@ -292,9 +348,11 @@ fn plan_runs(spec: &DatasetSpec, args: &ReproduceArgs) -> Result<Vec<Planned>> {
         );
         r.limit = limit;
         r.expert_field = args.expert_field.clone();
+        r.quiet = true;
         r
     };
     let budget_indices: Vec<usize> = if args.quick { vec![1] } else { vec![0, 1, 2] };
+    let configs = spec.configs(&args.configs);
     let mut runs = vec![Planned {
         kind: RunKind::LlmOnly,
         budget_index: None,
@@ -315,26 +373,39 @@ fn plan_runs(spec: &DatasetSpec, args: &ReproduceArgs) -> Result<Vec<Planned>> {
                 ..base(Some(config))
             },
         };
-        runs.push(at_budget(RunKind::Cascade, spec.cascade_config, None, None));
+        // The cascades at the config's seed and the next ones: mean ± sd.
+        for seed in seeds(&configs.cascade, args)? {
+            let mut kinds = vec![(RunKind::Cascade, &configs.cascade)];
+            kinds.extend(
+                configs
+                    .paper_rules
+                    .as_ref()
+                    .map(|c| (RunKind::PaperRules, c)),
+            );
+            for (kind, config) in kinds {
+                let mut run = at_budget(kind, config, None, None);
+                run.replay.seed = seed;
+                runs.push(run);
+            }
+        }
         if args.quick || spec.larger_budgets.contains(&i) {
-            runs.push(at_budget(RunKind::Larger, spec.larger_config, None, None));
+            runs.push(at_budget(RunKind::Larger, &configs.larger, None, None));
         }
         runs.push(at_budget(
             RunKind::DistilledLr,
-            spec.cascade_config,
+            &configs.cascade,
             Some(Baseline::Distilled),
             Some("lr"),
         ));
-        let (distil_config, distil_level) = spec.distilled_transformer;
         runs.push(at_budget(
             RunKind::DistilledTransformer,
-            distil_config,
+            &configs.cascade,
             Some(Baseline::Distilled),
-            Some(distil_level),
+            Some(spec.distilled_level),
         ));
         runs.push(at_budget(
             RunKind::OnlineEnsemble,
-            spec.ensemble_config,
+            &configs.cascade,
             Some(Baseline::OnlineEnsemble),
             None,
         ));
@@ -350,7 +421,7 @@ fn plan_runs(spec: &DatasetSpec, args: &ReproduceArgs) -> Result<Vec<Planned>> {
             budget_index: None,
             replay: ReplaySpec {
                 mu: Some(mu),
-                ..base(Some(spec.cascade_config))
+                ..base(Some(&configs.cascade))
             },
         });
     }
@@ -361,22 +432,77 @@ fn plan_runs(spec: &DatasetSpec, args: &ReproduceArgs) -> Result<Vec<Planned>> {
             replay: ReplaySpec {
                 stream: data.join(ids).display().to_string(),
                 llm_budget: Some(scale(spec.budgets[1])),
-                ..base(Some(spec.cascade_config))
+                ..base(Some(&configs.cascade))
             },
         });
     }
     Ok(runs)
 }
 
-/// The test stream's length, to scale budgets in quick mode.
-fn test_stream_length(data: &Path) -> Result<u64> {
-    let path = data.join("split_test_ids.txt");
+/// The seeds a cascade cell runs with: `None` (the config's own), then the
+/// config's seed + 1, + 2, ...
+fn seeds(config: &str, args: &ReproduceArgs) -> Result<Vec<Option<u64>>> {
+    let path = args.configs.join(config);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {}; `cascade reproduce --select` writes it",
+            path.display()
+        )
+    })?;
+    let base = cascade::CascadeConfig::from_toml(&text)
+        .with_context(|| format!("in {}", path.display()))?;
+    Ok((0..args.seeds)
+        .map(|k| (k > 0).then_some(base.seed + k))
+        .collect())
+}
+
+/// Steps of the search for the mu that spends a budget.
+const MU_SEARCH_STEPS: usize = 12;
+
+/// The paper's cascade reaches a budget through mu alone (threshold 0.5, no
+/// price): the fixed-mu run whose LLM calls come closest to the budget,
+/// found by bisection on log mu (calls fall as mu grows; the search reads
+/// call counts only, never the answers' accuracy).
+fn mu_for_budget(spec: &ReplaySpec, budget: u64) -> Result<Report> {
+    let (mut low, mut high) = (-7.0f64, -1.0f64);
+    let mut best: Option<Report> = None;
+    for _ in 0..MU_SEARCH_STEPS {
+        let log_mu = 0.5 * (low + high);
+        let report = replay(
+            &ReplaySpec {
+                mu: Some(10f64.powf(log_mu)),
+                llm_budget: None,
+                ..spec.clone()
+            },
+            false,
+        )?;
+        let calls = report.total_llm_calls();
+        if calls > budget {
+            low = log_mu;
+        } else {
+            high = log_mu;
+        }
+        let closer = best
+            .as_ref()
+            .is_none_or(|b| calls.abs_diff(budget) < b.total_llm_calls().abs_diff(budget));
+        if closer {
+            best = Some(report);
+        }
+        if calls.abs_diff(budget) as f64 <= 0.005 * budget as f64 {
+            break;
+        }
+    }
+    best.context("no run in the mu search")
+}
+
+/// Items listed in an id file (a split).
+pub fn stream_length(path: &Path) -> Result<u64> {
     let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     Ok(text.lines().filter(|l| !l.trim().is_empty()).count() as u64)
 }
 
-fn write_json(path: &Path, results: &GridResults) -> Result<()> {
+pub fn write_json(path: &Path, results: &impl Serialize) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
     let json = serde_json::to_string_pretty(results)?;
     std::fs::write(&tmp, json + "\n").with_context(|| format!("writing {}", tmp.display()))?;
@@ -385,7 +511,7 @@ fn write_json(path: &Path, results: &GridResults) -> Result<()> {
 }
 
 /// CPU model and core count, for the record.
-fn machine_description() -> String {
+pub fn machine_description() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|info| {

@@ -9,3 +9,4 @@ pub mod item_log;
 pub mod local_cost;
 pub mod replay;
 pub mod report;
+pub mod select;

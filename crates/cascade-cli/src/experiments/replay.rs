@@ -16,7 +16,8 @@ use cascade_expert::{
 };
 use cascade_runtime::progress::Progress;
 use cascade_runtime::{
-    build, load_config, OnExpertFailure, Overrides, Pipeline, Session, SessionOptions, Settled,
+    build, load_config, session_options, OnExpertFailure, Overrides, Pipeline, Session,
+    SessionOptions, Settled,
 };
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
@@ -72,6 +73,8 @@ pub struct ReplaySpec {
     /// When the LLM gives no label: by default (`Error`) an LLM answer
     /// without a label, as in the paper's accounting.
     pub on_failure: OnExpertFailure,
+    /// No per-item progress (the grid and the selection report each run).
+    pub quiet: bool,
 }
 
 impl ReplaySpec {
@@ -103,6 +106,7 @@ impl ReplaySpec {
             log: None,
             models,
             on_failure: OnExpertFailure::Error,
+            quiet: false,
         }
     }
 
@@ -221,6 +225,18 @@ pub const AGREEMENT_CHECK_EVERY: usize = 500;
 /// Windows per timeline.
 const TIMELINE_WINDOWS: usize = 50;
 
+/// The texts of the spec's stream, in order (limit applied).
+pub fn stream_texts(spec: &ReplaySpec) -> Result<Vec<String>> {
+    let task = load_task(&spec.data, spec.task.as_deref())?;
+    let dataset = Dataset::load(&spec.data, &task, &spec.expert_field)?;
+    let stream = dataset.stream(&StreamOrder::parse(&spec.stream))?;
+    Ok(stream
+        .iter()
+        .take(spec.limit.unwrap_or(usize::MAX))
+        .map(|item| item.text.clone())
+        .collect())
+}
+
 /// Runs one replay and prints its table when `print` is set.
 pub fn replay(spec: &ReplaySpec, print: bool) -> Result<Report> {
     let started = Instant::now();
@@ -293,7 +309,11 @@ pub fn replay(spec: &ReplaySpec, print: bool) -> Result<Report> {
 
     let (mut agreeing, mut agreement_checks) = (0u64, Vec::new());
     let mut predictions = Vec::with_capacity(stream.len());
-    let mut progress = Progress::new(stream.len() as u64, "items");
+    let mut progress = if spec.quiet {
+        Progress::hidden()
+    } else {
+        Progress::new(stream.len() as u64, "items")
+    };
     let mut position = 0;
     let mut score = |record: ItemRecord| -> Result<()> {
         let item = stream[position];
@@ -551,16 +571,17 @@ fn build_session(spec: &ReplaySpec, task: &Task, stream: &[&Item]) -> Result<Ses
         }
         progress.finish();
     }
-    let options = SessionOptions {
-        audit_rate: match spec.audit_rate {
-            None if config.target_agreement.is_none() => 0.0,
-            given => SessionOptions::audit_rate(given, &config)?,
-        },
-        on_failure: spec.on_failure,
-        target: config.agreement_target(),
-        drift_recovery: config.drift_recovery,
-        stream_length: Some(stream.len() as u64),
+    // The paper's replays audit nothing unless asked (a target audits by default).
+    let audit_rate = match spec.audit_rate {
+        None if config.target_agreement.is_none() => 0.0,
+        given => SessionOptions::audit_rate(given, &config)?,
     };
+    let options = session_options(
+        &config,
+        audit_rate,
+        spec.on_failure,
+        Some(stream.len() as u64),
+    );
     Ok(Session::new(cascade, config.seed, options))
 }
 

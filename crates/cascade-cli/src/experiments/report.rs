@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use super::figures::{draw_dataset, register_font};
-use super::grid::{grid_row, DatasetSpec, GridResults, GridRun, RunKind, RESULTS_JSON};
+use super::grid::{DatasetSpec, GridResults, GridRun, RunKind, RESULTS_JSON};
 
 /// The figures' folder inside the output folder (table1.md links into it).
 const FIGURES: &str = "figures";
@@ -111,75 +111,114 @@ fn dataset_section(md: &mut String, dataset: &str, runs: &[&GridRun], paper: Opt
     let binary = runs
         .iter()
         .any(|r| r.report.summary.recall.is_some() && r.kind == RunKind::Cascade);
-    let mut header = "| budget | paper | cascade (calls) | Δ vs paper | 3-level (calls) | distilled LR | distilled transformer | online ensemble |".to_string();
-    let mut rule = "|---|---|---|---|---|---|---|---|".to_string();
+    let mut header = "| budget | paper | cascade (calls) | Δ vs paper | paper's rules (calls) | 3-level (calls) | distilled LR | distilled transformer | online ensemble |".to_string();
+    let mut rule = "|---|---|---|---|---|---|---|---|---|".to_string();
     if binary {
         header.push_str(" cascade P / R / F1 | paper R |");
         rule.push_str("---|---|");
     }
     let _ = writeln!(md, "{header}\n{rule}");
-    let cascades: Vec<&GridRun> = runs
-        .iter()
-        .copied()
-        .filter(|r| r.kind == RunKind::Cascade)
-        .collect();
-    for c in &cascades {
-        let delta = match (c.report.summary.accuracy, c.paper_accuracy) {
-            (Some(a), Some(p)) => format!("{:+.2}", 100.0 * a - p),
-            _ => "-".into(),
+    let mut budgets: Vec<Option<u64>> = Vec::new();
+    for r in runs.iter().filter(|r| r.kind == RunKind::Cascade) {
+        if !budgets.contains(&r.budget) {
+            budgets.push(r.budget);
+        }
+    }
+    let mut short_cells = Vec::new();
+    for &budget in &budgets {
+        let Some(c) = Seeded::of(runs, RunKind::Cascade, budget) else {
+            continue;
+        };
+        let paper_accuracy = c.first.paper_accuracy;
+        let paper_recall = c.first.paper_recall;
+        let delta = match paper_accuracy {
+            Some(p) => format!("{:+.2}", 100.0 * c.accuracy.mean - p),
+            None => "-".into(),
         };
         let mut row = format!(
-            "| {} | {} | **{}** | {} | {} | {} | {} | {} |",
-            c.budget.map_or("-".into(), |b| b.to_string()),
-            c.paper_accuracy.map_or("-".into(), |p| format!("{p:.2}")),
-            cell(Some(c)),
+            "| {} | {} | **{}** | {} | {} | {} | {} | {} | {} |",
+            budget.map_or("-".into(), |b| b.to_string()),
+            paper_accuracy.map_or("-".into(), |p| format!("{p:.2}")),
+            c.cell(),
             delta,
-            cell(at(runs, RunKind::Larger, c.budget)),
-            cell(at(runs, RunKind::DistilledLr, c.budget)),
-            cell(at(runs, RunKind::DistilledTransformer, c.budget)),
-            cell(at(runs, RunKind::OnlineEnsemble, c.budget)),
+            Seeded::of(runs, RunKind::PaperRules, budget).map_or("-".into(), |p| p.cell()),
+            cell(at(runs, RunKind::Larger, budget)),
+            cell(at(runs, RunKind::DistilledLr, budget)),
+            cell(at(runs, RunKind::DistilledTransformer, budget)),
+            cell(at(runs, RunKind::OnlineEnsemble, budget)),
         );
         if binary {
-            let s = &c.report.summary;
             let _ = write!(
                 row,
-                " {} / {} / {} | {} |",
-                pct(s.precision),
-                pct(s.recall),
-                pct(s.f1),
-                c.paper_recall.map_or("-".into(), |r| format!("{r:.2}"))
+                " {:.2} / {} / {:.2} | {} |",
+                100.0 * c.precision,
+                c.recall.as_ref().map_or("-".into(), Stat::text),
+                100.0 * c.f1,
+                paper_recall.map_or("-".into(), |r| format!("{r:.2}"))
             );
         }
         let _ = writeln!(md, "{row}");
-    }
-    let _ = writeln!(md);
-    if let Some(goal) = paper.and_then(|s| s.goal) {
-        let run = at(runs, RunKind::Cascade, Some(goal.0));
-        let llm_alone = llm.and_then(|r| r.report.summary.accuracy);
-        let _ = writeln!(md, "{}\n", goal_line(goal, run, llm_alone));
-    }
-    if let Some(spec) = grid_row(dataset) {
-        let _ = writeln!(
-            md,
-            "Configs: cascade `configs/{}`, 3-level `configs/{}`, distilled transformer \
-             and online ensemble `configs/{}`.\n",
-            spec.cascade_config, spec.larger_config, spec.ensemble_config
-        );
-        for config in [spec.cascade_config, spec.larger_config] {
-            let _ = writeln!(
-                md,
-                "Options beyond the paper in `configs/{config}`: {}.\n",
-                options_beyond_paper(config)
-            );
+        let mut gaps = Vec::new();
+        if let Some(p) = paper_accuracy.filter(|&p| 100.0 * c.accuracy.mean < p) {
+            gaps.push(format!("accuracy by {:.2} pt", p - 100.0 * c.accuracy.mean));
+        }
+        if let (Some(r), Some(p)) = (&c.recall, paper_recall) {
+            if 100.0 * r.mean < p {
+                gaps.push(format!("recall by {:.2} pt", p - 100.0 * r.mean));
+            }
+        }
+        if !gaps.is_empty() {
+            short_cells.push(format!("{} ({})", budget.unwrap_or(0), gaps.join(", ")));
         }
     }
+    let _ = writeln!(md);
+    if paper.is_some() {
+        let seeds = runs
+            .iter()
+            .filter(|r| {
+                r.kind == RunKind::Cascade && r.budget == budgets.first().copied().flatten()
+            })
+            .count();
+        let seeds = if seeds > 1 {
+            format!(
+                "mean ± sd over {seeds} seeds (the config's and the next {}); Δ from the mean",
+                seeds - 1
+            )
+        } else {
+            "one seed (the config's)".into()
+        };
+        let paper_rules = if runs.iter().any(|r| r.kind == RunKind::PaperRules) {
+            " The paper's rules: the same students without `combine_levels` or replay, the \
+             0.5 threshold, mu found per seed by bisection on the test stream's call count \
+             (never its answers)."
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            md,
+            "Cascade cells: {seeds}.{paper_rules} Short of the paper (mean accuracy, or \
+             HateSpeech's mean recall of hate): {}.\n",
+            if short_cells.is_empty() {
+                "none".to_string()
+            } else {
+                short_cells.join("; ")
+            }
+        );
+    }
+    let _ = writeln!(md, "{}\n", forced_line(runs));
+    if let Some(goal) = paper.and_then(|s| s.goal) {
+        let mean = Seeded::of(runs, RunKind::Cascade, Some(goal.0)).map(|c| c.accuracy.mean);
+        let llm_alone = llm.and_then(|r| r.report.summary.accuracy);
+        let _ = writeln!(md, "{}\n", goal_line(goal, mean, llm_alone));
+    }
+    configs_lines(md, runs);
 
     // Who answered, for every cascade run, and why a cell fell short.
     let _ = writeln!(md, "Who answered (share of items, accuracy on them):\n");
-    for run in runs
-        .iter()
-        .filter(|r| matches!(r.kind, RunKind::Cascade | RunKind::Larger | RunKind::Shift))
-    {
+    for run in runs.iter().filter(|r| {
+        matches!(r.kind, RunKind::Cascade | RunKind::Larger | RunKind::Shift)
+            && r.report.seed.is_none()
+    }) {
         let levels: Vec<String> = run
             .report
             .summary
@@ -277,14 +316,134 @@ fn dataset_section(md: &mut String, dataset: &str, runs: &[&GridRun], paper: Opt
     );
 }
 
-/// Whether the cascade reached the issue's goal beyond the paper, from its run.
-fn goal_line(goal: (u64, f64), run: Option<&GridRun>, llm_alone: Option<f64>) -> String {
+/// Mean and sample standard deviation.
+struct Stat {
+    mean: f64,
+    sd: f64,
+    n: usize,
+}
+
+impl Stat {
+    fn of(values: &[f64]) -> Option<Self> {
+        let n = values.len();
+        if n == 0 {
+            return None;
+        }
+        let mean = values.iter().sum::<f64>() / n as f64;
+        let sd = if n > 1 {
+            (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
+        } else {
+            0.0
+        };
+        Some(Self { mean, sd, n })
+    }
+
+    /// In %, with ± sd when there are several runs.
+    fn text(&self) -> String {
+        if self.n > 1 {
+            format!("{:.2} ± {:.2}", 100.0 * self.mean, 100.0 * self.sd)
+        } else {
+            format!("{:.2}", 100.0 * self.mean)
+        }
+    }
+}
+
+/// A cell over seeds: every run of a kind at a budget.
+struct Seeded<'a> {
+    first: &'a GridRun,
+    accuracy: Stat,
+    recall: Option<Stat>,
+    precision: f64,
+    f1: f64,
+    calls: f64,
+}
+
+impl<'a> Seeded<'a> {
+    fn of(runs: &[&'a GridRun], kind: RunKind, budget: Option<u64>) -> Option<Self> {
+        let cell: Vec<&GridRun> = runs
+            .iter()
+            .copied()
+            .filter(|r| r.kind == kind && r.budget == budget)
+            .collect();
+        let first = *cell.first()?;
+        let values = |f: fn(&cascade::Summary) -> Option<f64>| -> Vec<f64> {
+            cell.iter().filter_map(|r| f(&r.report.summary)).collect()
+        };
+        let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        Some(Self {
+            first,
+            accuracy: Stat::of(&values(|s| s.accuracy))?,
+            recall: Stat::of(&values(|s| s.recall)),
+            precision: mean(values(|s| s.precision)),
+            f1: mean(values(|s| s.f1)),
+            calls: mean(
+                cell.iter()
+                    .map(|r| r.report.total_llm_calls() as f64)
+                    .collect(),
+            ),
+        })
+    }
+
+    fn cell(&self) -> String {
+        format!("{} ({:.0})", self.accuracy.text(), self.calls)
+    }
+}
+
+/// What the budget guards forced, per kind of budgeted run (the most over
+/// its runs), and the runs where it passed 1% of the items.
+fn forced_line(runs: &[&GridRun]) -> String {
+    let mut kinds: Vec<(RunKind, u64, u64)> = Vec::new();
+    let mut over = Vec::new();
+    for r in runs {
+        let (Some(answers), Some(deferrals)) = (r.report.forced_answers, r.report.forced_deferrals)
+        else {
+            continue;
+        };
+        match kinds.iter_mut().find(|(k, _, _)| *k == r.kind) {
+            Some((_, a, d)) => {
+                *a = (*a).max(answers);
+                *d = (*d).max(deferrals);
+            }
+            None => kinds.push((r.kind, answers, deferrals)),
+        }
+        if (answers + deferrals) as f64 > 0.01 * r.report.summary.items as f64 {
+            over.push(format!(
+                "{} @{}{} ({answers} answers, {deferrals} deferrals)",
+                r.kind.label(),
+                r.budget.unwrap_or(0),
+                r.report
+                    .seed
+                    .map_or(String::new(), |s| format!(" seed {s}"))
+            ));
+        }
+    }
+    if kinds.is_empty() {
+        return "No budgeted run.".into();
+    }
+    format!(
+        "Forced by the budget guards (most answers / deferrals over a kind's runs): {}. Over 1% of the items: {}.",
+        kinds
+            .iter()
+            .map(|(k, a, d)| format!("{} {a} / {d}", k.label()))
+            .collect::<Vec<_>>()
+            .join("; "),
+        if over.is_empty() {
+            "none".into()
+        } else {
+            over.join("; ")
+        }
+    )
+}
+
+/// Whether the cascade reached the issue's goal beyond the paper, from its
+/// mean accuracy over seeds at the goal's budget.
+fn goal_line(goal: (u64, f64), accuracy: Option<f64>, llm_alone: Option<f64>) -> String {
     let (budget, target) = goal;
     let head = format!(
         "Goal beyond the paper: ≥ {target:.2} at {budget} calls (the LLM alone: {})",
         pct(llm_alone)
     );
-    match run.and_then(|r| r.report.summary.accuracy) {
+    match accuracy {
         None => format!("{head}: no cascade run at that budget."),
         Some(a) if 100.0 * a >= target - 1e-9 => format!("{head}: {}, met.", pct(Some(a))),
         Some(a) => format!(
@@ -396,17 +555,67 @@ fn shortfall(run: &GridRun) -> String {
     why
 }
 
+/// The configs the runs read (from the JSON), where they were chosen, and
+/// what each uses beyond the paper.
+fn configs_lines(md: &mut String, runs: &[&GridRun]) {
+    let mut configs: Vec<(&str, Vec<&str>)> = Vec::new();
+    for kind in [
+        RunKind::Cascade,
+        RunKind::PaperRules,
+        RunKind::Larger,
+        RunKind::DistilledTransformer,
+        RunKind::OnlineEnsemble,
+    ] {
+        let Some(path) = at(runs, kind, None).and_then(|r| r.report.config.as_deref()) else {
+            continue;
+        };
+        match configs.iter_mut().find(|(p, _)| *p == path) {
+            Some((_, kinds)) => kinds.push(kind.label()),
+            None => configs.push((path, vec![kind.label()])),
+        }
+    }
+    if configs.is_empty() {
+        return;
+    }
+    let listed: Vec<String> = configs
+        .iter()
+        .map(|(path, kinds)| format!("`{path}` ({})", kinds.join(", ")))
+        .collect();
+    let chosen = if configs.iter().all(|(p, _)| p.contains("/selected/")) {
+        "written by `cascade reproduce --select` from settings chosen on the train half \
+         (results/selection.md), none from a test-stream score"
+    } else {
+        "**not re-chosen on the train half: their settings were picked by scores on this \
+         test stream (before `cascade reproduce --select`), so Δ is optimistic**"
+    };
+    let _ = writeln!(md, "Configs: {}; {chosen}.\n", listed.join(", "));
+    for (path, kinds) in &configs {
+        if kinds.contains(&RunKind::Cascade.label()) || kinds.contains(&RunKind::Larger.label()) {
+            let _ = writeln!(
+                md,
+                "Options beyond the paper in `{path}`: {}.\n",
+                options_beyond_paper(Path::new(path))
+            );
+        }
+    }
+}
+
 /// What a shipped config uses that the paper's cascade does not (besides the
 /// budget's online price, which every budgeted cell uses), read from the file.
-fn options_beyond_paper(config: &str) -> String {
-    let path = Path::new("configs").join(config);
-    let Some(config) = std::fs::read_to_string(&path)
+fn options_beyond_paper(path: &Path) -> String {
+    let Some(config) = std::fs::read_to_string(path)
         .ok()
         .and_then(|text| cascade::CascadeConfig::from_toml(&text).ok())
     else {
         return format!("unknown ({} unreadable)", path.display());
     };
     let mut options = Vec::new();
+    if config.budget_pacing != 1.0 {
+        options.push(format!(
+            "`budget_pacing = {}` (the budget spent front-loaded, calls ∝ t^{})",
+            config.budget_pacing, config.budget_pacing
+        ));
+    }
     if config.combine_levels {
         options.push("`combine_levels` (a level answers with the mean of its and the earlier levels' probabilities)".to_string());
     }
@@ -505,13 +714,12 @@ mod tests {
 
     #[test]
     fn the_goal_line_reads_the_cascade_run_at_the_goal_budget() {
-        let run = short_run(None); // 85.00 at 50 calls
+        let mean = Some(0.85);
         assert_eq!(
-            goal_line((50, 84.5), Some(&run), Some(0.9)),
+            goal_line((50, 84.5), mean, Some(0.9)),
             "Goal beyond the paper: ≥ 84.50 at 50 calls (the LLM alone: 90.00): 85.00, met."
         );
-        assert!(goal_line((50, 85.5), Some(&run), Some(0.9))
-            .ends_with("85.00, not met (0.50 pt short)."));
+        assert!(goal_line((50, 85.5), mean, Some(0.9)).ends_with("85.00, not met (0.50 pt short)."));
         assert!(goal_line((50, 85.5), None, None).ends_with("no cascade run at that budget."));
     }
 
