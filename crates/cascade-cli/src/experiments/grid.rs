@@ -257,6 +257,13 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
                     .filter(|r| !selected(&r.dataset, r.kind))
                     .collect();
                 earlier_seconds = results.runs.iter().map(|r| r.report.wall_seconds).sum();
+                // Kept runs name the machine they ran on.
+                if !results.runs.is_empty() && !earlier.machine.contains(&results.machine) {
+                    results.machine = format!(
+                        "{} (this run); runs kept from an earlier grid: {}",
+                        results.machine, earlier.machine
+                    );
+                }
             }
         }
     }
