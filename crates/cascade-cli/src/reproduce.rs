@@ -39,7 +39,7 @@ pub struct ReproduceArgs {
     pub configs: PathBuf,
     /// Choose the settings on each dataset's train half instead of running
     /// the grid: writes `<configs>/selected/*.toml`, selection.json and
-    /// selection.md (in --out). The test stream is not read.
+    /// selection.md (in --out). No test item is read.
     #[arg(long)]
     pub select: bool,
     /// Seeds per cascade cell of the grid (the config's, then the next ones);

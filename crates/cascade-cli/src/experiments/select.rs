@@ -1,9 +1,9 @@
 //! `cascade reproduce --select`: each dataset's cascade settings chosen on
 //! the train half (`split_train_ids.txt`, its recorded LLM answers playing
 //! the LLM, its gold labels scoring the candidates) at the paper's budgets.
-//! The test stream is not read. Writes the chosen configs (`selected/` in
-//! the configs folder, which the grid runs) and the evidence
-//! (`selection.json`, `selection.md`).
+//! No test item is read (only the test split's length, to scale the
+//! budgets). Writes the chosen configs (`selected/` in the configs folder,
+//! which the grid runs) and the evidence (`selection.json`, `selection.md`).
 //!
 //! The search is in two stages, from a start taken from the paper and the
 //! authors' code (the embedding head's default step, the authors' gate
@@ -563,7 +563,7 @@ fn selection_markdown(selection: &Selection) -> String {
          - Machine: {}. Seeds: {:?}.\n\
          - Each dataset's train half (`split_train_ids.txt`, the authors' order) is replayed with its \
            recorded GPT-3.5 answers as the LLM at the paper's budgets; its gold labels score the \
-           candidates. The test stream is not read.\n\
+           candidates. No test item is read (only the test split's length, to scale the budgets).\n\
          - Start (from the paper and the authors' code, not from any score): the encoder's last \
            layer, the embedding head's default step 0.5, the authors' gate calibration for their \
            BERT-base level, no `combine_levels`, no replay, even pacing (1.0).\n\
