@@ -242,8 +242,11 @@ def test_one_run_at_a_time_and_the_session_comes_back(isear):
 def test_ctrl_c_interrupts_a_run(in_flight):
     script = textwrap.dedent(
         """
-        import sys, time
+        import signal, sys, time
         import cascade_stream as cs
+        # A launcher in the background (nohup, `cmd &`) may hand SIGINT down
+        # ignored; a terminal's Ctrl-C reaches Python's default handler.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         def slow(text):
             time.sleep(0.05)
             return "joy"
