@@ -349,4 +349,46 @@ fn select_scores_candidates_on_the_train_half_and_writes_what_it_chose() {
     assert!(configs.join("selected/isear-3level.toml").is_file());
     let md = std::fs::read_to_string(out.join("selection.md")).unwrap();
     assert!(md.contains("**Chosen:"), "{md}");
+
+    // An interrupted search resumes: given the first 5 candidates' scores
+    // (as the search leaves them after each), it scores the rest alone and
+    // ends where the whole search did.
+    let partial = out.join("selection-isear.partial.json");
+    assert!(!partial.exists(), "a whole search leaves no partial file");
+    let base: cascade::CascadeConfig =
+        toml::from_str(&std::fs::read_to_string(configs.join("isear-mpnet.toml")).unwrap())
+            .unwrap();
+    let kept: Vec<Value> = candidates[..5].to_vec();
+    let state = serde_json::json!({
+        "dataset": "isear", "quick": true, "base": base,
+        "budgets": isear["budgets"], "seeds": json["seeds"], "candidates": kept,
+    });
+    std::fs::write(&partial, serde_json::to_vec(&state).unwrap()).unwrap();
+    let again = cascade(&[
+        "reproduce",
+        "--select",
+        "--quick",
+        "--select-seeds",
+        "1",
+        "--datasets",
+        "isear",
+        "--configs",
+        configs.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        stderr.contains("resuming a search with 5 candidates"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("score ").count(),
+        candidates.len() - 5,
+        "{stderr}"
+    );
+    let resumed: Value =
+        serde_json::from_slice(&std::fs::read(out.join("selection.json")).unwrap()).unwrap();
+    assert_eq!(&resumed["datasets"][0]["candidates"], &isear["candidates"]);
+    assert!(!partial.exists());
 }

@@ -358,18 +358,43 @@ fn select_dataset(
             score,
         })
     };
+    // An interrupted search resumes: candidates it scored are kept.
+    let mut partial = Partial {
+        dataset: spec.name.into(),
+        quick: args.quick,
+        base: base.clone(),
+        budgets: budgets.clone(),
+        seeds: seeds.to_vec(),
+        candidates: Vec::new(),
+    };
+    let partial_path = args
+        .out
+        .join(format!("selection-{}.partial.json", spec.name));
+    let mut earlier = Partial::read(&partial_path, &partial);
+    let mut next = |stage: u8, candidate: Candidate, candidates: &mut Vec<Scored>| {
+        let kept = earlier
+            .iter()
+            .position(|s| s.stage == stage && s.candidate == candidate);
+        let scored = match kept {
+            Some(i) => earlier.swap_remove(i),
+            None => score(stage, candidate, candidates.len())?,
+        };
+        candidates.push(scored);
+        partial.candidates = candidates.clone();
+        write_json(&partial_path, &partial)
+    };
     for candidate in stage_one {
-        let done = candidates.len();
-        candidates.push(score(1, candidate, done)?);
+        next(1, candidate, &mut candidates)?;
     }
     let best_structure = candidates[best(&candidates)].candidate.clone();
     for candidate in tunings(&best_structure) {
         if candidates.iter().any(|c| c.candidate == candidate) {
             continue;
         }
-        let done = candidates.len();
-        candidates.push(score(2, candidate, done)?);
+        next(2, candidate, &mut candidates)?;
     }
+    // The search is whole: selection.json takes it from here.
+    let _ = std::fs::remove_file(&partial_path);
     let chosen = best(&candidates);
     Ok(DatasetSelection {
         dataset: spec.name.into(),
@@ -379,6 +404,47 @@ fn select_dataset(
         chosen,
         wall_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The candidates scored so far for one dataset, written after each, so an
+/// interrupted search (IMDB's takes the better part of an hour) resumes.
+#[derive(Serialize, Deserialize)]
+struct Partial {
+    dataset: String,
+    quick: bool,
+    base: CascadeConfig,
+    budgets: Vec<u64>,
+    seeds: Vec<u64>,
+    candidates: Vec<Scored>,
+}
+
+impl Partial {
+    /// The scored candidates of an earlier search with the same dataset,
+    /// base config, budgets and seeds; none otherwise.
+    fn read(path: &Path, now: &Partial) -> Vec<Scored> {
+        let Some(earlier) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| serde_json::from_str::<Partial>(&text).ok())
+        else {
+            return Vec::new();
+        };
+        let same = earlier.dataset == now.dataset
+            && earlier.quick == now.quick
+            && earlier.base == now.base
+            && earlier.budgets == now.budgets
+            && earlier.seeds == now.seeds;
+        if same {
+            eprintln!(
+                "{}: resuming a search with {} candidates scored ({})",
+                now.dataset,
+                earlier.candidates.len(),
+                path.display()
+            );
+            earlier.candidates
+        } else {
+            Vec::new()
+        }
+    }
 }
 
 /// Encodes the train half once for every layer choice: the encoder runs to
