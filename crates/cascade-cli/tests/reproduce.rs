@@ -259,19 +259,22 @@ fn select_scores_candidates_on_the_train_half_and_writes_what_it_chose() {
     let dir = tempfile::tempdir().unwrap();
     let configs = configs_copy(dir.path());
     let out = dir.path().join("out");
-    cascade(&[
-        "reproduce",
-        "--select",
-        "--quick",
-        "--select-seeds",
-        "1",
-        "--datasets",
-        "isear",
-        "--configs",
-        configs.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let select = || {
+        cascade(&[
+            "reproduce",
+            "--select",
+            "--quick",
+            "--select-seeds",
+            "1",
+            "--datasets",
+            "isear",
+            "--configs",
+            configs.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    select();
     let json: Value =
         serde_json::from_slice(&std::fs::read(out.join("selection.json")).unwrap()).unwrap();
     let isear = &json["datasets"][0];
@@ -364,19 +367,7 @@ fn select_scores_candidates_on_the_train_half_and_writes_what_it_chose() {
         "budgets": isear["budgets"], "seeds": json["seeds"], "candidates": kept,
     });
     std::fs::write(&partial, serde_json::to_vec(&state).unwrap()).unwrap();
-    let again = cascade(&[
-        "reproduce",
-        "--select",
-        "--quick",
-        "--select-seeds",
-        "1",
-        "--datasets",
-        "isear",
-        "--configs",
-        configs.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let again = select();
     let stderr = String::from_utf8_lossy(&again.stderr);
     assert!(
         stderr.contains("resuming a search with 5 candidates"),
