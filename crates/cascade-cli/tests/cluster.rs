@@ -377,3 +377,36 @@ fn an_ack_wait_below_the_experts_longest_call_is_refused() {
         "{stderr}"
     );
 }
+
+/// A front end started while the server is down (being restarted) waits for
+/// it instead of exiting, and says so.
+#[test]
+fn a_command_started_before_the_server_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, _) = setup(dir.path(), 20);
+    let store = tempfile::tempdir().unwrap();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut command = cascade(&["publish", "--nats", &format!("nats://127.0.0.1:{port}")]);
+    command
+        .arg("--input")
+        .arg(&input)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let publisher = command.spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let server = Server {
+        child: Server::spawn(port, store.path()),
+        port,
+        store,
+    };
+    let out = publisher.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("no NATS server at"), "{stderr}");
+    assert!(stderr.contains("20 lines published"), "{stderr}");
+    drop(server);
+}

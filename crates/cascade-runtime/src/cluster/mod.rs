@@ -114,28 +114,58 @@ pub struct Cluster {
     pub reconnects: tokio::sync::watch::Receiver<u64>,
 }
 
+/// How long connecting waits for a NATS server that refuses connections.
+const CONNECT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+/// Between two connection attempts.
+const CONNECT_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
+
 impl Cluster {
-    /// Connects and creates whatever of the cluster does not exist yet.
+    /// Connects (waiting up to [`CONNECT_PATIENCE`] for a server that refuses
+    /// connections, as one being restarted does) and creates whatever of the
+    /// cluster does not exist yet.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self> {
         let names = Names::new(prefix)?;
         let (connected, reconnects) = tokio::sync::watch::channel(0u64);
-        let client = async_nats::ConnectOptions::new()
-            .name("cascade")
-            .event_callback(move |event| {
-                let connected = connected.clone();
-                async move {
-                    match event {
-                        async_nats::Event::Connected => connected.send_modify(|n| *n += 1),
-                        async_nats::Event::Disconnected => {
-                            eprintln!("the NATS server is gone; reconnecting")
+        let options = || {
+            let connected = connected.clone();
+            async_nats::ConnectOptions::new()
+                .name("cascade")
+                .event_callback(move |event| {
+                    let connected = connected.clone();
+                    async move {
+                        match event {
+                            async_nats::Event::Connected => connected.send_modify(|n| *n += 1),
+                            async_nats::Event::Disconnected => {
+                                eprintln!("the NATS server is gone; reconnecting")
+                            }
+                            _ => {}
                         }
-                        _ => {}
                     }
+                })
+        };
+        // A server being restarted refuses connections for a moment: wait
+        // for it (a worker started then would otherwise exit), not forever.
+        let started = std::time::Instant::now();
+        let client = loop {
+            match options().connect(url).await {
+                Ok(client) => break client,
+                Err(e)
+                    if e.kind() == async_nats::ConnectErrorKind::Io
+                        && started.elapsed() < CONNECT_PATIENCE =>
+                {
+                    if started.elapsed() < CONNECT_RETRY {
+                        eprintln!(
+                            "no NATS server at {url} yet ({e}); retrying for up to {} s",
+                            CONNECT_PATIENCE.as_secs()
+                        );
+                    }
+                    tokio::time::sleep(CONNECT_RETRY).await;
                 }
-            })
-            .connect(url)
-            .await
-            .map_err(RuntimeError::nats(format!("connecting to {url}")))?;
+                Err(e) => {
+                    return Err(RuntimeError::nats(format!("connecting to {url}"))(e));
+                }
+            }
+        };
         let js = jetstream::new(client.clone());
         let cluster = Self {
             client,
