@@ -25,14 +25,19 @@ struct Server {
     store: tempfile::TempDir,
 }
 
+/// A port nothing listens on now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 impl Server {
     fn start() -> Self {
         let store = tempfile::tempdir().unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let child = Self::spawn(port, store.path());
         Self { child, port, store }
     }
@@ -385,11 +390,7 @@ fn a_command_started_before_the_server_waits_for_it() {
     let dir = tempfile::tempdir().unwrap();
     let (input, _) = setup(dir.path(), 20);
     let store = tempfile::tempdir().unwrap();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut command = cascade(&["publish", "--nats", &format!("nats://127.0.0.1:{port}")]);
     command
         .arg("--input")
