@@ -25,12 +25,13 @@ the change was found, and the items after K until the target's bound is back
 at or above A (0 if it never fell under it).
 
   scripts/drift.py [--seeds 5]
-Needs the release binary (cargo build --release).
+Needs the release binary (cargo build --release; or one named by CASCADE_BIN).
 """
 
 import argparse
 import csv
 import json
+import os
 import statistics
 import subprocess
 import tempfile
@@ -38,7 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
-BIN = ROOT / "target" / "release" / "cascade"
+BIN = Path(os.environ.get("CASCADE_BIN", ROOT / "target" / "release" / "cascade"))
 
 # (name, dataset, extra bench args, K, window W, targets)
 CASES = [

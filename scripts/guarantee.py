@@ -15,19 +15,22 @@ hindsight as the one with the fewest LLM calls whose run ends at agreement
 
   scripts/guarantee.py [--seeds 20] [--datasets imdb hatespeech isear]
 
-The audit rate (the one setting of the controller a user may change) is
-chosen on the train halves, never on the test streams:
+The controller's settings a user may change (the audit rate, and the gain
+and reserve of the price on deferral) are chosen on the train halves, never
+on the test streams:
 
   scripts/guarantee.py --select [--seeds 3]
 
-runs every candidate rate on `split_train_ids.txt` of each dataset (gold is
+runs every candidate on `split_train_ids.txt` of each dataset (gold is
 not used) and picks the one with the lowest mean ratio of calls to the
 train-half oracle among those whose runs all held the target.
-Needs the release binary (cargo build --release).
+Needs the release binary (cargo build --release; or one named by CASCADE_BIN).
 """
 
 import argparse
+import itertools
 import json
+import os
 import statistics
 import subprocess
 import tempfile
@@ -35,21 +38,33 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
-BIN = ROOT / "target" / "release" / "cascade"
+BIN = Path(os.environ.get("CASCADE_BIN", ROOT / "target" / "release" / "cascade"))
 TARGETS = {"imdb": [0.90, 0.95, 0.98], "hatespeech": [0.90, 0.95, 0.98], "isear": [0.85, 0.90, 0.95]}
 # The oracle's grid: 0 and 40 values from 1e-6 to 1e-1, evenly spaced in log.
 MUS = [0] + [float(f"{10 ** (-6 + 5 * i / 39):.3g}") for i in range(40)]
 
 
-AUDIT_RATES = [0.05, 0.1, 0.15, 0.2, 0.3, 0.4]
+# The controller's settings a user may change, tried on the train halves:
+# the audit rate, and the gain and reserve of the price that follows the
+# bound's slack (`target_gain`, `target_reserve`).
+AUDIT_RATES = [0.1, 0.2, 0.3]
+GAINS = [4, 8, 16]
+RESERVES = [0.05, 0.1, 0.2]
 
 
-def bench(dataset, extra, tmp, stream="test"):
+def bench(dataset, extra, tmp, stream="test", steering=None):
     out = Path(tmp) / "summary.json"
     if stream == "train":
         stream = str(DATA / dataset / "split_train_ids.txt")
+    config = ROOT / "configs" / f"{dataset}-lr.toml"
+    if steering:
+        # Top-level keys go before the first table.
+        gain, reserve = steering
+        config_copy = Path(tmp) / f"{dataset}-steered.toml"
+        config_copy.write_text(f"target_gain = {gain}\ntarget_reserve = {reserve}\n" + config.read_text())
+        config = config_copy
     subprocess.run(
-        [str(BIN), "bench", "--data", str(DATA / dataset), "--config", f"configs/{dataset}-lr.toml",
+        [str(BIN), "bench", "--data", str(DATA / dataset), "--config", str(config),
          "--stream", stream, "--summary", str(out), *map(str, extra)],
         cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -103,9 +118,9 @@ def main():
 
 def select(a, cpu):
     print(f"CPU: {cpu}; train halves (split_train_ids.txt); {a.seeds} seeds per cell\n")
-    print("| audit rate | " + " | ".join(f"{d} {t}" for d in a.datasets for t in TARGETS[d])
+    print("| audit rate | gain | reserve | " + " | ".join(f"{d} {t}" for d in a.datasets for t in TARGETS[d])
           + " | mean ratio | all runs held A |")
-    print("|---|" + "---|" * (sum(len(TARGETS[d]) for d in a.datasets) + 2))
+    print("|---|---|---|" + "---|" * (sum(len(TARGETS[d]) for d in a.datasets) + 2))
     with tempfile.TemporaryDirectory() as tmp:
         oracles = {}
         for dataset in a.datasets:
@@ -113,22 +128,24 @@ def select(a, cpu):
             for target in TARGETS[dataset]:
                 oracles[dataset, target] = min(r["calls"] for r in sweep if r["agreement"] >= target)
         best = None
-        for rate in AUDIT_RATES:
+        for rate, gain, reserve in itertools.product(AUDIT_RATES, GAINS, RESERVES):
             ratios, held, cells = [], True, []
             for dataset in a.datasets:
                 for target in TARGETS[dataset]:
                     runs = [bench(dataset, ["--target-agreement", target, "--audit-rate", rate, "--seed", s],
-                                  tmp, "train") for s in range(1, a.seeds + 1)]
+                                  tmp, "train", (gain, reserve)) for s in range(1, a.seeds + 1)]
                     held &= all(r["agreement"] >= target and all(x >= target for _, x in r["checks"])
                                 for r in runs)
                     ratio = statistics.mean(r["calls"] for r in runs) / oracles[dataset, target]
                     ratios.append(ratio)
                     cells.append(f"{ratio:.2f}×")
             mean = statistics.mean(ratios)
-            print(f"| {rate} | " + " | ".join(cells) + f" | {mean:.3f} | {'yes' if held else 'no'} |", flush=True)
+            print(f"| {rate} | {gain} | {reserve} | " + " | ".join(cells)
+                  + f" | {mean:.3f} | {'yes' if held else 'no'} |", flush=True)
             if held and (best is None or mean < best[1]):
-                best = (rate, mean)
-        print(f"\nchosen audit rate: {best[0] if best else 'none held'}")
+                best = ((rate, gain, reserve), mean)
+        chosen = "audit rate {}, gain {}, reserve {}".format(*best[0]) if best else "none held"
+        print(f"\nchosen: {chosen}")
 
 
 if __name__ == "__main__":

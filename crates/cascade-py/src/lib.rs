@@ -500,7 +500,8 @@ fn _restore(
 pub struct Deferred {
     #[pyo3(get)]
     text: String,
-    /// An audit: a student answered, and the LLM's label is only compared.
+    /// An audit: a student answered; the LLM's label is compared (never
+    /// learned) and given when they differ.
     #[pyo3(get)]
     audit: bool,
     /// The cascade that routed it.

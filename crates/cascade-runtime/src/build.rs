@@ -148,7 +148,7 @@ pub fn build_session(
 ) -> Result<Session> {
     let cascade = build(config, labels, Routing::Gated, stream_length)?;
     let audit_rate = SessionOptions::audit_rate(audit_rate, config)?;
-    let options = session_options(config, audit_rate, on_failure, stream_length);
+    let options = session_options(config, audit_rate, on_failure);
     Ok(Session::new(cascade, config.seed, options))
 }
 
@@ -159,13 +159,11 @@ pub fn session_options(
     config: &CascadeConfig,
     audit_rate: f64,
     on_failure: OnExpertFailure,
-    stream_length: Option<u64>,
 ) -> SessionOptions {
     SessionOptions {
         audit_rate,
         on_failure,
         target: config.agreement_target(),
         drift_recovery: config.drift_recovery,
-        stream_length,
     }
 }

@@ -4,8 +4,9 @@
 //! answer is also audited); an item that needs the expert comes back as a
 //! [`Ticket`]. Whoever holds the ticket asks the expert however it likes
 //! (at once, concurrently, over the network) and hands the answer to
-//! `settle`, which learns the label or applies the failure policy. Every item
-//! is counted exactly once, when it is settled.
+//! `settle`, which learns the label, applies the failure policy, or compares
+//! an audit (an audited answer the LLM disagrees with gets the LLM's label:
+//! the call is paid for). Every item is counted exactly once, when settled.
 
 use cascade::{Cascade, Deferred, Outcome};
 use cascade_expert::{Answer, ExpertError};
@@ -36,6 +37,13 @@ pub enum Settled {
     Llm {
         label: usize,
     },
+    /// A student's audited answer the LLM disagreed with: the LLM's label
+    /// is given (the call is paid for). Counted as the level's answer.
+    Corrected {
+        level: usize,
+        student_label: usize,
+        label: usize,
+    },
     /// The expert gave no label; the deepest student answered.
     Fallback {
         level: usize,
@@ -55,9 +63,10 @@ impl Settled {
     /// The label given, if any.
     pub fn label(&self) -> Option<usize> {
         match self {
-            Self::Student { label, .. } | Self::Llm { label } | Self::Fallback { label, .. } => {
-                Some(*label)
-            }
+            Self::Student { label, .. }
+            | Self::Llm { label }
+            | Self::Corrected { label, .. }
+            | Self::Fallback { label, .. } => Some(*label),
             Self::Failed { .. } | Self::BadInput { .. } => None,
         }
     }
@@ -65,15 +74,17 @@ impl Settled {
     /// The student level that answered (a fallback's too), if one did.
     pub fn level(&self) -> Option<usize> {
         match self {
-            Self::Student { level, .. } | Self::Fallback { level, .. } => Some(*level),
+            Self::Student { level, .. }
+            | Self::Corrected { level, .. }
+            | Self::Fallback { level, .. } => Some(*level),
             Self::Llm { .. } | Self::Failed { .. } | Self::BadInput { .. } => None,
         }
     }
 
-    /// Who answered: a level's name, `"llm"`, or nobody.
+    /// Who answered: a level's name, `"llm"` (a corrected audit too), or nobody.
     pub fn answered_by<'a>(&self, levels: &'a [String]) -> Option<&'a str> {
         match self {
-            Self::Llm { .. } => Some("llm"),
+            Self::Llm { .. } | Self::Corrected { .. } => Some("llm"),
             _ => self.level().and_then(|l| levels.get(l)).map(String::as_str),
         }
     }
@@ -83,14 +94,17 @@ impl Settled {
         match self {
             Self::Student { probs, .. } => probs.as_deref(),
             Self::Fallback { probs, .. } => Some(probs),
-            Self::Llm { .. } | Self::Failed { .. } | Self::BadInput { .. } => None,
+            Self::Llm { .. }
+            | Self::Corrected { .. }
+            | Self::Failed { .. }
+            | Self::BadInput { .. } => None,
         }
     }
 
     /// `ok`, `expert_unavailable`, `error` or `bad_input`.
     pub fn status(&self) -> &'static str {
         match self {
-            Self::Student { .. } | Self::Llm { .. } => "ok",
+            Self::Student { .. } | Self::Llm { .. } | Self::Corrected { .. } => "ok",
             Self::Fallback { .. } => "expert_unavailable",
             Self::Failed { .. } => "error",
             Self::BadInput { .. } => "bad_input",
@@ -103,7 +117,7 @@ impl Settled {
             Self::Fallback { reason, .. } | Self::Failed { reason } | Self::BadInput { reason } => {
                 Some(reason)
             }
-            Self::Student { .. } | Self::Llm { .. } => None,
+            Self::Student { .. } | Self::Llm { .. } | Self::Corrected { .. } => None,
         }
     }
 }
@@ -120,6 +134,9 @@ pub struct Counts {
     pub errors: u64,
     pub audits: u64,
     pub audit_agreements: u64,
+    /// Audited answers the LLM disagreed with, given the LLM's label.
+    #[serde(default)]
+    pub corrected: u64,
     /// An anytime-valid 95% lower bound on the audited agreement: it holds at
     /// every point of the stream at once, so it may be watched after every
     /// item (the Wilson interval holds at one fixed count only).
@@ -148,13 +165,19 @@ impl Counts {
         self.lines += 1;
         if let Some(agreement) = &mut self.agreement {
             match settled {
-                Settled::Student { .. } | Settled::Fallback { .. } => agreement.record(true),
+                Settled::Student { .. } | Settled::Corrected { .. } | Settled::Fallback { .. } => {
+                    agreement.record(true)
+                }
                 Settled::Llm { .. } => agreement.record(false),
                 Settled::Failed { .. } | Settled::BadInput { .. } => {}
             }
         }
         match settled {
             Settled::Student { level, .. } => self.answered[*level] += 1,
+            Settled::Corrected { level, .. } => {
+                self.answered[*level] += 1;
+                self.corrected += 1;
+            }
             Settled::Llm { .. } => self.llm += 1,
             Settled::Fallback { .. } => self.expert_unavailable += 1,
             Settled::Failed { .. } => self.errors += 1,
@@ -247,7 +270,7 @@ pub struct Ticket {
 enum Waiting {
     /// A deferred item: its label is learned.
     Label(Deferred),
-    /// An audited student answer: the expert's label is only compared.
+    /// An audited student answer: the expert's label is compared, never learned.
     Audit(Settled),
 }
 
@@ -256,7 +279,7 @@ impl Ticket {
         &self.text
     }
 
-    /// An audit (the item is answered; the expert's label is only compared).
+    /// An audit (a student answered; the expert's label is compared, and given when they differ).
     pub fn is_audit(&self) -> bool {
         matches!(self.waiting, Waiting::Audit(..))
     }
@@ -280,13 +303,11 @@ pub struct SessionOptions {
     /// without bias; audits never train the cascade.
     pub audit_rate: f64,
     pub on_failure: OnExpertFailure,
-    /// An agreement target: its bound counts on `audit_rate`, and it steers
-    /// the cascade's rate budget (`cascade::target`).
+    /// An agreement target: its bound counts on `audit_rate`, and it sets
+    /// the price of the cascade's budget (`cascade::target`).
     pub target: Option<cascade::AgreementTarget>,
     /// Re-open the cascade when the audits show a change (`drift_recovery`).
     pub drift_recovery: bool,
-    /// The number of items to come, when known (a target spends its slack by the end).
-    pub stream_length: Option<u64>,
 }
 
 /// After a change, at least this share of student answers is audited...
@@ -321,10 +342,9 @@ impl Session {
             .map(|s| s.to_string())
             .collect();
         let mut counts = Counts::new(level_names.len());
-        counts.agreement = options.target.map(|target| {
-            cascade::AgreementController::new(target, options.audit_rate)
-                .with_stream_length(options.stream_length)
-        });
+        counts.agreement = options
+            .target
+            .map(|target| cascade::AgreementController::new(target, options.audit_rate));
         Self {
             counts,
             level_names,
@@ -340,7 +360,7 @@ impl Session {
             // A target's audits keep one rate: its bound counts on it.
             Some(agreement) => {
                 self.cascade
-                    .steer_budget(agreement.llm_rate(), agreement.must_defer());
+                    .steer_budget(agreement.price(), agreement.must_defer());
                 agreement.audit_rate()
             }
             None => match self.counts.reopened.last() {
@@ -381,7 +401,8 @@ impl Session {
 
     /// Ends a ticket with the expert's answer: a deferred item's label is
     /// learned (no label teaches nothing, and the failure policy answers); an
-    /// audit is compared with the student's answer.
+    /// audit is compared with the student's answer, and the LLM's label
+    /// given when they differ.
     pub fn settle(
         &mut self,
         ticket: Ticket,
@@ -422,6 +443,18 @@ impl Session {
                         self.reopen();
                     }
                 }
+                let settled = match (settled, answer) {
+                    (Settled::Student { level, label, .. }, Ok(answer))
+                        if label != answer.label =>
+                    {
+                        Settled::Corrected {
+                            level,
+                            student_label: label,
+                            label: answer.label,
+                        }
+                    }
+                    (settled, _) => settled,
+                };
                 (settled, None)
             }
             (Waiting::Label(deferred), Ok(answer)) => (

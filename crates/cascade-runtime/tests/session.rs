@@ -39,6 +39,21 @@ impl Expert for RuleExpert {
     }
 }
 
+/// The rule, but the opposite for texts that start with "cast" (about one
+/// in eight): students that learn the rule disagree there.
+struct ContraryExpert;
+
+impl Expert for ContraryExpert {
+    fn label<'a>(&'a self, query: Query<'a>) -> AnswerFuture<'a> {
+        let rule = query.text.contains("good") != query.text.starts_with("cast");
+        Box::pin(async move { Ok(Answer::label(usize::from(rule))) })
+    }
+
+    fn usage(&self) -> Usage {
+        Usage::default()
+    }
+}
+
 fn stream(n: usize) -> Vec<String> {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let fillers = ["film", "plot", "actor", "scene", "story", "music", "cast"];
@@ -62,7 +77,6 @@ fn session(audit_rate: f64, overrides: &Overrides, length: Option<u64>) -> Sessi
         on_failure: OnExpertFailure::Student,
         target: config.agreement_target(),
         drift_recovery: config.drift_recovery,
-        stream_length: length,
     };
     Session::new(cascade, config.seed, options)
 }
@@ -96,19 +110,26 @@ fn describe(settled: &Settled) -> String {
     match settled {
         Settled::Student { level, label, .. } => format!("{level}:{label}"),
         Settled::Llm { label } => format!("llm:{label}"),
+        Settled::Corrected {
+            level,
+            student_label,
+            label,
+        } => format!("{level}:{student_label} corrected to {label}"),
         other => panic!("unexpected {other:?}"),
     }
 }
 
 fn pipeline(session: Session, runtime: &tokio::runtime::Runtime, in_flight: usize) -> Pipeline {
-    Pipeline::new(
-        session,
-        Arc::new(RuleExpert),
-        runtime.handle().clone(),
-        in_flight,
-        true,
-    )
-    .unwrap()
+    pipeline_with(session, runtime, in_flight, Arc::new(RuleExpert))
+}
+
+fn pipeline_with(
+    session: Session,
+    runtime: &tokio::runtime::Runtime,
+    in_flight: usize,
+    expert: Arc<dyn Expert>,
+) -> Pipeline {
+    Pipeline::new(session, expert, runtime.handle().clone(), in_flight, true).unwrap()
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -144,18 +165,46 @@ fn the_students_take_over_a_learnable_stream() {
 }
 
 #[test]
-fn audits_are_counted_and_change_no_decision() {
+fn audits_are_counted_change_no_decision_and_correct_what_they_find() {
     let runtime = runtime();
     let texts = stream(800);
+    let expert = Arc::new(ContraryExpert);
     let plain = drive(
-        &mut pipeline(session(0.0, &Overrides::default(), None), &runtime, 1),
+        &mut pipeline_with(
+            session(0.0, &Overrides::default(), None),
+            &runtime,
+            1,
+            expert.clone(),
+        ),
         &texts,
         1,
     );
-    let mut audited = pipeline(session(0.5, &Overrides::default(), None), &runtime, 1);
-    assert_eq!(drive(&mut audited, &texts, 1), plain);
+    let mut audited = pipeline_with(
+        session(0.5, &Overrides::default(), None),
+        &runtime,
+        1,
+        expert,
+    );
+    let decisions = drive(&mut audited, &texts, 1);
+    // The same routing and student answers; an audited answer the expert
+    // disagreed with is given the expert's label.
+    let mut corrected = 0u64;
+    for ((text, with_audits), without) in texts.iter().zip(&decisions).zip(&plain) {
+        match with_audits.split_once(" corrected to ") {
+            Some((student, label)) => {
+                corrected += 1;
+                assert_eq!(student, without);
+                let rule = text.contains("good") != text.starts_with("cast");
+                assert_eq!(label, if rule { "1" } else { "0" });
+            }
+            None => assert_eq!(with_audits, without),
+        }
+    }
     let counts = audited.session().counts();
     assert!(counts.audits > 100, "{} audits", counts.audits);
+    assert!(corrected > 0, "no audit found a disagreement");
+    assert_eq!(corrected, counts.corrected);
+    assert_eq!(counts.corrected, counts.audits - counts.audit_agreements);
     // The anytime-valid bound saw every audit and sits under the observed
     // agreement, but says something (the students agree often here).
     let observed = counts.audit_agreements as f64 / counts.audits as f64;

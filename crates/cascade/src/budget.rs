@@ -58,6 +58,9 @@ pub struct BudgetController {
     /// Items an agreement target held for the LLM.
     #[serde(default)]
     held: u64,
+    /// An agreement target sets the price; the rate no longer moves it.
+    #[serde(default)]
+    priced_by_target: bool,
 }
 
 impl BudgetController {
@@ -75,6 +78,7 @@ impl BudgetController {
             forced_deferrals: 0,
             hold: false,
             held: 0,
+            priced_by_target: false,
         }
     }
 
@@ -169,13 +173,13 @@ impl BudgetController {
         self.held
     }
 
-    /// An agreement target's steering: the LLM share to price toward (a
-    /// rate budget's rate) and whether the next item must go to the LLM.
-    pub fn steer(&mut self, llm_rate: f64, must_defer: bool) {
-        if let Budget::Rate(rate) = &mut self.budget {
-            *rate = llm_rate;
-        }
+    /// An agreement target's steering: the price (set from its bound's
+    /// slack; the rate no longer moves it) and whether the next item must go
+    /// to the LLM.
+    pub fn steer(&mut self, price: f64, must_defer: bool) {
+        self.price = price.clamp(-MAX_PRICE, MAX_PRICE);
         self.hold = must_defer;
+        self.priced_by_target = true;
     }
 
     /// Sets the items seen and calls made to a count kept elsewhere (a
@@ -196,7 +200,7 @@ impl BudgetController {
             Allowance::MustDefer => self.forced_deferrals += 1,
             Allowance::Free => {}
         }
-        if !warmup {
+        if !warmup && !self.priced_by_target {
             let error = f64::from(u8::from(deferred)) - self.target_rate();
             self.price = (self.price + self.step * error).clamp(-MAX_PRICE, MAX_PRICE);
         }

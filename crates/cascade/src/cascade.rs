@@ -263,9 +263,9 @@ impl Cascade {
 
     /// An agreement target's steering of the budget controller (see
     /// [`BudgetController::steer`]); nothing without a budget.
-    pub fn steer_budget(&mut self, llm_rate: f64, must_defer: bool) {
+    pub fn steer_budget(&mut self, price: f64, must_defer: bool) {
         if let Some(budget) = &mut self.budget {
-            budget.steer(llm_rate, must_defer);
+            budget.steer(price, must_defer);
         }
     }
 

@@ -56,6 +56,14 @@ pub struct CascadeConfig {
     /// The target's confidence, 1 − δ (default 0.95).
     #[serde(default)]
     pub confidence: Option<f64>,
+    /// How steeply the students' answer threshold follows the bound's slack
+    /// under a target (cost only: the guarantee rests on the bound).
+    #[serde(default)]
+    pub target_gain: Option<f64>,
+    /// The share of a target's allowed disagreements kept unused at the
+    /// gates' own threshold (cost only).
+    #[serde(default)]
+    pub target_reserve: Option<f64>,
     /// Which gates the budget's price applies to.
     #[serde(default)]
     pub budget_prices: PricedLevels,
@@ -312,8 +320,23 @@ impl CascadeConfig {
 
     /// The agreement target, when `target_agreement` is set (checked by `validate`).
     pub fn agreement_target(&self) -> Option<crate::AgreementTarget> {
+        self.checked_target()?.ok()
+    }
+
+    fn checked_target(
+        &self,
+    ) -> Option<Result<crate::AgreementTarget, crate::target::InvalidTarget>> {
         let agreement = self.target_agreement?;
-        crate::AgreementTarget::new(agreement, self.confidence.unwrap_or(DEFAULT_CONFIDENCE)).ok()
+        Some(
+            crate::AgreementTarget::new(agreement, self.confidence.unwrap_or(DEFAULT_CONFIDENCE))
+                .and_then(|target| {
+                    target.with_steering(
+                        self.target_gain.unwrap_or(crate::target::DEFAULT_GAIN),
+                        self.target_reserve
+                            .unwrap_or(crate::target::DEFAULT_RESERVE),
+                    )
+                }),
+        )
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -335,11 +358,10 @@ impl CascadeConfig {
             self.llm_budget.is_none() || self.llm_rate.is_none(),
             || "give either llm_budget or llm_rate, not both".into(),
         )?;
-        if let Some(agreement) = self.target_agreement {
-            crate::AgreementTarget::new(agreement, self.confidence.unwrap_or(DEFAULT_CONFIDENCE))
-                .map_err(|e| ConfigError::Invalid {
+        if let Some(checked) = self.checked_target() {
+            checked.map_err(|e| ConfigError::Invalid {
                 field: e.field.into(),
-                reason: format!("must be in (0, 1), got {}", e.value),
+                reason: format!("{}, got {}", e.reason, e.value),
             })?;
             check(
                 "target_agreement",
@@ -350,7 +372,7 @@ impl CascadeConfig {
         check(
             "confidence",
             self.confidence.is_none() || self.target_agreement.is_some(),
-            || "is the confidence of target_agreement, which is not set".into(),
+            || "belongs to target_agreement, which is not set".into(),
         )?;
         check(
             "budget_step",
@@ -661,7 +683,15 @@ mod tests {
             ),
             (
                 "mu = 5e-4\nconfidence = 0.9",
-                "`confidence`: is the confidence of target_agreement",
+                "`confidence`: belongs to target_agreement, which is not set",
+            ),
+            (
+                "mu = 5e-4\ntarget_agreement = 0.9\ntarget_gain = 0",
+                "`target_gain`: must be a finite number > 0, got 0",
+            ),
+            (
+                "mu = 5e-4\ntarget_agreement = 0.9\ntarget_reserve = 1",
+                "`target_reserve`: must be in [0, 1), got 1",
             ),
             (
                 "mu = 5e-4\ntarget_agreement = 0.9\nllm_rate = 0.3",

@@ -17,13 +17,16 @@
 //! for a fixed bet λ; a few bets share δ (the smallest bound is taken), and
 //! E ≤ the student answers s trivially. Nothing here assumes the students or
 //! the stream stay the same: the bound is on the disagreements that happened,
-//! whatever drift made them. The stream's agreement is at least 1 − E/n. The
-//! controller keeps that bound at or above A:
+//! whatever drift made them. An audited answer the LLM disagrees with is
+//! replaced by the LLM's label (the call is paid for), so the disagreements
+//! the stream keeps are E − D, D those the audits corrected (observed), and
+//! the stream's agreement is at least 1 − (E − D)/n. The controller keeps
+//! that bound at or above A:
 //! - a student may answer the next item only if the bound, with that answer
 //!   audited and wrong, stays within (1 − A)(n + 1) (otherwise the LLM answers);
-//! - the gates are priced toward the LLM share that would spend the slack
-//!   over as many items again as were seen, so the answers students keep are
-//!   those their gates are surest of.
+//! - the students' answer threshold is priced from the slack: the more of
+//!   the allowed disagreements the bound leaves unused, the more items the
+//!   students answer ([`AgreementController::price`]).
 //!
 //! After a detected change (`drift.rs`) the controller starts a new epoch:
 //! the bound of the items so far is frozen as it stands (it holds at any
@@ -44,21 +47,38 @@ const BETS: [f64; 5] = [0.02, 0.04, 0.08, 0.16, 0.32];
 /// Epoch k of the target spends δ(1 − r)r^k: most of δ goes to the first.
 pub const EPOCH_RATIO: f64 = 0.2;
 
-/// The fewest items over which the controller plans to spend its slack.
-pub const HORIZON: u64 = 500;
+/// The price's gain and reserve unless set (`target_gain`,
+/// `target_reserve`): chosen on the train halves (results/guarantee.md).
+pub const DEFAULT_GAIN: f64 = 16.0;
+pub const DEFAULT_RESERVE: f64 = 0.1;
 
 /// A share of items to answer as the LLM would, with a confidence.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AgreementTarget {
     pub agreement: f64,
     pub confidence: f64,
+    /// How steeply the students' threshold follows the bound's slack.
+    #[serde(default = "default_gain")]
+    pub gain: f64,
+    /// The share of the allowed disagreements kept unused at price 0.
+    #[serde(default = "default_reserve")]
+    pub reserve: f64,
+}
+
+fn default_gain() -> f64 {
+    DEFAULT_GAIN
+}
+
+fn default_reserve() -> f64 {
+    DEFAULT_RESERVE
 }
 
 /// Why a target is refused: the field and the reason.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{field} must be in (0, 1), got {value}")]
+#[error("{field} {reason}, got {value}")]
 pub struct InvalidTarget {
     pub field: &'static str,
+    pub reason: &'static str,
     pub value: f64,
 }
 
@@ -66,13 +86,41 @@ impl AgreementTarget {
     pub fn new(agreement: f64, confidence: f64) -> Result<Self, InvalidTarget> {
         for (field, value) in [("target_agreement", agreement), ("confidence", confidence)] {
             if !(value > 0.0 && value < 1.0) {
-                return Err(InvalidTarget { field, value });
+                return Err(InvalidTarget {
+                    field,
+                    reason: "must be in (0, 1)",
+                    value,
+                });
             }
         }
         Ok(Self {
             agreement,
             confidence,
+            gain: DEFAULT_GAIN,
+            reserve: DEFAULT_RESERVE,
         })
+    }
+
+    /// The price's gain (> 0) and reserve (in [0, 1)): they move the cost,
+    /// never the guarantee, which rests on the bound alone.
+    pub fn with_steering(mut self, gain: f64, reserve: f64) -> Result<Self, InvalidTarget> {
+        if !(gain.is_finite() && gain > 0.0) {
+            return Err(InvalidTarget {
+                field: "target_gain",
+                reason: "must be a finite number > 0",
+                value: gain,
+            });
+        }
+        if !(0.0..1.0).contains(&reserve) {
+            return Err(InvalidTarget {
+                field: "target_reserve",
+                reason: "must be in [0, 1)",
+                value: reserve,
+            });
+        }
+        self.gain = gain;
+        self.reserve = reserve;
+        Ok(self)
     }
 }
 
@@ -89,13 +137,14 @@ pub struct AgreementController {
     /// Ŝ: audited disagreements, each weighted 1/α.
     weighted_disagreements: f64,
     audits: u64,
+    /// D: audited disagreements of this epoch, answered with the LLM's label.
+    #[serde(default)]
+    corrected: u64,
     /// Epochs ended by a detected change, and their items and bound on
     /// disagreements, frozen.
     epoch: u32,
     frozen_items: u64,
     frozen_errors: f64,
-    /// The stream's length, when known: the slack is spent by its end.
-    stream_length: Option<u64>,
 }
 
 impl AgreementController {
@@ -108,18 +157,11 @@ impl AgreementController {
             student_answers: 0,
             weighted_disagreements: 0.0,
             audits: 0,
+            corrected: 0,
             epoch: 0,
             frozen_items: 0,
             frozen_errors: 0.0,
-            stream_length: None,
         }
-    }
-
-    /// A stream of known length: near its end the plan spends what slack is
-    /// left over the items that remain.
-    pub fn with_stream_length(mut self, length: Option<u64>) -> Self {
-        self.stream_length = length;
-        self
     }
 
     pub fn target(&self) -> AgreementTarget {
@@ -135,6 +177,7 @@ impl AgreementController {
         self.items = 0;
         self.student_answers = 0;
         self.weighted_disagreements = 0.0;
+        self.corrected = 0;
     }
 
     /// Epochs started by a detected change.
@@ -149,13 +192,15 @@ impl AgreementController {
     }
 
     /// An audited student answer: did it agree with the LLM? (`None`: the
-    /// LLM gave no label, counted as a disagreement.) The rate it was drawn
-    /// at is the controller's own.
+    /// LLM gave no label, counted as a disagreement the student's answer
+    /// keeps; `Some(false)`: the LLM's label replaced it.) The rate it was
+    /// drawn at is the controller's own.
     pub fn observe_audit(&mut self, agrees: Option<bool>) {
         self.audits += 1;
         if agrees != Some(true) {
             self.weighted_disagreements += 1.0 / self.audit_rate;
         }
+        self.corrected += u64::from(agrees == Some(false));
     }
 
     /// The stream's agreement so far is at least this (1 when nothing was answered).
@@ -169,16 +214,20 @@ impl AgreementController {
     }
 
     /// Whether a student answering the next item could break the bound: the
-    /// answer is counted, and counted as audited and wrong.
+    /// answer is counted, and counted as audited and wrong (but not as
+    /// corrected, which covers its staying unaudited and wrong too).
     pub fn must_defer(&self) -> bool {
         let answers = (self.student_answers + 1) as f64;
         let worst = self.freedman(self.weighted_disagreements + 1.0 / self.audit_rate);
-        answers.min(worst) > (1.0 - self.target.agreement) * (self.items + 1) as f64
+        answers.min(worst) - self.corrected as f64
+            > (1.0 - self.target.agreement) * (self.items + 1) as f64
     }
 
-    /// A bound on the disagreements among this epoch's student answers.
+    /// A bound on the disagreements this epoch's student answers kept: all
+    /// of them (E ≤ s, or Freedman's bound) less those the audits corrected.
     fn errors_bound(&self) -> f64 {
-        (self.student_answers as f64).min(self.freedman(self.weighted_disagreements))
+        let all = (self.student_answers as f64).min(self.freedman(self.weighted_disagreements));
+        (all - self.corrected as f64).max(0.0)
     }
 
     /// The smallest of Freedman's bounds on E given Ŝ, over the bets.
@@ -200,34 +249,18 @@ impl AgreementController {
         (1.0 / self.audit_rate - 1.0) * (bet.exp() - 1.0 - bet) / bet
     }
 
-    /// The LLM share to price toward: the one whose student answers, over as
-    /// many items again as were seen (at least [`HORIZON`], at most what is
-    /// left of a stream of known length), would end with the bound at A: the
-    /// slack earned so far is spent, not hoarded.
-    pub fn llm_rate(&self) -> f64 {
-        let seen = self.frozen_items + self.items;
-        let left = self
-            .stream_length
-            .map_or(u64::MAX, |n| n.saturating_sub(seen).max(1));
-        let horizon = self.items.max(HORIZON).min(left) as f64;
-        let errors_allowed = (1.0 - self.target.agreement) * (self.items as f64 + horizon);
-        let now = self.errors_bound();
-        // What one more student answer adds to the bound, at the audits'
-        // estimate of the students' disagreement so far (a coin flip before
-        // any audit).
-        let estimate = if self.audits > 0 {
-            self.weighted_disagreements / self.student_answers.max(1) as f64
-        } else {
-            0.5
-        };
-        let (answers, s) = (self.student_answers as f64, self.weighted_disagreements);
-        let per_answer = if answers > 0.0 && self.freedman(s) < answers {
-            (self.freedman(s + 100.0 * estimate) - self.freedman(s)) / 100.0
-        } else {
-            1.0
-        };
-        let student_share = (errors_allowed - now) / (horizon * per_answer.max(1e-6));
-        (1.0 - student_share).clamp(0.0, 1.0)
+    /// The price on deferral (the log-odds of the students' answer
+    /// threshold) from the bound's slack: the share of this epoch's allowed
+    /// disagreements the bound has not used, less a reserve, times a gain.
+    /// A rate plan (the LLM share that would spend the slack) made students
+    /// answer whatever items the rate needed and then held the rest; a price
+    /// that follows the slack keeps the threshold steady, so the answers
+    /// students give are those their gates are surest of (fewer calls at the
+    /// same target on the train halves, results/guarantee.md).
+    pub fn price(&self) -> f64 {
+        let allowed = (1.0 - self.target.agreement) * (self.items + 1) as f64;
+        let slack = (allowed - self.errors_bound()) / allowed;
+        self.target.gain * (slack - self.target.reserve)
     }
 
     /// The share of student answers to audit: α.
@@ -288,7 +321,9 @@ mod tests {
         }
         assert!(c.agreement_bound() > 0.95, "{}", c.agreement_bound());
         assert!(!c.must_defer());
-        assert_eq!(c.llm_rate(), 0.0);
+        // Most of the slack unused: the students' threshold is above the
+        // gates' 0.5.
+        assert!(c.price() > 2.0, "{}", c.price());
         assert_eq!(c.audit_rate(), DEFAULT_AUDIT_RATE);
     }
 
@@ -308,9 +343,11 @@ mod tests {
                 } else {
                     let p = if n <= 2000 { before } else { after };
                     let disagrees = rng.random::<f64>() < p;
-                    errors += u64::from(disagrees);
+                    let audited = rng.random::<f64>() < c.audit_rate();
+                    // An audited disagreement is answered with the LLM's label.
+                    errors += u64::from(disagrees && !audited);
                     c.record(true);
-                    if rng.random::<f64>() < c.audit_rate() {
+                    if audited {
                         c.observe_audit(Some(!disagrees));
                     }
                 }
@@ -341,6 +378,50 @@ mod tests {
                 "A = {a}, {before} -> {after}: held in {share}"
             );
         }
+    }
+
+    /// The students' threshold rises with the unused slack and falls under
+    /// the gates' own 0.5 (price 0) once less than the reserve is left.
+    #[test]
+    fn the_price_follows_the_slack() {
+        let mut c = controller(0.9);
+        for _ in 0..2000 {
+            c.record(true);
+        }
+        let roomy = c.price();
+        assert!(roomy > 0.0, "{roomy}");
+        while !c.must_defer() {
+            c.observe_audit(Some(false));
+        }
+        assert!(c.price() < 0.0, "{} after {roomy}", c.price());
+        let strict = AgreementTarget::new(0.9, 0.95)
+            .unwrap()
+            .with_steering(16.0, 0.0)
+            .unwrap();
+        assert_eq!(strict.gain, 16.0);
+        assert!(AgreementTarget::new(0.9, 0.95)
+            .unwrap()
+            .with_steering(f64::NAN, 0.1)
+            .is_err());
+    }
+
+    /// An audited disagreement given the LLM's label no longer counts
+    /// against the stream: the bound on what the answers kept drops by one
+    /// per correction (an audit without a label corrects nothing).
+    #[test]
+    fn corrected_audits_leave_the_stream_fewer_disagreements() {
+        let (mut corrected, mut uncorrected) = (controller(0.9), controller(0.9));
+        for c in [&mut corrected, &mut uncorrected] {
+            for _ in 0..2000 {
+                c.record(true);
+            }
+        }
+        for _ in 0..10 {
+            corrected.observe_audit(Some(false));
+            uncorrected.observe_audit(None);
+        }
+        let gap = (corrected.agreement_bound() - uncorrected.agreement_bound()) * 2000.0;
+        assert!((gap - 10.0).abs() < 1e-9, "{gap}");
     }
 
     /// After a change, the items so far keep the bound they had, and the

@@ -526,6 +526,8 @@ impl From<cascade_runtime::Finished> for ItemRecord {
                 (AnsweredBy::Level(level), Some(label))
             }
             Settled::Llm { label } => (AnsweredBy::Llm, Some(label)),
+            // A corrected audit: its call is counted among the audits.
+            Settled::Corrected { level, label, .. } => (AnsweredBy::Level(level), Some(label)),
             // An LLM answer without a label: an LLM call, and an error.
             Settled::Failed { .. } | Settled::BadInput { .. } => (AnsweredBy::Llm, None),
         };
@@ -576,12 +578,7 @@ fn build_session(spec: &ReplaySpec, task: &Task, stream: &[&Item]) -> Result<Ses
         None if config.target_agreement.is_none() => 0.0,
         given => SessionOptions::audit_rate(given, &config)?,
     };
-    let options = session_options(
-        &config,
-        audit_rate,
-        spec.on_failure,
-        Some(stream.len() as u64),
-    );
+    let options = session_options(&config, audit_rate, spec.on_failure);
     Ok(Session::new(cascade, config.seed, options))
 }
 

@@ -31,7 +31,8 @@ class Deferred:
     """An item no student answered (or an audit): ask the LLM for `text`."""
 
     text: str
-    #: An audit: a student answered; the LLM's label is only compared.
+    #: An audit: a student answered; the LLM's label is compared (never learned)
+    #: and given when they differ.
     audit: bool
 
 class Run(Iterator[dict[str, Any]]):
