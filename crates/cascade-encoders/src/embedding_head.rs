@@ -323,6 +323,8 @@ fn text_key(text: &str) -> u128 {
 /// Several processes may share one file (two runs, or tests in parallel): new
 /// records wait in memory and `flush` appends them in one `write` to a file
 /// opened for appending, so records of different writers never interleave.
+/// The write holds an advisory lock (`flock`) that `open` also takes while it
+/// reads, so a record still being written is never taken for a torn one.
 pub struct EmbeddingCache {
     dim: usize,
     map: HashMap<u128, Arc<[f32]>>,
@@ -345,26 +347,31 @@ impl EmbeddingCache {
         let path = dir.join(format!("{key}.emb"));
         let mut map = HashMap::new();
         let record = 16 + 4 * dim;
-        if path.exists() {
-            let mut bytes = Vec::new();
-            File::open(&path)?.read_to_end(&mut bytes)?;
-            let whole = bytes.len() / record * record;
-            for chunk in bytes[..whole].chunks_exact(record) {
-                let key = u128::from_le_bytes(chunk[..16].try_into().expect("16 bytes"));
-                let values: Vec<f32> = chunk[16..]
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-                    .collect();
-                map.insert(key, values.into());
-            }
-            if whole != bytes.len() {
-                OpenOptions::new()
-                    .write(true)
-                    .open(&path)?
-                    .set_len(whole as u64)?;
-            }
+        let mut file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&path)?;
+        // Another process may be appending to the same cache: hold the lock
+        // while reading, so a record in flight is not taken for a torn one
+        // and cut off.
+        file.lock()?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        let whole = bytes.len() / record * record;
+        for chunk in bytes[..whole].chunks_exact(record) {
+            let key = u128::from_le_bytes(chunk[..16].try_into().expect("16 bytes"));
+            let values: Vec<f32> = chunk[16..]
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+                .collect();
+            map.insert(key, values.into());
         }
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        if whole != bytes.len() {
+            // Only a crash mid-write leaves a partial record.
+            file.set_len(whole as u64)?;
+        }
+        file.unlock()?;
         Ok(Self {
             dim,
             map,
@@ -408,7 +415,11 @@ impl EmbeddingCache {
     pub fn flush(&mut self) -> std::io::Result<()> {
         if let Some(file) = &mut self.file {
             if !self.pending.is_empty() {
-                file.write_all(&self.pending)?;
+                // The lock keeps a reader from seeing half of this write.
+                file.lock()?;
+                let written = file.write_all(&self.pending);
+                file.unlock()?;
+                written?;
                 self.pending.clear();
             }
         }
