@@ -2,6 +2,7 @@
 
 mod args;
 mod bench;
+mod bench_embed;
 mod bench_encoder;
 mod collect;
 mod experiments;
@@ -33,6 +34,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Time the encoder's forward pass and training step (compare with pytorch_minilm.py).
     BenchEncoder(bench_encoder::BenchEncoderArgs),
+    /// Time a frozen encoder embedding a stream's texts, f32 against int8, and
+    /// compare their embeddings.
+    BenchEmbed(bench_embed::BenchEmbedArgs),
     /// Label a JSONL stream with a live LLM alone (OpenAI-compatible API).
     Label(label::LabelArgs),
     /// Run the paper's Table 1 grid (cascades, baselines, mu sweep, shift) and
@@ -72,6 +76,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Bench(args) => bench::run(&args),
         Command::BenchEncoder(args) => bench_encoder::run(&args),
+        Command::BenchEmbed(args) => bench_embed::run(&args),
         Command::Label(args) => label::run(&args),
         Command::Reproduce(args) => reproduce::run(&args),
         Command::Report(args) => report::run(&args),

@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use super::attention::{attention, PositionBias};
 use super::ops;
+use super::quantized::QuantizedLinear;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct BertConfig {
@@ -243,6 +244,8 @@ impl Loader<'_> {
 struct Linear {
     weight: Tensor,
     bias: Tensor,
+    /// Set by `BertEncoder::quantize_int8`: the forward pass uses it instead.
+    int8: Option<QuantizedLinear>,
 }
 
 impl Linear {
@@ -256,12 +259,23 @@ impl Linear {
         Ok(Self {
             weight: l.get(&format!("{name}.weight"), &[out_dim, in_dim], train)?,
             bias: l.get(&format!("{name}.bias"), &[out_dim], train)?,
+            int8: None,
         })
     }
 
     /// `x (rows, in) → (rows, out)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        super::linear::linear(x, &self.weight, &self.bias)
+        match &self.int8 {
+            Some(int8) => int8.forward(x),
+            None => super::linear::linear(x, &self.weight, &self.bias),
+        }
+    }
+
+    fn quantize_int8(&mut self) -> Result<()> {
+        self.int8 = Some(QuantizedLinear::from_tensors(&self.weight, &self.bias)?);
+        // The f32 weight is no longer read; keep a placeholder, not 4× the bytes.
+        self.weight = Tensor::zeros((0, 0), DType::F32, self.weight.device())?;
+        Ok(())
     }
 }
 
@@ -439,6 +453,28 @@ impl BertEncoder {
 
     pub fn config(&self) -> &BertConfig {
         &self.config
+    }
+
+    /// Switches every layer's dense products to int8 weights (per output
+    /// channel) and int8 activations (per row): inference only, so a
+    /// trainable encoder is refused.
+    pub fn quantize_int8(&mut self) -> Result<()> {
+        if !self.vars.is_empty() {
+            candle_core::bail!("a trainable encoder cannot be quantized");
+        }
+        for layer in &mut self.layers {
+            for linear in [
+                &mut layer.query,
+                &mut layer.key,
+                &mut layer.value,
+                &mut layer.attention_out,
+                &mut layer.intermediate,
+                &mut layer.output,
+            ] {
+                linear.quantize_int8()?;
+            }
+        }
+        Ok(())
     }
 
     /// The trainable weights, by checkpoint name.

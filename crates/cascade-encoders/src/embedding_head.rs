@@ -12,7 +12,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 
 use super::{load_model, mean_pool, BertEncoder, TextEncoder, Trainable};
-use cascade::config::{EmbeddingHeadConfig, Optimizer};
+use cascade::config::{EmbeddingHeadConfig, Optimizer, Quantization};
 use cascade::student::features::SparseVector;
 use cascade::student::softmax_regression::SoftmaxRegression;
 use cascade::student::{Demonstration, Student, StudentError};
@@ -36,7 +36,15 @@ pub struct EmbeddingHead {
 impl EmbeddingHead {
     pub fn new(labels: usize, config: &EmbeddingHeadConfig) -> Result<Self, EncoderError> {
         let dir = Path::new(&config.model);
-        let (encoder, text) = load_model(dir, config.max_len, Trainable::NONE)?;
+        let (mut encoder, text) = load_model(dir, config.max_len, Trainable::NONE)?;
+        if config.quantize == Some(Quantization::Int8) {
+            encoder
+                .quantize_int8()
+                .map_err(|source| EncoderError::Weights {
+                    dir: dir.to_path_buf(),
+                    source,
+                })?;
+        }
         let depth = encoder.config().num_hidden_layers;
         let layers = if config.layers.is_empty() {
             vec![depth]
@@ -54,7 +62,7 @@ impl EmbeddingHead {
         let cache = match &config.cache_dir {
             None => EmbeddingCache::in_memory(dim),
             Some(cache_dir) => {
-                let key = model_key(dir, config.max_len, config.windows, &layers, depth);
+                let key = model_key(dir, config, &layers, depth);
                 EmbeddingCache::open(Path::new(cache_dir), &key, dim).map_err(|source| {
                     EncoderError::Cache {
                         dir: cache_dir.into(),
@@ -72,6 +80,21 @@ impl EmbeddingHead {
             cache,
             head: SoftmaxRegression::new(dim, labels, Optimizer::Adagrad, config.lr, config.l2),
         })
+    }
+
+    /// The embeddings of `texts`, encoding those not yet cached.
+    pub fn embeddings(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EncoderError> {
+        let mut targets = [(self.layers.as_slice(), &mut self.cache)];
+        fill(&self.encoder, &self.text, self.windows, &mut targets, texts)?;
+        texts
+            .iter()
+            .map(|text| {
+                self.cache
+                    .get(text)
+                    .map(<[f32]>::to_vec)
+                    .ok_or(EncoderError::MissingEmbedding)
+            })
+            .collect()
     }
 
     /// Encodes the texts not yet cached.
@@ -277,7 +300,7 @@ fn pool(hidden: &[&Tensor], mask: &Tensor) -> candle_core::Result<Vec<Vec<f32>>>
 }
 
 /// A file name per model folder, length limit, window count and pooled layers.
-fn model_key(dir: &Path, max_len: usize, windows: usize, layers: &[usize], depth: usize) -> String {
+fn model_key(dir: &Path, config: &EmbeddingHeadConfig, layers: &[usize], depth: usize) -> String {
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -288,8 +311,8 @@ fn model_key(dir: &Path, max_len: usize, windows: usize, layers: &[usize], depth
     let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     let fingerprint = text_key(&format!("{}:{size}", canonical.display()));
     // One window keeps the name caches had before windows existed.
-    let windows = if windows > 1 {
-        format!("-w{windows}")
+    let windows = if config.windows > 1 {
+        format!("-w{}", config.windows)
     } else {
         String::new()
     };
@@ -300,9 +323,14 @@ fn model_key(dir: &Path, max_len: usize, windows: usize, layers: &[usize], depth
         let list: Vec<String> = layers.iter().map(|l| l.to_string()).collect();
         format!("-l{}", list.join("_"))
     };
+    // f32 keeps the name caches had before quantization existed.
+    let quantized = match config.quantize {
+        None => "",
+        Some(Quantization::Int8) => "-int8",
+    };
     format!(
-        "{name}-len{max_len}{windows}{layers}-{:016x}",
-        fingerprint as u64
+        "{name}-len{}{windows}{layers}{quantized}-{:016x}",
+        config.max_len, fingerprint as u64
     )
 }
 

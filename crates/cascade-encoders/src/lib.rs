@@ -11,6 +11,7 @@ pub mod finetune;
 pub mod linear;
 pub mod ops;
 pub mod optim;
+pub mod quantized;
 pub mod tokenize;
 
 pub use bert::{mean_pool, BertConfig, BertEncoder, Trainable};

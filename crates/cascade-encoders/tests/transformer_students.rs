@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use cascade::config::{EmbeddingHeadConfig, StudentKind, TransformerConfig};
+use cascade::config::{EmbeddingHeadConfig, Quantization, StudentKind, TransformerConfig};
 use cascade::student::LogReg;
 use cascade::{Cascade, CascadeConfig, Demonstration, Outcome, Routing, Student};
 use cascade_encoders::bert::WeightSource;
@@ -120,6 +120,53 @@ fn embedding_head_learns_a_separable_labelling() {
         student.learn(&demos).unwrap();
     }
     for p in held_out_confidence(&mut student) {
+        assert!(p > 0.6, "held-out confidence {p}");
+    }
+}
+
+#[test]
+fn int8_embeddings_stay_close_to_f32_and_keep_their_own_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let config = |quantize| EmbeddingHeadConfig {
+        model: minilm(),
+        max_len: 64,
+        cache_dir: Some(cache.path().to_string_lossy().into_owned()),
+        quantize,
+        ..EmbeddingHeadConfig::default()
+    };
+    let texts: Vec<&str> = POSITIVE
+        .iter()
+        .chain(&NEGATIVE)
+        .copied()
+        .chain(HELD_OUT.iter().map(|(t, _)| *t))
+        .collect();
+    let f32s = EmbeddingHead::new(2, &config(None))
+        .unwrap()
+        .embeddings(&texts)
+        .unwrap();
+    let mut int8_head = EmbeddingHead::new(2, &config(Some(Quantization::Int8))).unwrap();
+    let int8s = int8_head.embeddings(&texts).unwrap();
+    for ((a, b), text) in f32s.iter().zip(&int8s).zip(&texts) {
+        assert_ne!(
+            a, b,
+            "int8 gave the f32 embedding of {text:?}: not quantized"
+        );
+        let cosine: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        assert!(cosine > 0.99, "cosine {cosine} for {text:?}");
+    }
+    // Two files: the int8 embeddings never answer for the f32 ones.
+    let names: Vec<String> = std::fs::read_dir(cache.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(names.iter().any(|n| n.contains("-int8-")), "{names:?}");
+    // And the int8 head learns as the f32 one does.
+    let demos = demonstrations();
+    for _ in 0..10 {
+        int8_head.learn(&demos).unwrap();
+    }
+    for p in held_out_confidence(&mut int8_head) {
         assert!(p > 0.6, "held-out confidence {p}");
     }
 }

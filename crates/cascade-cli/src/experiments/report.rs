@@ -638,6 +638,11 @@ fn options_beyond_paper(path: &Path) -> String {
                     format!(", layers {layers:?}")
                 }
             ));
+            if level.embedding_head.quantize.is_some() {
+                options.push(format!(
+                    "`{name}`: `quantize = \"int8\"` (int8 weights and activations in the frozen encoder)"
+                ));
+            }
         }
     }
     if options.is_empty() {
