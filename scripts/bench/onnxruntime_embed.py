@@ -34,6 +34,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,8 +49,10 @@ from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts" / "reference"))
+from mpnet_reference import RELATIVE_MAX_DISTANCE, MPNet  # noqa: E402
+
 BATCH = 32
-RELATIVE_MAX_DISTANCE = 128
 
 
 def load_texts(data, count):
@@ -183,20 +186,16 @@ class Model:
     # --- feeds ----------------------------------------------------------------
 
     def position_bias(self, seq):
-        # modeling_mpnet's relative buckets (as scripts/reference/mpnet_reference.py).
+        # modeling_mpnet's relative buckets, from the reference script.
         if seq not in self.bias_cache:
-            relative = np.arange(seq)[None, :] - np.arange(seq)[:, None]
-            buckets = self.config.get("relative_attention_num_buckets", 32) // 2
-            n = -relative
-            ret = (n < 0).astype(np.int64) * buckets
-            n = np.abs(n)
-            exact = buckets // 2
-            ratio = np.log(np.maximum(n, 1).astype(np.float32) / np.float32(exact)) / np.float32(
-                math.log(RELATIVE_MAX_DISTANCE / exact)
+            positions = np.arange(seq)
+            buckets = MPNet.relative_position_bucket(
+                positions[None, :] - positions[:, None],
+                self.config.get("relative_attention_num_buckets", 32),
+                RELATIVE_MAX_DISTANCE,
             )
-            large = np.minimum(exact + (ratio * np.float32(buckets - exact)).astype(np.int64), buckets - 1)
             table = self.w["encoder.relative_attention_bias.weight"]
-            bias = table[ret + np.where(n < exact, n, large)].transpose(2, 0, 1)[None]
+            bias = table[buckets].transpose(2, 0, 1)[None]
             self.bias_cache[seq] = np.ascontiguousarray(bias.astype(np.float32))
         return self.bias_cache[seq]
 
