@@ -140,7 +140,7 @@ impl QuantizedLinear {
         self.groups * IN_GROUP
     }
 
-    fn quantize_rows(&self, x: &[f32]) -> QuantizedRows {
+    fn quantize_rows(&self, x: &[f32], avx2: bool) -> QuantizedRows {
         let stride = self.stride();
         let rows = x.len() / self.inner;
         // Padding holds the offset itself, the byte of a zero.
@@ -153,7 +153,7 @@ impl QuantizedLinear {
                 let inverse = 1.0 / scale;
                 let mut done = 0;
                 #[cfg(target_arch = "x86_64")]
-                if std::is_x86_feature_detected!("avx2") {
+                if avx2 {
                     // Safety: AVX2 is present; `q` is at least as long as `row`.
                     done = unsafe { avx2::quantize(row, inverse, q) };
                 }
@@ -179,12 +179,13 @@ impl QuantizedLinear {
         if rows == 0 {
             return y;
         }
+        let avx2 = avx2_available();
         y.spare_capacity_mut()
             .par_chunks_mut(ROWS_PER_TASK * padded_out)
             .zip(x.par_chunks(ROWS_PER_TASK * self.inner))
             .for_each(|(y, x)| {
-                let q = self.quantize_rows(x);
-                self.block_rows(&q, y);
+                let q = self.quantize_rows(x, avx2);
+                self.block_rows(&q, y, avx2);
             });
         // Safety: `block_rows` wrote every (row, padded output) of each chunk.
         unsafe { y.set_len(rows * padded_out) };
@@ -199,70 +200,48 @@ impl QuantizedLinear {
     }
 
     /// One task's rows into `y (rows, padded out)`, every element written.
-    fn block_rows(&self, q: &QuantizedRows, y: &mut [MaybeUninit<f32>]) {
+    fn block_rows(&self, q: &QuantizedRows, y: &mut [MaybeUninit<f32>], avx2: bool) {
         let rows = q.scales.len();
         let padded_out = self.blocks * OUT_BLOCK;
         let stride = self.stride();
         let block_len = self.groups * OUT_BLOCK * IN_GROUP;
+        let groups = self.groups;
         let mut block = 0;
         while block < self.blocks {
-            let pair = self.blocks - block >= 2;
+            let blocks = (self.blocks - block).min(2);
             let weights = &self.packed[block * block_len..];
             let mut r = 0;
             while r < rows {
-                let four = rows - r >= 4;
-                let tile_rows = if four { 4 } else { 1 };
+                let tile_rows = if rows - r >= 4 { 4 } else { 1 };
                 let mut dots = [[[0i32; OUT_BLOCK]; 2]; 4];
                 let row = |i: usize| &q.bytes[(r + i) * stride..(r + i + 1) * stride];
-                #[cfg(target_arch = "x86_64")]
-                let done = if std::is_x86_feature_detected!("avx2") {
-                    // Safety: AVX2 is present; each activation row holds
-                    // `groups` words and the weights `groups` registers per block.
+                if avx2 {
+                    let four = || [row(0), row(1), row(2), row(3)];
+                    // Safety: `avx2` is only set where the CPU has it; each
+                    // activation row holds `groups` words and the weights
+                    // `groups` registers per block.
+                    #[cfg(target_arch = "x86_64")]
                     unsafe {
-                        match (four, pair) {
-                            (true, true) => avx2::tile::<4, 2>(
-                                [row(0), row(1), row(2), row(3)],
-                                weights,
-                                block_len,
-                                self.groups,
-                                &mut dots,
-                            ),
-                            (true, false) => avx2::tile::<4, 1>(
-                                [row(0), row(1), row(2), row(3)],
-                                weights,
-                                block_len,
-                                self.groups,
-                                &mut dots,
-                            ),
-                            (false, true) => avx2::tile::<1, 2>(
-                                [row(0)],
-                                weights,
-                                block_len,
-                                self.groups,
-                                &mut dots,
-                            ),
-                            (false, false) => avx2::tile::<1, 1>(
-                                [row(0)],
-                                weights,
-                                block_len,
-                                self.groups,
-                                &mut dots,
-                            ),
+                        match (tile_rows, blocks) {
+                            (4, 2) => {
+                                avx2::tile::<4, 2>(four(), weights, block_len, groups, &mut dots)
+                            }
+                            (4, _) => {
+                                avx2::tile::<4, 1>(four(), weights, block_len, groups, &mut dots)
+                            }
+                            (_, 2) => {
+                                avx2::tile::<1, 2>([row(0)], weights, block_len, groups, &mut dots)
+                            }
+                            _ => {
+                                avx2::tile::<1, 1>([row(0)], weights, block_len, groups, &mut dots)
+                            }
                         }
                     }
-                    true
                 } else {
-                    false
-                };
-                #[cfg(not(target_arch = "x86_64"))]
-                let done = false;
-                if !done {
-                    let blocks = if pair { 2 } else { 1 };
                     for (i, row_dots) in dots.iter_mut().enumerate().take(tile_rows) {
-                        scalar_tile(row(i), weights, block_len, self.groups, blocks, row_dots);
+                        scalar_tile(row(i), weights, block_len, groups, blocks, row_dots);
                     }
                 }
-                let blocks = if pair { 2 } else { 1 };
                 for (i, row_dots) in dots.iter().enumerate().take(tile_rows) {
                     let row_scale = q.scales[r + i];
                     let y_row = &mut y[(r + i) * padded_out..(r + i + 1) * padded_out];
@@ -281,8 +260,20 @@ impl QuantizedLinear {
                 }
                 r += tile_rows;
             }
-            block += if pair { 2 } else { 1 };
+            block += blocks;
         }
+    }
+}
+
+/// Whether the AVX2 kernels can run here; asked once per layer call.
+fn avx2_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
