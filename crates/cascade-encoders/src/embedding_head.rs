@@ -84,8 +84,7 @@ impl EmbeddingHead {
 
     /// The embeddings of `texts`, encoding those not yet cached.
     pub fn embeddings(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EncoderError> {
-        let mut targets = [(self.layers.as_slice(), &mut self.cache)];
-        fill(&self.encoder, &self.text, self.windows, &mut targets, texts)?;
+        self.fill_cache(texts)?;
         texts
             .iter()
             .map(|text| {
@@ -98,10 +97,9 @@ impl EmbeddingHead {
     }
 
     /// Encodes the texts not yet cached.
-    fn fill_cache(&mut self, texts: &[&str]) -> Result<(), StudentError> {
+    fn fill_cache(&mut self, texts: &[&str]) -> Result<(), EncoderError> {
         let mut targets = [(self.layers.as_slice(), &mut self.cache)];
         fill(&self.encoder, &self.text, self.windows, &mut targets, texts)
-            .map_err(StudentError::from)
     }
 
     fn features(&self, text: &str) -> Result<SparseVector, StudentError> {
@@ -138,7 +136,7 @@ impl Student for EmbeddingHead {
     }
 
     fn precompute(&mut self, texts: &[&str]) -> Result<(), StudentError> {
-        self.fill_cache(texts)
+        Ok(self.fill_cache(texts)?)
     }
 
     /// The head only: the encoder is frozen and the embeddings can be recomputed.
