@@ -3,36 +3,46 @@
 //! stay in cache. The scores are never materialised as a tensor; the backward
 //! pass recomputes them per head (as flash attention does) instead of storing them.
 //!
+//! Q, K and V come packed as the rows of one `x · [Wq; Wk; Wv]ᵀ` product and
+//! the context goes out as `(batch·seq, hidden)` rows: each head reads and
+//! writes its columns in place through gemm's strides, so no tensor is
+//! transposed into `(batch, heads, seq, dim)` and back (four copies a layer).
+//!
 //! candle's batched matmul calls a multi-threaded gemm per head, whose thread
 //! start-up dominates at these sizes (26 GFLOP/s for Q·Kᵀ at seq 256), and
 //! then writes and re-reads a `(batch, heads, seq, seq)` score tensor.
 
 use std::sync::Arc;
 
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::ops::{dot, f32_slice, matmul, softmax_in_place};
+use super::ops::{dot, f32_slice, matmul, matmul_into, par_zeros, softmax_in_place, SharedOut};
 
 /// Each (batch, head) pair is one Rayon task, so its gemm calls stay single-threaded.
 const SERIAL: Parallelism = Parallelism::None;
 
-/// `q, k, v`: `(batch, heads, seq, head_dim)`; `mask_bias`: `(batch, seq)`,
-/// added to every query's scores (0 for tokens, very negative for padding);
+/// `qkv`: `(batch·seq, 3·hidden)`, each row the token's query, key and value,
+/// heads side by side within each; `mask_bias`: `(batch, seq)`, added to
+/// every query's scores (0 for tokens, very negative for padding);
 /// `position_bias`: an optional constant added to each head's scores (MPNet's
-/// relative positions). It gets no gradient.
+/// relative positions), with no gradient. Returns the context `(batch·seq, hidden)`.
 pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    qkv: &Tensor,
+    heads: usize,
     mask_bias: &Tensor,
     position_bias: Option<&PositionBias>,
     scale: f64,
 ) -> Result<Tensor> {
-    let (batch, heads, seq, _dim) = q.dims4()?;
-    if mask_bias.dims() != [batch, seq] || k.dims() != q.dims() || v.dims() != q.dims() {
-        bail!("attention: q, k, v must share (batch, heads, seq, dim) and mask be (batch, seq)");
+    let (batch, seq) = mask_bias.dims2()?;
+    let (rows, width) = qkv.dims2()?;
+    if rows != batch * seq || heads == 0 || width % (3 * heads) != 0 {
+        bail!(
+            "attention: qkv {:?} is not (batch·seq, 3·hidden) for mask {:?} and {heads} heads",
+            qkv.dims(),
+            mask_bias.dims()
+        );
     }
     if position_bias.is_some_and(|b| (b.heads, b.seq) != (heads, seq)) {
         bail!("attention: the position bias must be (heads, seq, seq)");
@@ -42,9 +52,14 @@ pub fn attention(
         mask: Arc::new(mask),
         position_bias: position_bias.map(|b| b.values.clone()),
         scale: scale as f32,
+        dims: Dims {
+            batch,
+            heads,
+            seq,
+            dim: width / 3 / heads,
+        },
     };
-    q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    qkv.contiguous()?.apply_op1(op)
 }
 
 /// A `(heads, seq, seq)` bias on the attention scores, built once per forward
@@ -77,32 +92,52 @@ struct Attention {
     mask: Arc<Vec<f32>>,
     position_bias: Option<Arc<Vec<f32>>>,
     scale: f32,
+    dims: Dims,
 }
 
-/// The `(seq, seq)` position bias of the `i`-th (batch, head) pair, if any.
-fn head_bias(bias: &Option<Arc<Vec<f32>>>, i: usize, d: Dims) -> Option<&[f32]> {
-    let size = d.seq * d.seq;
-    bias.as_ref().map(|b| &b[(i % d.heads) * size..][..size])
-}
-
-/// Dimensions of one call: heads per batch element, sequence, head size.
+/// Where one (batch, head) pair's blocks sit in the packed rows.
 #[derive(Clone, Copy)]
 struct Dims {
+    batch: usize,
     heads: usize,
     seq: usize,
     dim: usize,
 }
 
 impl Dims {
-    fn from(layout: &Layout) -> Result<Self> {
-        match layout.dims() {
-            &[_, heads, seq, dim] => Ok(Self { heads, seq, dim }),
-            _ => bail!("attention expects 4-d tensors"),
-        }
+    fn hidden(&self) -> usize {
+        self.heads * self.dim
     }
-    fn block(&self) -> usize {
-        self.seq * self.dim
+    fn pairs(&self) -> usize {
+        self.batch * self.heads
     }
+    /// Row stride of the packed q|k|v rows.
+    fn qkv_stride(&self) -> usize {
+        3 * self.hidden()
+    }
+    /// First element of pair `i`'s query block; its key and value blocks
+    /// start `hidden` and `2·hidden` further on.
+    fn q_at(&self, i: usize) -> usize {
+        let (b, head) = (i / self.heads, i % self.heads);
+        b * self.seq * self.qkv_stride() + head * self.dim
+    }
+    /// First element of pair `i`'s block in a `(batch·seq, hidden)` tensor.
+    fn out_at(&self, i: usize) -> usize {
+        let (b, head) = (i / self.heads, i % self.heads);
+        b * self.seq * self.hidden() + head * self.dim
+    }
+    /// Pair `i`'s query, key and value blocks (each read with row stride `qkv_stride`).
+    fn qkv_blocks<'a>(&self, qkv: &'a [f32], i: usize) -> [&'a [f32]; 3] {
+        let at = self.q_at(i);
+        let h = self.hidden();
+        [&qkv[at..], &qkv[at + h..], &qkv[at + 2 * h..]]
+    }
+}
+
+/// The `(seq, seq)` position bias of the `i`-th (batch, head) pair, if any.
+fn head_bias(bias: &Option<Arc<Vec<f32>>>, i: usize, d: Dims) -> Option<&[f32]> {
+    let size = d.seq * d.seq;
+    bias.as_ref().map(|b| &b[(i % d.heads) * size..][..size])
 }
 
 /// Scores then probabilities of one head into `p` (seq × seq).
@@ -115,9 +150,19 @@ fn probabilities(
     d: Dims,
     p: &mut [f32],
 ) {
-    let (s, h) = (d.seq, d.dim);
+    let (s, h, stride) = (d.seq, d.dim, d.qkv_stride());
     // P = scale · Q · Kᵀ
-    matmul((s, s, h), q, (h, 1), k, (1, h), p, false, scale, SERIAL);
+    matmul(
+        (s, s, h),
+        q,
+        (stride, 1),
+        k,
+        (1, stride),
+        p,
+        false,
+        scale,
+        SERIAL,
+    );
     for (r, row) in p.chunks_mut(s).enumerate() {
         for (x, m) in row.iter_mut().zip(mask) {
             *x += m;
@@ -131,84 +176,65 @@ fn probabilities(
     }
 }
 
-impl CustomOp3 for Attention {
+impl CustomOp1 for Attention {
     fn name(&self) -> &'static str {
         "fused-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
-        let d = Dims::from(l1)?;
-        let (s, h, block) = (d.seq, d.dim, d.block());
-        let mut out = vec![0f32; q.len()];
-        out.par_chunks_mut(block).enumerate().for_each_init(
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let qkv = f32_slice(storage, layout)?;
+        let d = self.dims;
+        let (s, h, rows) = (d.seq, d.dim, d.batch * d.seq);
+        let mut out = par_zeros(rows * d.hidden());
+        let shared = SharedOut::new(&mut out);
+        (0..d.pairs()).into_par_iter().for_each_init(
             || vec![0f32; s * s],
-            |p, (i, o)| {
+            |p, i| {
+                let [q, k, v] = d.qkv_blocks(qkv, i);
                 let mask = &self.mask[(i / d.heads) * s..][..s];
-                let at = i * block;
-                probabilities(
-                    &q[at..at + block],
-                    &k[at..at + block],
-                    mask,
-                    head_bias(&self.position_bias, i, d),
-                    self.scale,
-                    d,
-                    p,
-                );
-                // O = P · V
-                matmul(
-                    (s, h, s),
-                    p,
-                    (s, 1),
-                    &v[at..at + block],
-                    (h, 1),
-                    o,
-                    false,
-                    1.0,
-                    SERIAL,
-                );
+                let bias = head_bias(&self.position_bias, i, d);
+                probabilities(q, k, mask, bias, self.scale, d, p);
+                // O = P · V, into this head's columns of the context rows.
+                // Safety: each pair writes only its own (rows, columns) block.
+                unsafe {
+                    matmul_into(
+                        (s, h, s),
+                        p,
+                        (s, 1),
+                        v,
+                        (d.qkv_stride(), 1),
+                        shared,
+                        (d.out_at(i), d.hidden()),
+                        false,
+                        1.0,
+                        SERIAL,
+                    )
+                };
             },
         );
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((CpuStorage::F32(out), Shape::from((rows, d.hidden()))))
     }
 
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let backward = AttentionBackward {
             mask: self.mask.clone(),
             position_bias: self.position_bias.clone(),
             scale: self.scale,
-            grad: grad.contiguous()?,
+            dims: self.dims,
         };
-        let packed = q.apply_op3_no_bwd(k, v, &backward)?;
-        let part = |i| packed.narrow(0, i, 1)?.squeeze(0);
-        Ok((Some(part(0)?), Some(part(1)?), Some(part(2)?)))
+        Ok(Some(qkv.apply_op2_no_bwd(&grad.contiguous()?, &backward)?))
     }
 }
 
-/// Computes `(dQ, dK, dV)` packed as `(3, batch, heads, seq, dim)`.
+/// The gradient of the packed qkv rows: `(dQ | dK | dV)` in the same layout.
 struct AttentionBackward {
     mask: Arc<Vec<f32>>,
     position_bias: Option<Arc<Vec<f32>>>,
     scale: f32,
-    grad: Tensor,
+    dims: Dims,
 }
 
-impl CustomOp3 for AttentionBackward {
+impl CustomOp2 for AttentionBackward {
     fn name(&self) -> &'static str {
         "fused-attention-backward"
     }
@@ -219,82 +245,87 @@ impl CustomOp3 for AttentionBackward {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
-        let (grad_storage, grad_layout) = self.grad.storage_and_layout();
-        let g = match &*grad_storage {
-            candle_core::Storage::Cpu(storage) => f32_slice(storage, grad_layout)?,
-            _ => bail!("attention backward runs on the CPU only"),
-        };
-        let d = Dims::from(l1)?;
-        let (s, h, block) = (d.seq, d.dim, d.block());
-        let mut out = vec![0f32; 3 * q.len()];
-        let (dq_all, rest) = out.split_at_mut(q.len());
-        let (dk_all, dv_all) = rest.split_at_mut(q.len());
-        dq_all
-            .par_chunks_mut(block)
-            .zip(
-                dk_all
-                    .par_chunks_mut(block)
-                    .zip(dv_all.par_chunks_mut(block)),
-            )
-            .enumerate()
-            .for_each_init(
-                || (vec![0f32; s * s], vec![0f32; s * s]),
-                |(p, dp), (i, (dq, (dk, dv)))| {
-                    let mask = &self.mask[(i / d.heads) * s..][..s];
-                    let at = i * block;
-                    let (q, k, v, g) = (
-                        &q[at..at + block],
-                        &k[at..at + block],
-                        &v[at..at + block],
-                        &g[at..at + block],
-                    );
-                    let bias = head_bias(&self.position_bias, i, d);
-                    probabilities(q, k, mask, bias, self.scale, d, p);
-                    // dV = Pᵀ · dO
-                    matmul((s, h, s), p, (1, s), g, (h, 1), dv, false, 1.0, SERIAL);
-                    // dP = dO · Vᵀ
-                    matmul((s, s, h), g, (h, 1), v, (1, h), dp, false, 1.0, SERIAL);
-                    // dS = P ∘ (dP − rowsum(dP ∘ P)), in place in dp
-                    for (dp_row, p_row) in dp.chunks_mut(s).zip(p.chunks(s)) {
-                        let total = dot(dp_row, p_row);
-                        for (x, pv) in dp_row.iter_mut().zip(p_row) {
-                            *x = pv * (*x - total);
-                        }
+        let (qkv, g) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        let d = self.dims;
+        let (s, h, stride, hidden) = (d.seq, d.dim, d.qkv_stride(), d.hidden());
+        let mut out = par_zeros(qkv.len());
+        let shared = SharedOut::new(&mut out);
+        (0..d.pairs()).into_par_iter().for_each_init(
+            || (vec![0f32; s * s], vec![0f32; s * s]),
+            |(p, dp), i| {
+                let [q, k, v] = d.qkv_blocks(qkv, i);
+                let g = &g[d.out_at(i)..];
+                let mask = &self.mask[(i / d.heads) * s..][..s];
+                let bias = head_bias(&self.position_bias, i, d);
+                probabilities(q, k, mask, bias, self.scale, d, p);
+                let (dq_at, dk_at, dv_at) = (d.q_at(i), d.q_at(i) + hidden, d.q_at(i) + 2 * hidden);
+                // Safety (every matmul_into below): each pair writes only its
+                // own (rows, columns) blocks of dQ, dK and dV.
+                // dV = Pᵀ · dO
+                unsafe {
+                    matmul_into(
+                        (s, h, s),
+                        p,
+                        (1, s),
+                        g,
+                        (hidden, 1),
+                        shared,
+                        (dv_at, stride),
+                        false,
+                        1.0,
+                        SERIAL,
+                    )
+                };
+                // dP = dO · Vᵀ
+                matmul(
+                    (s, s, h),
+                    g,
+                    (hidden, 1),
+                    v,
+                    (1, stride),
+                    dp,
+                    false,
+                    1.0,
+                    SERIAL,
+                );
+                // dS = P ∘ (dP − rowsum(dP ∘ P)), in place in dp
+                for (dp_row, p_row) in dp.chunks_mut(s).zip(p.chunks(s)) {
+                    let total = dot(dp_row, p_row);
+                    for (x, pv) in dp_row.iter_mut().zip(p_row) {
+                        *x = pv * (*x - total);
                     }
-                    // dQ = scale · dS · K;  dK = scale · dSᵀ · Q
-                    matmul(
+                }
+                // dQ = scale · dS · K;  dK = scale · dSᵀ · Q
+                unsafe {
+                    matmul_into(
                         (s, h, s),
                         dp,
                         (s, 1),
                         k,
-                        (h, 1),
-                        dq,
+                        (stride, 1),
+                        shared,
+                        (dq_at, stride),
                         false,
                         self.scale,
                         SERIAL,
                     );
-                    matmul(
+                    matmul_into(
                         (s, h, s),
                         dp,
                         (1, s),
                         q,
-                        (h, 1),
-                        dk,
+                        (stride, 1),
+                        shared,
+                        (dk_at, stride),
                         false,
                         self.scale,
                         SERIAL,
                     );
-                },
-            );
-        let dims = l1.dims();
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from((3, dims[0], dims[1], dims[2], dims[3])),
-        ))
+                };
+            },
+        );
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
 
@@ -313,21 +344,45 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
+    /// `(batch, heads, seq, dim)` views of the packed `(batch·seq, 3·hidden)` rows.
+    fn split(qkv: &Tensor, batch: usize, heads: usize) -> [Tensor; 3] {
+        let (rows, width) = qkv.dims2().unwrap();
+        let hidden = width / 3;
+        let part = |i: usize| {
+            qkv.narrow(1, i * hidden, hidden)
+                .unwrap()
+                .reshape((batch, rows / batch, heads, hidden / heads))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        [part(0), part(1), part(2)]
+    }
+
+    /// Composed candle ops on the split heads, back to `(batch·seq, hidden)`.
     fn reference(
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        qkv: &Tensor,
+        heads: usize,
         mask: &Tensor,
         position_bias: Option<&Tensor>,
         scale: f64,
     ) -> Tensor {
+        let (batch, seq) = mask.dims2().unwrap();
+        let [q, k, v] = split(qkv, batch, heads);
         let mut scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
         if let Some(bias) = position_bias {
             scores = scores.broadcast_add(bias).unwrap();
         }
         let mask = mask.unsqueeze(1).unwrap().unsqueeze(1).unwrap();
         let p = candle_nn::ops::softmax(&scores.broadcast_add(&mask).unwrap(), D::Minus1).unwrap();
-        p.matmul(v).unwrap()
+        p.matmul(&v)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((batch * seq, qkv.dim(1).unwrap() / 3))
+            .unwrap()
     }
 
     #[test]
@@ -343,22 +398,19 @@ mod tests {
 
     /// `position_bias` as a `(heads, seq, seq)` tensor, for the reference.
     fn check_against_reference(position_bias: Option<&Tensor>) {
-        let shape = [2, 3, 5, 4];
-        let (q, k, v) = (
-            Var::from_tensor(&values(&shape, 1)).unwrap(),
-            Var::from_tensor(&values(&shape, 2)).unwrap(),
-            Var::from_tensor(&values(&shape, 3)).unwrap(),
-        );
+        // batch 2, heads 3, seq 5, dim 4: hidden 12, rows of 36.
+        let (heads, hidden) = (3, 12);
+        let qkv = Var::from_tensor(&values(&[10, 3 * hidden], 1)).unwrap();
         let mask = Tensor::new(
             &[[0f32, 0., 0., -1e9, -1e9], [0., 0., 0., 0., 0.]],
             &Device::Cpu,
         )
         .unwrap();
-        let w = values(&shape, 4);
+        let w = values(&[10, hidden], 4);
         let fused_bias = position_bias
             .map(|b| PositionBias::new(b.flatten_all().unwrap().to_vec1().unwrap(), 3, 5).unwrap());
-        let fused = attention(&q, &k, &v, &mask, fused_bias.as_ref(), 0.5).unwrap();
-        let expected = reference(&q, &k, &v, &mask, position_bias, 0.5);
+        let fused = attention(&qkv, heads, &mask, fused_bias.as_ref(), 0.5).unwrap();
+        let expected = reference(&qkv, heads, &mask, position_bias, 0.5);
         let diff = |a: &Tensor, b: &Tensor| -> f32 {
             (a - b)
                 .unwrap()
@@ -377,14 +429,23 @@ mod tests {
             .unwrap()
             .backward()
             .unwrap();
-        for x in [&q, &k, &v] {
-            let d = diff(gf.get(x).unwrap(), ge.get(x).unwrap());
-            assert!(d < 1e-5, "gradient differs by {d}");
-        }
+        let (gf, ge) = (gf.get(&qkv).unwrap(), ge.get(&qkv).unwrap());
+        let d = diff(gf, ge);
+        assert!(d < 1e-5, "gradient differs by {d}");
+        assert!(
+            gf.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 1e-3
+        );
         // Padded keys (positions 3, 4 of batch 0) get no gradient through k and v.
-        let dk = gf.get(&k).unwrap().get(0).unwrap();
-        let padded = dk
-            .narrow(1, 3, 2)
+        let padded = gf
+            .narrow(0, 3, 2)
+            .unwrap()
+            .narrow(1, hidden, 2 * hidden)
             .unwrap()
             .abs()
             .unwrap()
@@ -398,11 +459,12 @@ mod tests {
         // A padded value of 1e38 shows any leftover weight: e^-87 ≈ 1.6e-38
         // times 1e38 is 1.6, far from 0. Such tiny weights are also what made
         // padded backward passes crawl through subnormal arithmetic.
-        let shape = [1, 1, 3, 2];
-        let (q, k) = (values(&shape, 1), values(&shape, 2));
-        let v = Tensor::new(&[[[[1f32, 1.], [1., 1.], [1e38, 1e38]]]], &Device::Cpu).unwrap();
+        // One head of dim 2 over 3 tokens: rows [q | k | v].
+        let (q, k) = (values(&[3, 2], 1), values(&[3, 2], 2));
+        let v = Tensor::new(&[[1f32, 1.], [1., 1.], [1e38, 1e38]], &Device::Cpu).unwrap();
+        let qkv = Tensor::cat(&[&q, &k, &v], 1).unwrap();
         let mask = Tensor::new(&[[0f32, 0., -1e9]], &Device::Cpu).unwrap();
-        let out: Vec<f32> = attention(&q, &k, &v, &mask, None, 1.0)
+        let out: Vec<f32> = attention(&qkv, 1, &mask, None, 1.0)
             .unwrap()
             .flatten_all()
             .unwrap()

@@ -299,10 +299,45 @@ impl LayerNorm {
     }
 }
 
+/// Q, K and V as one product `x · [Wq; Wk; Wv]ᵀ`: one gemm instead of
+/// three, and its rows are what the fused attention reads.
+enum QkvProjection {
+    /// Frozen weights, concatenated once at load.
+    Fused(Linear),
+    /// Trainable weights stay three variables (their checkpoint names) and
+    /// are concatenated per pass: 3·h² floats, against rows·3h in the product.
+    Separate(Box<[Linear; 3]>),
+}
+
+impl QkvProjection {
+    fn new(parts: [Linear; 3], trainable: bool) -> Result<Self> {
+        if trainable {
+            return Ok(Self::Separate(Box::new(parts)));
+        }
+        let [q, k, v] = parts;
+        Ok(Self::Fused(Linear {
+            weight: Tensor::cat(&[&q.weight, &k.weight, &v.weight], 0)?,
+            bias: Tensor::cat(&[&q.bias, &k.bias, &v.bias], 0)?,
+            int8: None,
+        }))
+    }
+
+    /// `x (rows, h) → (rows, 3h)`, each row `[q | k | v]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Fused(linear) => linear.forward(x),
+            Self::Separate(parts) => {
+                let [q, k, v] = parts.as_ref();
+                let weight = Tensor::cat(&[&q.weight, &k.weight, &v.weight], 0)?;
+                let bias = Tensor::cat(&[&q.bias, &k.bias, &v.bias], 0)?;
+                super::linear::linear(x, &weight, &bias)
+            }
+        }
+    }
+}
+
 struct Layer {
-    query: Linear,
-    key: Linear,
-    value: Linear,
+    qkv: QkvProjection,
     attention_out: Linear,
     attention_norm: LayerNorm,
     intermediate: Linear,
@@ -393,10 +428,11 @@ impl BertEncoder {
             let train = trainable.enabled && i >= trainable.frozen_layers;
             let p = format!("encoder.layer.{i}");
             let eps = c.layer_norm_eps;
+            let qkv = [names.query, names.key, names.value]
+                .map(|name| Linear::load(&mut l, &format!("{p}.{name}"), h, h, train));
+            let [q, k, v] = qkv;
             layers.push(Layer {
-                query: Linear::load(&mut l, &format!("{p}.{}", names.query), h, h, train)?,
-                key: Linear::load(&mut l, &format!("{p}.{}", names.key), h, h, train)?,
-                value: Linear::load(&mut l, &format!("{p}.{}", names.value), h, h, train)?,
+                qkv: QkvProjection::new([q?, k?, v?], train)?,
                 attention_out: Linear::load(&mut l, &format!("{p}.{}", names.output), h, h, train)?,
                 attention_norm: LayerNorm::load(
                     &mut l,
@@ -463,10 +499,11 @@ impl BertEncoder {
             candle_core::bail!("a trainable encoder cannot be quantized");
         }
         for layer in &mut self.layers {
+            let QkvProjection::Fused(qkv) = &mut layer.qkv else {
+                candle_core::bail!("a trainable encoder cannot be quantized");
+            };
             for linear in [
-                &mut layer.query,
-                &mut layer.key,
-                &mut layer.value,
+                qkv,
                 &mut layer.attention_out,
                 &mut layer.intermediate,
                 &mut layer.output,
@@ -538,18 +575,8 @@ impl BertEncoder {
         }
         let deepest = layers.last().copied().unwrap_or(0);
         for (index, layer) in self.layers.iter().enumerate().take(deepest) {
-            let split_heads = |t: Tensor| -> Result<Tensor> {
-                t.reshape((batch, seq, heads, head_dim))?
-                    .transpose(1, 2)?
-                    .contiguous()
-            };
-            let q = split_heads(layer.query.forward(&x)?)?;
-            let k = split_heads(layer.key.forward(&x)?)?;
-            let v = split_heads(layer.value.forward(&x)?)?;
-            let context = attention(&q, &k, &v, &mask_bias, position_bias.as_ref(), scale)?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((batch * seq, h))?;
+            let qkv = layer.qkv.forward(&x)?;
+            let context = attention(&qkv, heads, &mask_bias, position_bias.as_ref(), scale)?;
             let attended = layer
                 .attention_norm
                 .forward(&(layer.attention_out.forward(&context)? + &x)?)?;

@@ -6,7 +6,7 @@
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 
-use super::ops::{f32_slice, matmul};
+use super::ops::{f32_slice, matmul, par_repeat_rows};
 
 /// `x (rows, in)`, `weight (out, in)` as checkpoints store it, `bias (out)` → `(rows, out)`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
@@ -41,10 +41,7 @@ impl CustomOp3 for Linear {
                 l3.dims()
             );
         }
-        let mut y = Vec::with_capacity(rows * out);
-        for _ in 0..rows {
-            y.extend_from_slice(b);
-        }
+        let mut y = par_repeat_rows(b, rows);
         if rows > 0 && out > 0 && inner > 0 {
             // y += x · wᵀ: wᵀ is w read with swapped strides.
             let threads = Parallelism::Rayon(rayon::current_num_threads());

@@ -28,12 +28,73 @@ pub(crate) fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<
 /// `c (m×n, row-major) = [c +] alpha · a · b`, with arbitrary strides for a and b.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul(
+    dims: (usize, usize, usize),
+    a: &[f32],
+    a_strides: (usize, usize),
+    b: &[f32],
+    b_strides: (usize, usize),
+    c: &mut [f32],
+    accumulate: bool,
+    alpha: f32,
+    parallelism: Parallelism,
+) {
+    let n = dims.1;
+    let c = SharedOut::new(c);
+    // Safety: `c` is borrowed mutably for the call, so nothing else writes it.
+    unsafe {
+        matmul_into(
+            dims,
+            a,
+            a_strides,
+            b,
+            b_strides,
+            c,
+            (0, n),
+            accumulate,
+            alpha,
+            parallelism,
+        )
+    }
+}
+
+/// A mutable f32 buffer that parallel tasks write at disjoint elements (each
+/// attention head its own columns of the same rows), which `&mut` slices
+/// cannot express.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// Safety: a `SharedOut` is only written through `matmul_into`, whose callers
+// promise that no two tasks write the same element.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    pub(crate) fn new(buffer: &mut [f32]) -> Self {
+        Self {
+            ptr: buffer.as_mut_ptr(),
+            len: buffer.len(),
+        }
+    }
+}
+
+/// As `matmul`, into the `m × n` block of `c` that starts at element `offset`
+/// with rows `row_stride` apart.
+///
+/// # Safety
+/// No other thread reads or writes that block during the call, and the
+/// buffer behind `c` outlives it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul_into(
     (m, n, k): (usize, usize, usize),
     a: &[f32],
     (a_rs, a_cs): (usize, usize),
     b: &[f32],
     (b_rs, b_cs): (usize, usize),
-    c: &mut [f32],
+    c: SharedOut,
+    (offset, c_rs): (usize, usize),
     accumulate: bool,
     alpha: f32,
     parallelism: Parallelism,
@@ -41,16 +102,17 @@ pub(crate) fn matmul(
     assert!(m > 0 && n > 0 && k > 0);
     assert!((m - 1) * a_rs + (k - 1) * a_cs < a.len());
     assert!((k - 1) * b_rs + (n - 1) * b_cs < b.len());
-    assert!(m * n <= c.len());
-    // Safety: the asserts keep every access inside the slices; c does not alias a or b.
+    assert!(n <= c_rs && offset + (m - 1) * c_rs + n <= c.len);
+    // Safety: the asserts keep every access inside the buffers; c does not
+    // alias a or b, and the caller keeps other threads off its block.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c.ptr.add(offset),
             1,
-            n as isize,
+            c_rs as isize,
             accumulate,
             a.as_ptr(),
             a_cs as isize,
@@ -66,6 +128,45 @@ pub(crate) fn matmul(
             parallelism,
         );
     }
+}
+
+/// Elements per task when filling a fresh buffer.
+const FILL_CHUNK: usize = 1 << 16;
+
+/// `len` zeros, written by every thread. `vec![0.0; len]` is one core's
+/// memset: glibc's calloc must clear memory it kept mapped (the binary keeps
+/// freed memory mapped), and a 25 MB output then costs a few ms while the
+/// other core waits.
+pub(crate) fn par_zeros(len: usize) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    v.spare_capacity_mut()
+        .par_chunks_mut(FILL_CHUNK)
+        .for_each(|c| c.fill(std::mem::MaybeUninit::new(0.0)));
+    // Safety: every element of the spare capacity was written just above.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// `rows` copies of `row`, written by every thread (see `par_zeros`).
+pub(crate) fn par_repeat_rows(row: &[f32], rows: usize) -> Vec<f32> {
+    let len = rows * row.len();
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    if row.is_empty() {
+        return v;
+    }
+    let per_task = row.len() * (FILL_CHUNK / row.len()).max(1);
+    v.spare_capacity_mut()
+        .par_chunks_mut(per_task)
+        .for_each(|c| {
+            for dst in c.chunks_mut(row.len()) {
+                for (d, s) in dst.iter_mut().zip(row) {
+                    d.write(*s);
+                }
+            }
+        });
+    // Safety: the chunks cover the spare capacity, and each copies whole rows.
+    unsafe { v.set_len(len) };
+    v
 }
 
 fn rows_per_task(row: usize) -> usize {
@@ -112,7 +213,7 @@ impl CustomOp3 for LayerNorm {
         if beta.len() != d || x.len() % d != 0 {
             bail!("layer norm: shapes do not match");
         }
-        let mut out = vec![0f32; x.len()];
+        let mut out = par_zeros(x.len());
         out.par_chunks_mut(d * rows_per_task(d))
             .zip(x.par_chunks(d * rows_per_task(d)))
             .for_each(|(out, x)| {
@@ -171,7 +272,7 @@ impl CustomOp3 for LayerNormBackward {
         let d = gamma.len();
         let rows = x.len() / d;
         let chunk = d * rows_per_task(d);
-        let mut out = vec![0f32; (rows + 2) * d];
+        let mut out = par_zeros((rows + 2) * d);
         let (dx_all, param_grads) = out.split_at_mut(rows * d);
         let partials: Vec<Vec<f32>> = dx_all
             .par_chunks_mut(chunk)
@@ -336,7 +437,7 @@ impl CustomOp1 for Gelu {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(storage, layout)?;
-        let mut out = vec![0f32; x.len()];
+        let mut out = par_zeros(x.len());
         out.par_chunks_mut(MIN_PARALLEL_ELEMS)
             .zip(x.par_chunks(MIN_PARALLEL_ELEMS))
             .for_each(|(y, x)| {
@@ -369,7 +470,7 @@ impl CustomOp2 for GeluBackward {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, g) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
-        let mut out = vec![0f32; x.len()];
+        let mut out = par_zeros(x.len());
         out.par_chunks_mut(MIN_PARALLEL_ELEMS)
             .zip(
                 x.par_chunks(MIN_PARALLEL_ELEMS)
