@@ -18,7 +18,9 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape,
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::ops::{dot, f32_slice, matmul, matmul_into, par_zeros, softmax_in_place, SharedOut};
+use super::ops::{
+    dot, f32_slice, masked_softmax_in_place, matmul, matmul_into, par_zeros, SharedOut,
+};
 
 /// Each (batch, head) pair is one Rayon task, so its gemm calls stay single-threaded.
 const SERIAL: Parallelism = Parallelism::None;
@@ -164,15 +166,7 @@ fn probabilities(
         SERIAL,
     );
     for (r, row) in p.chunks_mut(s).enumerate() {
-        for (x, m) in row.iter_mut().zip(mask) {
-            *x += m;
-        }
-        if let Some(bias) = bias {
-            for (x, b) in row.iter_mut().zip(&bias[r * s..][..s]) {
-                *x += b;
-            }
-        }
-        softmax_in_place(row);
+        masked_softmax_in_place(row, mask, bias.map(|b| &b[r * s..][..s]));
     }
 }
 

@@ -407,13 +407,50 @@ pub fn max(x: &[f32]) -> f32 {
     acc.iter().copied().fold(tail, f32::max)
 }
 
-/// Softmax of one row in place.
-pub fn softmax_in_place(row: &mut [f32]) {
-    let m = max(row);
-    for x in row.iter_mut() {
-        *x = fast_exp(*x - m);
+/// Softmax of `row + mask (+ bias)` in place, in three passes over the row
+/// (four with a bias): add and take the maximum, exponentiate and sum, scale. Lane-wise
+/// accumulators keep each pass vectorised.
+pub fn masked_softmax_in_place(row: &mut [f32], mask: &[f32], bias: Option<&[f32]>) {
+    let n = row.len();
+    let mask = &mask[..n];
+    if let Some(bias) = bias {
+        for (x, b) in row.iter_mut().zip(&bias[..n]) {
+            *x += b;
+        }
     }
-    let inv = 1.0 / sum(row);
+    let mut top = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    let mut mask_chunks = mask.chunks_exact(LANES);
+    for (c, mc) in (&mut chunks).zip(&mut mask_chunks) {
+        for l in 0..LANES {
+            c[l] += mc[l];
+            top[l] = top[l].max(c[l]);
+        }
+    }
+    let mut m = top.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for (x, mk) in chunks
+        .into_remainder()
+        .iter_mut()
+        .zip(mask_chunks.remainder())
+    {
+        *x += mk;
+        m = m.max(*x);
+    }
+    let mut acc = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            let e = fast_exp(c[l] - m);
+            c[l] = e;
+            acc[l] += e;
+        }
+    }
+    let mut total: f32 = acc.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = fast_exp(*x - m);
+        total += *x;
+    }
+    let inv = 1.0 / total;
     for x in row.iter_mut() {
         *x *= inv;
     }

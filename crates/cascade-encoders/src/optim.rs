@@ -6,6 +6,7 @@ use crate::error::EncoderError;
 use std::sync::Mutex;
 
 use candle_core::{backprop::GradStore, bail, CpuStorage, InplaceOp2, Layout, Result, Var};
+use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {
@@ -194,13 +195,22 @@ impl InplaceOp2 for Step<'_> {
         let shrink = 1.0 - self.lr * self.decay;
         let step_size = self.lr / self.correction1;
         let inv_sqrt_c2 = 1.0 / self.correction2.sqrt();
-        for i in 0..param.len() {
-            let g = grad[i];
-            m[i] = self.beta1 * m[i] + (1.0 - self.beta1) * g;
-            v[i] = self.beta2 * v[i] + (1.0 - self.beta2) * g * g;
-            let denom = v[i].sqrt() * inv_sqrt_c2 + self.eps;
-            param[i] = param[i] * shrink - step_size * m[i] / denom;
-        }
+        // Elementwise, so both threads take chunks; each weight's arithmetic
+        // is the same whatever the split.
+        const CHUNK: usize = 1 << 14;
+        param
+            .par_chunks_mut(CHUNK)
+            .zip(grad.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+            .for_each(|((param, grad), (m, v))| {
+                for i in 0..param.len() {
+                    let g = grad[i];
+                    m[i] = self.beta1 * m[i] + (1.0 - self.beta1) * g;
+                    v[i] = self.beta2 * v[i] + (1.0 - self.beta2) * g * g;
+                    let denom = v[i].sqrt() * inv_sqrt_c2 + self.eps;
+                    param[i] = param[i] * shrink - step_size * m[i] / denom;
+                }
+            });
         Ok(())
     }
 }
