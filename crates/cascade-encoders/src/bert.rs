@@ -271,6 +271,14 @@ impl Linear {
         }
     }
 
+    /// `gelu(forward(x))`, fused where nothing trains.
+    fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.int8 {
+            Some(int8) => ops::gelu(&int8.forward(x)?),
+            None => super::linear::linear_gelu(x, &self.weight, &self.bias),
+        }
+    }
+
     fn quantize_int8(&mut self) -> Result<()> {
         self.int8 = Some(QuantizedLinear::from_tensors(&self.weight, &self.bias)?);
         // The f32 weight is no longer read; keep a placeholder, not 4× the bytes.
@@ -580,7 +588,7 @@ impl BertEncoder {
             let attended = layer
                 .attention_norm
                 .forward(&(layer.attention_out.forward(&context)? + &x)?)?;
-            let inner = ops::gelu(&layer.intermediate.forward(&attended)?)?;
+            let inner = layer.intermediate.forward_gelu(&attended)?;
             x = layer
                 .output_norm
                 .forward(&(layer.output.forward(&inner)? + attended)?)?;

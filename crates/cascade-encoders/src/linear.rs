@@ -6,15 +6,38 @@
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 
-use super::ops::{f32_slice, matmul, par_repeat_rows};
+use rayon::prelude::*;
+
+use super::ops::{f32_slice, gelu_value, matmul, par_repeat_rows};
 
 /// `x (rows, in)`, `weight (out, in)` as checkpoints store it, `bias (out)` → `(rows, out)`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Linear)
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        Linear { gelu: false },
+    )
 }
 
-struct Linear;
+/// `gelu(linear(x, weight, bias))`. With nothing to differentiate (a frozen
+/// encoder) the GELU runs in place on the product, which saves allocating,
+/// writing and re-reading a `(rows, out)` tensor (the FFN's widest).
+pub fn linear_gelu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if x.track_op() || weight.track_op() || bias.track_op() {
+        return super::ops::gelu(&linear(x, weight, bias)?);
+    }
+    x.contiguous()?.apply_op3_no_bwd(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        &Linear { gelu: true },
+    )
+}
+
+struct Linear {
+    /// GELU in place on the output: inference only (the backward pass would
+    /// need the product before it).
+    gelu: bool,
+}
 
 impl CustomOp3 for Linear {
     fn name(&self) -> &'static str {
@@ -57,6 +80,13 @@ impl CustomOp3 for Linear {
                 threads,
             );
         }
+        if self.gelu {
+            y.par_chunks_mut(1 << 14).for_each(|chunk| {
+                for v in chunk {
+                    *v = gelu_value(*v);
+                }
+            });
+        }
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 
@@ -68,6 +98,9 @@ impl CustomOp3 for Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.gelu {
+            bail!("linear_gelu's fused path has no backward pass");
+        }
         // Frozen weights are no variables; skip their (rows-sized) products.
         let dx = x.track_op().then(|| grad.matmul(weight)).transpose()?;
         let dw = weight.track_op().then(|| grad.t()?.matmul(x)).transpose()?;
@@ -135,6 +168,34 @@ mod tests {
             let diff = (a - r).unwrap().abs().unwrap().max_all().unwrap();
             assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
         }
+    }
+
+    #[test]
+    fn fused_gelu_matches_gelu_of_the_product_with_or_without_gradients() {
+        let (x, w) = (values((37, 19), 1), values((23, 19), 2));
+        let b = b_of(values((1, 23), 3));
+        let expected = crate::ops::gelu(&linear(&x, &w, &b).unwrap()).unwrap();
+        let fused = linear_gelu(&x, &w, &b).unwrap();
+        let diff = (&fused - &expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        // A variable takes the differentiable path, and its gradient flows.
+        let xv = Var::from_tensor(&x).unwrap();
+        let grads = linear_gelu(&xv, &w, &b)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(grads.get(&xv).is_some());
+    }
+
+    fn b_of(t: Tensor) -> Tensor {
+        t.flatten_all().unwrap()
     }
 
     #[test]

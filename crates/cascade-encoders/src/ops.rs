@@ -318,7 +318,7 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 
 struct Gelu;
 
-fn gelu_value(x: f32) -> f32 {
+pub(crate) fn gelu_value(x: f32) -> f32 {
     0.5 * x * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
