@@ -44,7 +44,7 @@ def ours(binary, model, spec, iters, extra):
                          check=True, capture_output=True, text=True).stdout
     fields = out.split()
     # mode batch seq median min max rss check
-    return float(fields[3]), float(fields[6]), fields[7]
+    return float(fields[3]), float(fields[6]), " ".join(fields[7:])
 
 
 def pytorch(python, model, spec, iters):

@@ -129,6 +129,8 @@ fn run_one(args: &BenchEncoderArgs, spec: &str) -> Result<String> {
                 },
             );
             let mut losses = Vec::new();
+            // Per phase, to see where a step's time goes: forward, backward, AdamW.
+            let mut phases = [Vec::new(), Vec::new(), Vec::new()];
             for i in 0..args.iters + 1 {
                 let t = Instant::now();
                 let h = encoder.forward(&ids, &mask)?;
@@ -137,15 +139,28 @@ fn run_one(args: &BenchEncoderArgs, spec: &str) -> Result<String> {
                     .matmul(&head_w.as_tensor().t()?)?
                     .broadcast_add(head_b.as_tensor())?;
                 let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+                let forward_done = t.elapsed();
                 let grads = loss.backward()?;
+                let backward_done = t.elapsed();
                 opt.step(&grads)?;
                 losses.push(loss.to_scalar::<f32>()?);
                 if i >= 1 {
-                    times.push(t.elapsed().as_secs_f64() * 1e3);
+                    let total = t.elapsed();
+                    times.push(total.as_secs_f64() * 1e3);
+                    phases[0].push(forward_done.as_secs_f64() * 1e3);
+                    phases[1].push((backward_done - forward_done).as_secs_f64() * 1e3);
+                    phases[2].push((total - backward_done).as_secs_f64() * 1e3);
                 }
             }
             let first: Vec<String> = losses.iter().take(3).map(|l| format!("{l:.6}")).collect();
-            format!("losses={}", first.join(","))
+            let [fwd, bwd, adamw] = phases.map(|mut p| {
+                p.sort_by(f64::total_cmp);
+                p[p.len() / 2]
+            });
+            format!(
+                "losses={} fwd/bwd/adamw={fwd:.0}/{bwd:.0}/{adamw:.0}ms",
+                first.join(",")
+            )
         }
         other => bail!("unknown mode `{other}`; use fwd or train"),
     };
