@@ -274,7 +274,7 @@ impl Linear {
     /// `gelu(forward(x))`, fused where nothing trains.
     fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
         match &self.int8 {
-            Some(int8) => ops::gelu(&int8.forward(x)?),
+            Some(int8) => int8.forward_gelu(x),
             None => super::linear::linear_gelu(x, &self.weight, &self.bias),
         }
     }
@@ -322,12 +322,20 @@ impl QkvProjection {
         if trainable {
             return Ok(Self::Separate(Box::new(parts)));
         }
-        let [q, k, v] = parts;
+        let (weight, bias) = Self::concatenated(&parts)?;
         Ok(Self::Fused(Linear {
-            weight: Tensor::cat(&[&q.weight, &k.weight, &v.weight], 0)?,
-            bias: Tensor::cat(&[&q.bias, &k.bias, &v.bias], 0)?,
+            weight,
+            bias,
             int8: None,
         }))
+    }
+
+    /// `[Wq; Wk; Wv]` and `[bq; bk; bv]`.
+    fn concatenated([q, k, v]: &[Linear; 3]) -> Result<(Tensor, Tensor)> {
+        Ok((
+            Tensor::cat(&[&q.weight, &k.weight, &v.weight], 0)?,
+            Tensor::cat(&[&q.bias, &k.bias, &v.bias], 0)?,
+        ))
     }
 
     /// `x (rows, h) → (rows, 3h)`, each row `[q | k | v]`.
@@ -335,9 +343,7 @@ impl QkvProjection {
         match self {
             Self::Fused(linear) => linear.forward(x),
             Self::Separate(parts) => {
-                let [q, k, v] = parts.as_ref();
-                let weight = Tensor::cat(&[&q.weight, &k.weight, &v.weight], 0)?;
-                let bias = Tensor::cat(&[&q.bias, &k.bias, &v.bias], 0)?;
+                let (weight, bias) = Self::concatenated(parts)?;
                 super::linear::linear(x, &weight, &bias)
             }
         }
@@ -436,9 +442,8 @@ impl BertEncoder {
             let train = trainable.enabled && i >= trainable.frozen_layers;
             let p = format!("encoder.layer.{i}");
             let eps = c.layer_norm_eps;
-            let qkv = [names.query, names.key, names.value]
+            let [q, k, v] = [names.query, names.key, names.value]
                 .map(|name| Linear::load(&mut l, &format!("{p}.{name}"), h, h, train));
-            let [q, k, v] = qkv;
             layers.push(Layer {
                 qkv: QkvProjection::new([q?, k?, v?], train)?,
                 attention_out: Linear::load(&mut l, &format!("{p}.{}", names.output), h, h, train)?,

@@ -173,7 +173,7 @@ mod tests {
     #[test]
     fn fused_gelu_matches_gelu_of_the_product_with_or_without_gradients() {
         let (x, w) = (values((37, 19), 1), values((23, 19), 2));
-        let b = b_of(values((1, 23), 3));
+        let b = values((1, 23), 3).flatten_all().unwrap();
         let expected = crate::ops::gelu(&linear(&x, &w, &b).unwrap()).unwrap();
         let fused = linear_gelu(&x, &w, &b).unwrap();
         let diff = (&fused - &expected)
@@ -192,10 +192,6 @@ mod tests {
             .backward()
             .unwrap();
         assert!(grads.get(&xv).is_some());
-    }
-
-    fn b_of(t: Tensor) -> Tensor {
-        t.flatten_all().unwrap()
     }
 
     #[test]

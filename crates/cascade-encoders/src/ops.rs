@@ -81,7 +81,7 @@ impl SharedOut {
 }
 
 /// As `matmul`, into the `m × n` block of `c` that starts at element `offset`
-/// with rows `row_stride` apart.
+/// with rows `c_rs` elements apart.
 ///
 /// # Safety
 /// No other thread reads or writes that block during the call, and the
@@ -139,10 +139,10 @@ const FILL_CHUNK: usize = 1 << 16;
 /// other core waits.
 pub(crate) fn par_zeros(len: usize) -> Vec<f32> {
     let mut v: Vec<f32> = Vec::with_capacity(len);
-    v.spare_capacity_mut()
+    v.spare_capacity_mut()[..len]
         .par_chunks_mut(FILL_CHUNK)
         .for_each(|c| c.fill(std::mem::MaybeUninit::new(0.0)));
-    // Safety: every element of the spare capacity was written just above.
+    // Safety: the first `len` elements were written just above.
     unsafe { v.set_len(len) };
     v
 }
@@ -155,7 +155,7 @@ pub(crate) fn par_repeat_rows(row: &[f32], rows: usize) -> Vec<f32> {
         return v;
     }
     let per_task = row.len() * (FILL_CHUNK / row.len()).max(1);
-    v.spare_capacity_mut()
+    v.spare_capacity_mut()[..len]
         .par_chunks_mut(per_task)
         .for_each(|c| {
             for dst in c.chunks_mut(row.len()) {
@@ -164,7 +164,7 @@ pub(crate) fn par_repeat_rows(row: &[f32], rows: usize) -> Vec<f32> {
                 }
             }
         });
-    // Safety: the chunks cover the spare capacity, and each copies whole rows.
+    // Safety: the chunks cover the first `len` elements, each whole rows.
     unsafe { v.set_len(len) };
     v
 }

@@ -17,7 +17,7 @@ use std::mem::MaybeUninit;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::ops::f32_slice;
+use super::ops::{f32_slice, gelu_value};
 
 /// Outputs per register (i32 lanes) and inputs per lane (bytes).
 const OUT_BLOCK: usize = 8;
@@ -132,7 +132,19 @@ impl QuantizedLinear {
 
     /// `x (rows, inner) → (rows, out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.contiguous()?.apply_op1_no_bwd(self)
+        x.contiguous()?.apply_op1_no_bwd(&Op {
+            layer: self,
+            gelu: false,
+        })
+    }
+
+    /// `gelu(forward(x))`, the GELU applied to each task's rows while they
+    /// are still in cache.
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(&Op {
+            layer: self,
+            gelu: true,
+        })
     }
 
     /// Bytes per quantized row: whole groups.
@@ -171,6 +183,11 @@ impl QuantizedLinear {
 
     /// `y = x · Wᵀ + b` for `x` of `(rows, inner)` row-major.
     pub fn apply(&self, x: &[f32]) -> Vec<f32> {
+        self.apply_then(x, false)
+    }
+
+    /// `apply`, then GELU on every output if `gelu`.
+    fn apply_then(&self, x: &[f32], gelu: bool) -> Vec<f32> {
         let rows = x.len() / self.inner;
         let padded_out = self.blocks * OUT_BLOCK;
         // Every element is written once below: no zero fill first (it cost
@@ -186,6 +203,14 @@ impl QuantizedLinear {
             .for_each(|(y, x)| {
                 let q = self.quantize_rows(x, avx2);
                 self.block_rows(&q, y, avx2);
+                if gelu {
+                    // Safety: `block_rows` wrote every element of `y`, and
+                    // `MaybeUninit<f32>` has the layout of `f32`.
+                    let y = unsafe { &mut *(y as *mut [MaybeUninit<f32>] as *mut [f32]) };
+                    for v in y {
+                        *v = gelu_value(*v);
+                    }
+                }
             });
         // Safety: `block_rows` wrote every (row, padded output) of each chunk.
         unsafe { y.set_len(rows * padded_out) };
@@ -303,7 +328,13 @@ fn scalar_tile(
     }
 }
 
-impl CustomOp1 for QuantizedLinear {
+/// The layer as a candle op, with or without a GELU after it.
+struct Op<'a> {
+    layer: &'a QuantizedLinear,
+    gelu: bool,
+}
+
+impl CustomOp1 for Op<'_> {
     fn name(&self) -> &'static str {
         "int8-linear"
     }
@@ -311,15 +342,16 @@ impl CustomOp1 for QuantizedLinear {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(storage, layout)?;
         let (rows, inner) = layout.shape().dims2()?;
-        if inner != self.inner {
+        let layer = self.layer;
+        if inner != layer.inner {
             bail!(
                 "int8 linear: input of width {inner} for a layer of width {}",
-                self.inner
+                layer.inner
             );
         }
         Ok((
-            CpuStorage::F32(self.apply(x)),
-            Shape::from((rows, self.out)),
+            CpuStorage::F32(layer.apply_then(x, self.gelu)),
+            Shape::from((rows, layer.out)),
         ))
     }
 }
@@ -433,6 +465,35 @@ mod tests {
             .collect()
     }
 
+    #[test]
+    fn the_fused_gelu_equals_gelu_after_the_layer() {
+        let (out, inner, rows) = (13, 37, 70);
+        let w: Vec<f32> = (0..out * inner)
+            .map(|i| ((i * 7919) % 201) as f32 / 100.0 - 1.0)
+            .collect();
+        let b: Vec<f32> = (0..out).map(|i| i as f32 / 10.0 - 0.6).collect();
+        let layer = QuantizedLinear::new(&w, &b, out, inner).unwrap();
+        let x: Vec<f32> = (0..rows * inner)
+            .map(|i| ((i * 104729) % 401) as f32 / 100.0 - 2.0)
+            .collect();
+        let x = Tensor::from_vec(x, (rows, inner), &candle_core::Device::Cpu).unwrap();
+        let fused: Vec<f32> = layer
+            .forward_gelu(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let after = crate::ops::gelu(&layer.forward(&x).unwrap()).unwrap();
+        assert_eq!(
+            fused,
+            after.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        assert!(
+            fused.iter().any(|v| *v < 0.0),
+            "GELU's negative lobe is exercised"
+        );
+    }
     #[test]
     fn matches_the_f32_layer_within_quantization_error() {
         // Odd sizes: a row tail, an output tail and a width not a multiple of 32.
