@@ -90,6 +90,7 @@ impl PositionBias {
     }
 }
 
+#[derive(Clone)]
 struct Attention {
     mask: Arc<Vec<f32>>,
     position_bias: Option<Arc<Vec<f32>>>,
@@ -136,10 +137,21 @@ impl Dims {
     }
 }
 
-/// The `(seq, seq)` position bias of the `i`-th (batch, head) pair, if any.
-fn head_bias(bias: &Option<Arc<Vec<f32>>>, i: usize, d: Dims) -> Option<&[f32]> {
-    let size = d.seq * d.seq;
-    bias.as_ref().map(|b| &b[(i % d.heads) * size..][..size])
+impl Attention {
+    /// Pair `i`'s probabilities into `p` (seq × seq), as both passes need
+    /// them; returns the pair's query, key and value blocks.
+    fn pair_probabilities<'a>(&self, qkv: &'a [f32], i: usize, p: &mut [f32]) -> [&'a [f32]; 3] {
+        let d = self.dims;
+        let [q, k, v] = d.qkv_blocks(qkv, i);
+        let mask = &self.mask[(i / d.heads) * d.seq..][..d.seq];
+        let size = d.seq * d.seq;
+        let bias = self
+            .position_bias
+            .as_ref()
+            .map(|b| &b[(i % d.heads) * size..][..size]);
+        probabilities(q, k, mask, bias, self.scale, d, p);
+        [q, k, v]
+    }
 }
 
 /// Scores then probabilities of one head into `p` (seq × seq).
@@ -184,10 +196,7 @@ impl CustomOp1 for Attention {
         (0..d.pairs()).into_par_iter().for_each_init(
             || vec![0f32; s * s],
             |p, i| {
-                let [q, k, v] = d.qkv_blocks(qkv, i);
-                let mask = &self.mask[(i / d.heads) * s..][..s];
-                let bias = head_bias(&self.position_bias, i, d);
-                probabilities(q, k, mask, bias, self.scale, d, p);
+                let [_, _, v] = self.pair_probabilities(qkv, i, p);
                 // O = P · V, into this head's columns of the context rows.
                 // Safety: each pair writes only its own (rows, columns) block.
                 unsafe {
@@ -210,23 +219,13 @@ impl CustomOp1 for Attention {
     }
 
     fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let backward = AttentionBackward {
-            mask: self.mask.clone(),
-            position_bias: self.position_bias.clone(),
-            scale: self.scale,
-            dims: self.dims,
-        };
+        let backward = AttentionBackward(self.clone());
         Ok(Some(qkv.apply_op2_no_bwd(&grad.contiguous()?, &backward)?))
     }
 }
 
 /// The gradient of the packed qkv rows: `(dQ | dK | dV)` in the same layout.
-struct AttentionBackward {
-    mask: Arc<Vec<f32>>,
-    position_bias: Option<Arc<Vec<f32>>>,
-    scale: f32,
-    dims: Dims,
-}
+struct AttentionBackward(Attention);
 
 impl CustomOp2 for AttentionBackward {
     fn name(&self) -> &'static str {
@@ -241,18 +240,16 @@ impl CustomOp2 for AttentionBackward {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (qkv, g) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
-        let d = self.dims;
+        let attention = &self.0;
+        let d = attention.dims;
         let (s, h, stride, hidden) = (d.seq, d.dim, d.qkv_stride(), d.hidden());
         let mut out = par_zeros(qkv.len());
         let shared = SharedOut::new(&mut out);
         (0..d.pairs()).into_par_iter().for_each_init(
             || (vec![0f32; s * s], vec![0f32; s * s]),
             |(p, dp), i| {
-                let [q, k, v] = d.qkv_blocks(qkv, i);
+                let [q, k, v] = attention.pair_probabilities(qkv, i, p);
                 let g = &g[d.out_at(i)..];
-                let mask = &self.mask[(i / d.heads) * s..][..s];
-                let bias = head_bias(&self.position_bias, i, d);
-                probabilities(q, k, mask, bias, self.scale, d, p);
                 let (dq_at, dk_at, dv_at) = (d.q_at(i), d.q_at(i) + hidden, d.q_at(i) + 2 * hidden);
                 // Safety (every matmul_into below): each pair writes only its
                 // own (rows, columns) blocks of dQ, dK and dV.
@@ -301,7 +298,7 @@ impl CustomOp2 for AttentionBackward {
                         shared,
                         (dq_at, stride),
                         false,
-                        self.scale,
+                        attention.scale,
                         SERIAL,
                     );
                     matmul_into(
@@ -313,7 +310,7 @@ impl CustomOp2 for AttentionBackward {
                         shared,
                         (dk_at, stride),
                         false,
-                        self.scale,
+                        attention.scale,
                         SERIAL,
                     );
                 };

@@ -8,7 +8,7 @@ use gemm::Parallelism;
 
 use rayon::prelude::*;
 
-use super::ops::{f32_slice, gelu_value, matmul, par_repeat_rows};
+use super::ops::{f32_slice, gelu_in_place, matmul, par_repeat_rows};
 
 /// `x (rows, in)`, `weight (out, in)` as checkpoints store it, `bias (out)` → `(rows, out)`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
@@ -81,11 +81,7 @@ impl CustomOp3 for Linear {
             );
         }
         if self.gelu {
-            y.par_chunks_mut(1 << 14).for_each(|chunk| {
-                for v in chunk {
-                    *v = gelu_value(*v);
-                }
-            });
+            y.par_chunks_mut(1 << 14).for_each(gelu_in_place);
         }
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }

@@ -318,7 +318,14 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 
 struct Gelu;
 
-pub(crate) fn gelu_value(x: f32) -> f32 {
+/// GELU of every element, in place (on a product still in cache).
+pub(crate) fn gelu_in_place(values: &mut [f32]) {
+    for v in values {
+        *v = gelu_value(*v);
+    }
+}
+
+fn gelu_value(x: f32) -> f32 {
     0.5 * x * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
@@ -389,22 +396,6 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
-}
-
-pub fn max(x: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let tail = chunks
-        .remainder()
-        .iter()
-        .copied()
-        .fold(f32::NEG_INFINITY, f32::max);
-    for c in chunks {
-        for i in 0..LANES {
-            acc[i] = acc[i].max(c[i]);
-        }
-    }
-    acc.iter().copied().fold(tail, f32::max)
 }
 
 /// Softmax of `row + mask (+ bias)` in place, in three passes over the row

@@ -17,7 +17,7 @@ use std::mem::MaybeUninit;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::ops::{f32_slice, gelu_value};
+use super::ops::{f32_slice, gelu_in_place};
 
 /// Outputs per register (i32 lanes) and inputs per lane (bytes).
 const OUT_BLOCK: usize = 8;
@@ -206,10 +206,7 @@ impl QuantizedLinear {
                 if gelu {
                     // Safety: `block_rows` wrote every element of `y`, and
                     // `MaybeUninit<f32>` has the layout of `f32`.
-                    let y = unsafe { &mut *(y as *mut [MaybeUninit<f32>] as *mut [f32]) };
-                    for v in y {
-                        *v = gelu_value(*v);
-                    }
+                    gelu_in_place(unsafe { &mut *(y as *mut [MaybeUninit<f32>] as *mut [f32]) });
                 }
             });
         // Safety: `block_rows` wrote every (row, padded output) of each chunk.
@@ -468,14 +465,9 @@ mod tests {
     #[test]
     fn the_fused_gelu_equals_gelu_after_the_layer() {
         let (out, inner, rows) = (13, 37, 70);
-        let w: Vec<f32> = (0..out * inner)
-            .map(|i| ((i * 7919) % 201) as f32 / 100.0 - 1.0)
-            .collect();
-        let b: Vec<f32> = (0..out).map(|i| i as f32 / 10.0 - 0.6).collect();
+        let (w, b) = (values(out * inner, 2), values(out, 3));
         let layer = QuantizedLinear::new(&w, &b, out, inner).unwrap();
-        let x: Vec<f32> = (0..rows * inner)
-            .map(|i| ((i * 104729) % 401) as f32 / 100.0 - 2.0)
-            .collect();
+        let x = values(rows * inner, 1);
         let x = Tensor::from_vec(x, (rows, inner), &candle_core::Device::Cpu).unwrap();
         let fused: Vec<f32> = layer
             .forward_gelu(&x)
@@ -494,6 +486,7 @@ mod tests {
             "GELU's negative lobe is exercised"
         );
     }
+
     #[test]
     fn matches_the_f32_layer_within_quantization_error() {
         // Odd sizes: a row tail, an output tail and a width not a multiple of 32.
