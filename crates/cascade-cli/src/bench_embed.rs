@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use cascade::config::{EmbeddingHeadConfig, Quantization};
+use cascade_encoders::quantized::{use_kernel, Kernel};
 use cascade_encoders::EmbeddingHead;
 use cascade_expert::dataset::{Dataset, StreamOrder};
 use cascade_expert::task::Task;
@@ -38,19 +39,25 @@ pub struct BenchEmbedArgs {
     /// Rounds of each precision, alternating f32 and int8.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Write the f32 embeddings here, row after row of little-endian f32
-    /// (`scripts/bench/onnxruntime_embed.py --compare` reads them).
+    /// Write the f32 embeddings here (the int8 ones with `--only int8`), row
+    /// after row of little-endian f32 (`scripts/bench/onnxruntime_embed.py
+    /// --compare` reads them).
     #[arg(long)]
     save: Option<PathBuf>,
     /// Time one scheme alone (`f32` or `int8`), e.g. under a profiler.
     #[arg(long, value_parser = ["f32", "int8"])]
     only: Option<String>,
+    /// The int8 integer kernel: avx512-vnni, avx-vnni, avx2 or scalar
+    /// (default: the fastest this CPU has), to compare kernels on one machine.
+    #[arg(long)]
+    int8_kernel: Option<Kernel>,
 }
 
 pub fn run(args: &BenchEmbedArgs) -> Result<()> {
     if args.texts == 0 || args.rounds == 0 {
         bail!("--texts and --rounds must be at least 1");
     }
+    use_kernel(args.int8_kernel).map_err(anyhow::Error::msg)?;
     let task = Task::load(&args.task)?;
     let dataset = Dataset::load(&args.data, &task, "gpt35")?;
     let stream = dataset.stream(&StreamOrder::Test)?;
@@ -67,9 +74,10 @@ pub fn run(args: &BenchEmbedArgs) -> Result<()> {
         ..EmbeddingHeadConfig::default()
     };
     println!(
-        "{} · {} threads · {} texts of {} · max_len {} · layers {:?}",
+        "{} · {} threads · int8 kernel {} · {} texts of {} · max_len {} · layers {:?}",
         machine_description(),
         candle_core::utils::get_num_threads(),
+        Kernel::in_use().name(),
         texts.len(),
         args.data.display(),
         args.max_len,
@@ -98,6 +106,19 @@ pub fn run(args: &BenchEmbedArgs) -> Result<()> {
             println!("{name:<6} {round:>5} {rate:>9.2} {seconds:>8.2}");
         }
     }
+    if let Some(path) = &args.save {
+        let saved = if last[0].is_empty() {
+            &last[1]
+        } else {
+            &last[0]
+        };
+        let bytes: Vec<u8> = saved
+            .iter()
+            .flatten()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))?;
+    }
     if args.only.is_some() {
         return Ok(());
     }
@@ -122,14 +143,6 @@ pub fn run(args: &BenchEmbedArgs) -> Result<()> {
         "cosine(int8, f32) over {} texts: mean {mean:.5}, min {min:.5}",
         cosines.len()
     );
-    if let Some(path) = &args.save {
-        let bytes: Vec<u8> = last[0]
-            .iter()
-            .flatten()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
-        std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))?;
-    }
     Ok(())
 }
 

@@ -1,10 +1,11 @@
 //! The dense layers of a MiniLM forward pass over 16 texts of 256 tokens:
-//! the fused f32 layer against the int8 one, side by side in one run.
+//! the fused f32 layer against the int8 one with every integer kernel this
+//! CPU has, side by side in one run.
 //! `cargo bench -p cascade-encoders --bench int8_linear`
 
 use candle_core::{Device, Tensor};
 use cascade_encoders::linear::linear;
-use cascade_encoders::quantized::QuantizedLinear;
+use cascade_encoders::quantized::{use_kernel, Kernel, QuantizedLinear};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
 fn values(n: usize, seed: u32) -> Vec<f32> {
@@ -28,9 +29,18 @@ fn dense_layers(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("f32", &shape), &x, |bench, x| {
             bench.iter(|| linear(x, &w, &b).unwrap())
         });
-        group.bench_with_input(BenchmarkId::new("int8", &shape), &x, |bench, x| {
-            bench.iter(|| int8.forward(x).unwrap())
-        });
+        // Scalar is left out: minutes per sample, and no CPU here lacks AVX2.
+        let vector = Kernel::ALL
+            .into_iter()
+            .filter(|k| *k != Kernel::Scalar && k.is_available());
+        for kernel in vector {
+            use_kernel(Some(kernel)).unwrap();
+            let name = format!("int8 {}", kernel.name());
+            group.bench_with_input(BenchmarkId::new(name, &shape), &x, |bench, x| {
+                bench.iter(|| int8.forward(x).unwrap())
+            });
+        }
+        use_kernel(None).unwrap();
     }
     group.finish();
 }

@@ -320,11 +320,57 @@ struct Gelu;
 
 /// GELU of every element, in place (on a product still in cache).
 pub(crate) fn gelu_in_place(values: &mut [f32]) {
+    widest_vectors!(gelu_all(values: &mut [f32]) -> ())
+}
+
+#[inline(always)]
+fn gelu_all(values: &mut [f32]) {
     for v in values {
         *v = gelu_value(*v);
     }
 }
 
+/// Whether the CPU has the AVX-512 subset `widest_vectors!` compiles for.
+pub(crate) fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512dq")
+            && std::is_x86_feature_detected!("avx512vl")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `widest_vectors!(body(a: A, b: B) -> R)`, as a function's whole body:
+/// calls `body(a, b)` compiled for AVX-512 where the CPU has it, so the
+/// compiler vectorises its loops 16 lanes wide instead of the build's 8.
+/// `body` must be `#[inline(always)]` (it is then compiled into both
+/// versions). The results are the same bits: every loop here fixes its
+/// summation order in the source (lane-wise accumulators), and the compiler
+/// neither reorders float sums nor fuses multiplies and adds on its own.
+macro_rules! widest_vectors {
+    ($body:ident($($arg:ident: $ty:ty),*) -> $ret:ty) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+            unsafe fn wide($($arg: $ty),*) -> $ret {
+                $body($($arg),*)
+            }
+            if $crate::ops::has_avx512() {
+                // Safety: the CPU has the features `wide` is compiled for.
+                return unsafe { wide($($arg),*) };
+            }
+        }
+        $body($($arg),*)
+    }};
+}
+pub(crate) use widest_vectors;
+
+#[inline(always)]
 fn gelu_value(x: f32) -> f32 {
     0.5 * x * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
@@ -402,6 +448,11 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// (four with a bias): add and take the maximum, exponentiate and sum, scale. Lane-wise
 /// accumulators keep each pass vectorised.
 pub fn masked_softmax_in_place(row: &mut [f32], mask: &[f32], bias: Option<&[f32]>) {
+    widest_vectors!(softmax_body(row: &mut [f32], mask: &[f32], bias: Option<&[f32]>) -> ())
+}
+
+#[inline(always)]
+fn softmax_body(row: &mut [f32], mask: &[f32], bias: Option<&[f32]>) {
     let n = row.len();
     let mask = &mask[..n];
     if let Some(bias) = bias {

@@ -7,21 +7,29 @@
 //! scaling back to f32. Seven-bit weights are what make the AVX2 path exact:
 //! `vpmaddubsw` multiplies unsigned by signed bytes and adds pairs into i16,
 //! and 2·255·64 = 32,640 never saturates (ONNX Runtime's `reduce_range` on
-//! x86 makes the same trade). Weights are packed so that one register holds
-//! 4 consecutive inputs of 8 outputs: a broadcast activation word times one
-//! register gives 8 outputs' partial sums in 8 i32 lanes, with no horizontal
-//! sums. Without AVX2 a scalar loop gives the same integers.
+//! x86 makes the same trade). Weights are packed in blocks of 16 outputs, 4
+//! consecutive inputs each: a broadcast activation word times one 512-bit
+//! register (or two 256-bit ones) gives 16 outputs' partial sums in i32
+//! lanes, with no horizontal sums. AVX-512 VNNI and AVX-VNNI's `vpdpbusd`
+//! does the two multiplies and the add in one instruction; without AVX2 a
+//! scalar loop gives the same integers. Every kernel computes the same exact
+//! sums, so the outputs do not depend on the CPU.
 
 use std::mem::MaybeUninit;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::ops::{f32_slice, gelu_in_place};
+use super::ops::{f32_slice, gelu_in_place, widest_vectors};
 
-/// Outputs per register (i32 lanes) and inputs per lane (bytes).
-const OUT_BLOCK: usize = 8;
+/// Outputs per block (the i32 lanes of a 512-bit register) and inputs per
+/// lane (bytes).
+const OUT_BLOCK: usize = 16;
 const IN_GROUP: usize = 4;
+/// Rows of one tile: 4 rows × 2 blocks keep 8 accumulators in registers.
+const TILE_ROWS: usize = 4;
 /// Rows per parallel task (a multiple of the 4-row tile).
 const ROWS_PER_TASK: usize = 64;
 /// The largest weight step count: 7 bits, so byte products never saturate.
@@ -30,6 +38,127 @@ const WEIGHT_STEPS: f32 = 64.0;
 const ACTIVATION_STEPS: f32 = 127.0;
 const OFFSET: i32 = 128;
 
+/// The integer kernels. Each gives the same sums; they differ in speed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// Portable loops, for CPUs without AVX2.
+    Scalar,
+    /// `vpmaddubsw` then `vpmaddwd`, 8 outputs per 256-bit register.
+    Avx2,
+    /// AVX-VNNI's `vpdpbusd` on 256-bit registers.
+    AvxVnni,
+    /// AVX-512 VNNI's `vpdpbusd`, 16 outputs per 512-bit register.
+    Avx512Vnni,
+}
+
+impl Kernel {
+    /// Fastest first.
+    pub const ALL: [Kernel; 4] = [
+        Kernel::Avx512Vnni,
+        Kernel::AvxVnni,
+        Kernel::Avx2,
+        Kernel::Scalar,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Scalar => "scalar",
+            Kernel::Avx2 => "avx2",
+            Kernel::AvxVnni => "avx-vnni",
+            Kernel::Avx512Vnni => "avx512-vnni",
+        }
+    }
+
+    /// Whether this CPU can run the kernel.
+    pub fn is_available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::is_x86_feature_detected as has;
+            match self {
+                Kernel::Scalar => true,
+                Kernel::Avx2 => has!("avx2"),
+                Kernel::AvxVnni => has!("avx2") && has!("avxvnni"),
+                Kernel::Avx512Vnni => {
+                    has!("avx2") && has!("avx512f") && has!("avx512bw") && has!("avx512vnni")
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Kernel::Scalar
+        }
+    }
+
+    /// The fastest kernel this CPU can run.
+    pub fn best() -> Kernel {
+        Kernel::ALL
+            .into_iter()
+            .find(|kernel| kernel.is_available())
+            .unwrap_or(Kernel::Scalar)
+    }
+
+    /// The kernel the layers use: the one `use_kernel` set, else the best.
+    pub fn in_use() -> Kernel {
+        match CHOSEN.load(Ordering::Relaxed) {
+            0 => Kernel::best(),
+            n => Kernel::ALL[usize::from(n) - 1],
+        }
+    }
+
+    fn index(self) -> u8 {
+        Kernel::ALL
+            .iter()
+            .position(|kernel| *kernel == self)
+            .map_or(0, |i| i as u8 + 1)
+    }
+}
+
+impl FromStr for Kernel {
+    type Err = String;
+
+    fn from_str(name: &str) -> std::result::Result<Self, String> {
+        Kernel::ALL
+            .into_iter()
+            .find(|kernel| kernel.name() == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Kernel::ALL.iter().map(|k| k.name()).collect();
+                format!(
+                    "unknown int8 kernel {name:?} (one of: {})",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+/// The kernel every layer in this process uses; 0 is "the best one".
+static CHOSEN: AtomicU8 = AtomicU8::new(0);
+
+/// Makes every int8 layer in this process use `kernel` (`None`: the best the
+/// CPU has), e.g. to time two kernels side by side. Fails, changing nothing,
+/// when this CPU cannot run it.
+pub fn use_kernel(kernel: Option<Kernel>) -> std::result::Result<(), String> {
+    match kernel {
+        Some(kernel) if !kernel.is_available() => Err(format!(
+            "this CPU cannot run the {} int8 kernel (it can: {})",
+            kernel.name(),
+            Kernel::ALL
+                .iter()
+                .filter(|k| k.is_available())
+                .map(|k| k.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        Some(kernel) => {
+            CHOSEN.store(kernel.index(), Ordering::Relaxed);
+            Ok(())
+        }
+        None => {
+            CHOSEN.store(0, Ordering::Relaxed);
+            Ok(())
+        }
+    }
+}
+
 /// A dense layer with int8 weights, for inference only (no gradient).
 #[derive(Debug, Clone)]
 pub struct QuantizedLinear {
@@ -37,7 +166,7 @@ pub struct QuantizedLinear {
     inner: usize,
     /// `inner` rounded up to whole groups of 4.
     groups: usize,
-    /// `out` rounded up to whole blocks of 8.
+    /// `out` rounded up to whole blocks of 16.
     blocks: usize,
     /// `[block][group][output in block][input in group]`, zero padded.
     packed: Vec<i8>,
@@ -55,20 +184,35 @@ struct QuantizedRows {
     scales: Vec<f32>,
 }
 
+#[inline(always)]
 fn max_abs(row: &[f32]) -> f32 {
-    // Eight running maxima: the compiler keeps them in one register.
-    let mut lanes = [0f32; 8];
-    let chunks = row.chunks_exact(8);
+    // 32 running maxima in four independent chains (one chain waits on each
+    // max's latency); `a > m` rather than `f32::max`, which adds NaN checks.
+    // A NaN is skipped either way.
+    let mut lanes = [0f32; 32];
+    let chunks = row.chunks_exact(32);
     let tail = chunks.remainder();
     for chunk in chunks {
         for (m, v) in lanes.iter_mut().zip(chunk) {
-            *m = m.max(v.abs());
+            let a = v.abs();
+            *m = if a > *m { a } else { *m };
         }
     }
     tail.iter().chain(&lanes).fold(0f32, |m, v| m.max(v.abs()))
 }
 
+/// The step of an activation row.
+fn activation_step(row: &[f32]) -> f32 {
+    widest_vectors!(activation_step_body(row: &[f32]) -> f32)
+}
+
+#[inline(always)]
+fn activation_step_body(row: &[f32]) -> f32 {
+    step(row, ACTIVATION_STEPS)
+}
+
 /// The step that maps the row's largest magnitude to `steps`; 1 for a zero row.
+#[inline(always)]
 fn step(row: &[f32], steps: f32) -> f32 {
     let max = max_abs(row);
     if max > 0.0 && max.is_finite() {
@@ -152,7 +296,7 @@ impl QuantizedLinear {
         self.groups * IN_GROUP
     }
 
-    fn quantize_rows(&self, x: &[f32], avx2: bool) -> QuantizedRows {
+    fn quantize_rows(&self, x: &[f32], kernel: Kernel) -> QuantizedRows {
         let stride = self.stride();
         let rows = x.len() / self.inner;
         // Padding holds the offset itself, the byte of a zero.
@@ -161,13 +305,14 @@ impl QuantizedLinear {
             .chunks_exact(self.inner)
             .zip(bytes.chunks_exact_mut(stride))
             .map(|(row, q)| {
-                let scale = step(row, ACTIVATION_STEPS);
+                let scale = activation_step(row);
                 let inverse = 1.0 / scale;
                 let mut done = 0;
                 #[cfg(target_arch = "x86_64")]
-                if avx2 {
-                    // Safety: AVX2 is present; `q` is at least as long as `row`.
-                    done = unsafe { avx2::quantize(row, inverse, q) };
+                if kernel != Kernel::Scalar {
+                    // Safety: every vector kernel implies AVX2; `q` is at
+                    // least as long as `row`.
+                    done = unsafe { x86::quantize(row, inverse, q) };
                 }
                 for (b, v) in q[done..].iter_mut().zip(&row[done..]) {
                     let value = (v * inverse)
@@ -183,11 +328,11 @@ impl QuantizedLinear {
 
     /// `y = x · Wᵀ + b` for `x` of `(rows, inner)` row-major.
     pub fn apply(&self, x: &[f32]) -> Vec<f32> {
-        self.apply_then(x, false)
+        self.apply_with(x, Kernel::in_use(), false)
     }
 
-    /// `apply`, then GELU on every output if `gelu`.
-    fn apply_then(&self, x: &[f32], gelu: bool) -> Vec<f32> {
+    /// `apply` with the given kernel, then GELU on every output if `gelu`.
+    fn apply_with(&self, x: &[f32], kernel: Kernel, gelu: bool) -> Vec<f32> {
         let rows = x.len() / self.inner;
         let padded_out = self.blocks * OUT_BLOCK;
         // Every element is written once below: no zero fill first (it cost
@@ -196,13 +341,12 @@ impl QuantizedLinear {
         if rows == 0 {
             return y;
         }
-        let avx2 = avx2_available();
         y.spare_capacity_mut()
             .par_chunks_mut(ROWS_PER_TASK * padded_out)
             .zip(x.par_chunks(ROWS_PER_TASK * self.inner))
             .for_each(|(y, x)| {
-                let q = self.quantize_rows(x, avx2);
-                self.block_rows(&q, y, avx2);
+                let q = self.quantize_rows(x, kernel);
+                self.block_rows(&q, y, kernel);
                 if gelu {
                     // Safety: `block_rows` wrote every element of `y`, and
                     // `MaybeUninit<f32>` has the layout of `f32`.
@@ -222,54 +366,37 @@ impl QuantizedLinear {
     }
 
     /// One task's rows into `y (rows, padded out)`, every element written.
-    fn block_rows(&self, q: &QuantizedRows, y: &mut [MaybeUninit<f32>], avx2: bool) {
+    fn block_rows(&self, q: &QuantizedRows, y: &mut [MaybeUninit<f32>], kernel: Kernel) {
         let rows = q.scales.len();
         let padded_out = self.blocks * OUT_BLOCK;
         let stride = self.stride();
         let block_len = self.groups * OUT_BLOCK * IN_GROUP;
-        let groups = self.groups;
+        // The 512-bit kernel takes two blocks at a time (8 of its 32
+        // registers); the 256-bit ones one block in two registers a row.
+        let blocks_per_tile = if kernel == Kernel::Avx512Vnni { 2 } else { 1 };
         let mut block = 0;
         while block < self.blocks {
-            let blocks = (self.blocks - block).min(2);
+            let blocks = (self.blocks - block).min(blocks_per_tile);
             let weights = &self.packed[block * block_len..];
             let mut r = 0;
             while r < rows {
-                let tile_rows = if rows - r >= 4 { 4 } else { 1 };
-                let mut dots = [[[0i32; OUT_BLOCK]; 2]; 4];
-                let row = |i: usize| &q.bytes[(r + i) * stride..(r + i + 1) * stride];
-                if avx2 {
-                    let four = || [row(0), row(1), row(2), row(3)];
-                    // Safety: `avx2` is only set where the CPU has it; each
-                    // activation row holds `groups` words and the weights
-                    // `groups` registers per block.
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        match (tile_rows, blocks) {
-                            (4, 2) => {
-                                avx2::tile::<4, 2>(four(), weights, block_len, groups, &mut dots)
-                            }
-                            (4, _) => {
-                                avx2::tile::<4, 1>(four(), weights, block_len, groups, &mut dots)
-                            }
-                            (_, 2) => {
-                                avx2::tile::<1, 2>([row(0)], weights, block_len, groups, &mut dots)
-                            }
-                            _ => {
-                                avx2::tile::<1, 1>([row(0)], weights, block_len, groups, &mut dots)
-                            }
-                        }
-                    }
-                } else {
-                    for (i, row_dots) in dots.iter_mut().enumerate().take(tile_rows) {
-                        scalar_tile(row(i), weights, block_len, groups, blocks, row_dots);
-                    }
-                }
+                let tile_rows = if rows - r >= TILE_ROWS { TILE_ROWS } else { 1 };
+                let mut dots = [[[0i32; OUT_BLOCK]; 2]; TILE_ROWS];
+                let tile = Tile {
+                    rows: &q.bytes[r * stride..(r + tile_rows) * stride],
+                    stride,
+                    weights,
+                    block_len,
+                    groups: self.groups,
+                    blocks,
+                };
+                tile.dots(kernel, &mut dots);
                 for (i, row_dots) in dots.iter().enumerate().take(tile_rows) {
                     let row_scale = q.scales[r + i];
                     let y_row = &mut y[(r + i) * padded_out..(r + i + 1) * padded_out];
                     for (n, lanes) in row_dots.iter().enumerate().take(blocks) {
                         let outputs = (block + n) * OUT_BLOCK..(block + n + 1) * OUT_BLOCK;
-                        // Whole blocks of 8: the compiler makes this one vector step.
+                        // Whole blocks of 16: the compiler makes this vector steps.
                         let y_block = &mut y_row[outputs.clone()];
                         let offsets = &self.offsets[outputs.clone()];
                         let scales = &self.scales[outputs.clone()];
@@ -287,19 +414,73 @@ impl QuantizedLinear {
     }
 }
 
-/// Whether the AVX2 kernels can run here; asked once per layer call.
-fn avx2_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2")
+/// The integer dots of 1 or `TILE_ROWS` quantized rows with 1 or 2 blocks.
+struct Tile<'a> {
+    /// The rows' bytes, `stride` apart.
+    rows: &'a [u8],
+    stride: usize,
+    /// From the first block on; blocks are `block_len` bytes apart.
+    weights: &'a [i8],
+    block_len: usize,
+    groups: usize,
+    blocks: usize,
+}
+
+impl Tile<'_> {
+    fn row(&self, i: usize) -> &[u8] {
+        &self.rows[i * self.stride..(i + 1) * self.stride]
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+
+    /// `dots[row][block][output]` for the tile's rows and blocks.
+    fn dots(&self, kernel: Kernel, dots: &mut [[[i32; OUT_BLOCK]; 2]; TILE_ROWS]) {
+        let rows = self.rows.len() / self.stride;
+        debug_assert!(rows == 1 || rows == TILE_ROWS);
+        debug_assert!(self.blocks == 1 || (self.blocks == 2 && kernel == Kernel::Avx512Vnni));
+        debug_assert!(
+            self.weights.len()
+                >= (self.blocks - 1) * self.block_len + self.groups * OUT_BLOCK * IN_GROUP
+        );
+        #[cfg(target_arch = "x86_64")]
+        {
+            let four = || [self.row(0), self.row(1), self.row(2), self.row(3)];
+            let one = || [self.row(0)];
+            let (w, len, g) = (self.weights, self.block_len, self.groups);
+            // Safety: `kernel` is only ever one the CPU has (`use_kernel`
+            // checks); each row holds `groups` words and each block `groups`
+            // 64-byte steps, as asserted above.
+            unsafe {
+                match (kernel, rows, self.blocks) {
+                    (Kernel::Avx512Vnni, 1, 1) => x86::avx512_vnni::<1, 1>(one(), w, len, g, dots),
+                    (Kernel::Avx512Vnni, 1, _) => x86::avx512_vnni::<1, 2>(one(), w, len, g, dots),
+                    (Kernel::Avx512Vnni, _, 1) => x86::avx512_vnni::<4, 1>(four(), w, len, g, dots),
+                    (Kernel::Avx512Vnni, _, _) => x86::avx512_vnni::<4, 2>(four(), w, len, g, dots),
+                    (Kernel::AvxVnni, 1, _) => x86::avx_vnni::<1>(one(), w, g, dots),
+                    (Kernel::AvxVnni, _, _) => x86::avx_vnni::<4>(four(), w, g, dots),
+                    (Kernel::Avx2, 1, _) => x86::avx2::<1>(one(), w, g, dots),
+                    (Kernel::Avx2, _, _) => x86::avx2::<4>(four(), w, g, dots),
+                    (Kernel::Scalar, _, _) => self.scalar(rows, dots),
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        self.scalar(rows, dots);
+    }
+
+    fn scalar(&self, rows: usize, dots: &mut [[[i32; OUT_BLOCK]; 2]; TILE_ROWS]) {
+        for (i, row_dots) in dots.iter_mut().enumerate().take(rows) {
+            scalar_tile(
+                self.row(i),
+                self.weights,
+                self.block_len,
+                self.groups,
+                self.blocks,
+                row_dots,
+            );
+        }
     }
 }
 
-/// The integers the vector kernel computes, one row, `blocks` blocks of 8.
+/// The integers the vector kernels compute, one row, `blocks` blocks of 16.
 fn scalar_tile(
     row: &[u8],
     weights: &[i8],
@@ -347,17 +528,22 @@ impl CustomOp1 for Op<'_> {
             );
         }
         Ok((
-            CpuStorage::F32(layer.apply_then(x, self.gelu)),
+            CpuStorage::F32(layer.apply_with(x, Kernel::in_use(), self.gelu)),
             Shape::from((rows, layer.out)),
         ))
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{IN_GROUP, OUT_BLOCK};
+    use super::{IN_GROUP, OUT_BLOCK, TILE_ROWS};
+
+    /// A tile's i32 sums: `[row][block][output]`.
+    type Dots = [[[i32; OUT_BLOCK]; 2]; TILE_ROWS];
+    /// Bytes of one block's group: 16 outputs × 4 inputs.
+    const GROUP_BYTES: usize = OUT_BLOCK * IN_GROUP;
 
     /// `row · inverse`, rounded to even and offset by 128, into `bytes`, 32
     /// values at a time; returns how many were done (the tail is the caller's).
@@ -387,50 +573,110 @@ mod avx2 {
         whole
     }
 
-    /// Dots of `R` unsigned activation rows with `N` packed blocks of 8
-    /// outputs (`block_len` bytes apart), `groups` words of 4 inputs each.
-    #[inline(always)]
-    pub(super) unsafe fn tile<const R: usize, const N: usize>(
+    /// Dots of `R` unsigned activation rows with `N` blocks of 16 outputs
+    /// (`block_len` bytes apart), `groups` words of 4 inputs each: one
+    /// `vpdpbusd` per row, block and group.
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn avx512_vnni<const R: usize, const N: usize>(
         rows: [&[u8]; R],
         weights: &[i8],
         block_len: usize,
         groups: usize,
-        dots: &mut [[[i32; OUT_BLOCK]; 2]; 4],
+        dots: &mut Dots,
     ) {
-        kernel::<R, N>(rows, weights, block_len, groups, dots)
-    }
-
-    #[target_feature(enable = "avx2")]
-    unsafe fn kernel<const R: usize, const N: usize>(
-        rows: [&[u8]; R],
-        weights: &[i8],
-        block_len: usize,
-        groups: usize,
-        dots: &mut [[[i32; OUT_BLOCK]; 2]; 4],
-    ) {
-        debug_assert!(weights.len() >= (N - 1) * block_len + groups * OUT_BLOCK * IN_GROUP);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [[_mm256_setzero_si256(); N]; R];
+        let mut acc = [[_mm512_setzero_si512(); N]; R];
         let w = weights.as_ptr();
         let a: [*const u8; R] = rows.map(|r| r.as_ptr());
         for g in 0..groups {
-            let mut wv = [_mm256_setzero_si256(); N];
+            let mut wv = [_mm512_setzero_si512(); N];
             for (n, v) in wv.iter_mut().enumerate() {
-                *v = _mm256_loadu_si256(w.add(n * block_len + g * OUT_BLOCK * IN_GROUP).cast());
+                *v = _mm512_loadu_si512(w.add(n * block_len + g * GROUP_BYTES).cast());
             }
             for r in 0..R {
                 // The row's 4 bytes of this group, in every lane.
-                let word = a[r].add(g * IN_GROUP).cast::<i32>().read_unaligned();
-                let av = _mm256_set1_epi32(word);
+                let av = _mm512_set1_epi32(a[r].add(g * IN_GROUP).cast::<i32>().read_unaligned());
                 for n in 0..N {
-                    let pairs = _mm256_maddubs_epi16(av, wv[n]);
-                    acc[r][n] = _mm256_add_epi32(acc[r][n], _mm256_madd_epi16(pairs, ones));
+                    acc[r][n] = _mm512_dpbusd_epi32(acc[r][n], av, wv[n]);
                 }
             }
         }
         for r in 0..R {
             for n in 0..N {
-                _mm256_storeu_si256(dots[r][n].as_mut_ptr().cast(), acc[r][n]);
+                _mm512_storeu_si512(dots[r][n].as_mut_ptr().cast(), acc[r][n]);
+            }
+        }
+    }
+
+    /// One block of 16 outputs in two 256-bit halves, with AVX-VNNI.
+    #[target_feature(enable = "avx2,avxvnni")]
+    pub(super) unsafe fn avx_vnni<const R: usize>(
+        rows: [&[u8]; R],
+        weights: &[i8],
+        groups: usize,
+        dots: &mut Dots,
+    ) {
+        halves::<R, Vnni>(rows, weights, groups, dots)
+    }
+
+    /// One block of 16 outputs in two 256-bit halves, with AVX2 alone.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn avx2<const R: usize>(
+        rows: [&[u8]; R],
+        weights: &[i8],
+        groups: usize,
+        dots: &mut Dots,
+    ) {
+        halves::<R, MaddPairs>(rows, weights, groups, dots)
+    }
+
+    /// `acc + Σ of 4 (unsigned a × signed w) byte products` per i32 lane.
+    trait DotStep {
+        unsafe fn step(acc: __m256i, a: __m256i, w: __m256i) -> __m256i;
+    }
+
+    /// AVX2: pairs into i16 (exact for 7-bit weights), then pairs into i32.
+    struct MaddPairs;
+
+    impl DotStep for MaddPairs {
+        #[inline(always)]
+        unsafe fn step(acc: __m256i, a: __m256i, w: __m256i) -> __m256i {
+            let pairs = _mm256_maddubs_epi16(a, w);
+            _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+        }
+    }
+
+    struct Vnni;
+
+    impl DotStep for Vnni {
+        #[inline(always)]
+        unsafe fn step(acc: __m256i, a: __m256i, w: __m256i) -> __m256i {
+            _mm256_dpbusd_avx_epi32(acc, a, w)
+        }
+    }
+
+    /// The 256-bit kernels' body, inlined into each `target_feature` wrapper.
+    #[inline(always)]
+    unsafe fn halves<const R: usize, S: DotStep>(
+        rows: [&[u8]; R],
+        weights: &[i8],
+        groups: usize,
+        dots: &mut Dots,
+    ) {
+        let mut acc = [[_mm256_setzero_si256(); 2]; R];
+        let w = weights.as_ptr();
+        let a: [*const u8; R] = rows.map(|r| r.as_ptr());
+        for g in 0..groups {
+            let low = _mm256_loadu_si256(w.add(g * GROUP_BYTES).cast());
+            let high = _mm256_loadu_si256(w.add(g * GROUP_BYTES + GROUP_BYTES / 2).cast());
+            for r in 0..R {
+                let av = _mm256_set1_epi32(a[r].add(g * IN_GROUP).cast::<i32>().read_unaligned());
+                acc[r][0] = S::step(acc[r][0], av, low);
+                acc[r][1] = S::step(acc[r][1], av, high);
+            }
+        }
+        for r in 0..R {
+            for (h, half) in acc[r].iter().enumerate() {
+                _mm256_storeu_si256(dots[r][0][h * OUT_BLOCK / 2..].as_mut_ptr().cast(), *half);
             }
         }
     }
@@ -536,38 +782,78 @@ mod tests {
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
     #[test]
-    fn the_avx2_tiles_give_the_scalar_integers() {
-        if !std::is_x86_feature_detected!("avx2") {
-            return;
-        }
+    fn every_kernel_this_cpu_has_gives_the_scalar_integers() {
         let (groups, block_len) = (24, 24 * OUT_BLOCK * IN_GROUP);
+        let stride = groups * IN_GROUP;
         let mut seed = 7u32;
         let mut next = || {
             seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
             seed >> 24
         };
         // Full range: bytes 0..=255 against weights -64..=64.
-        let rows: Vec<Vec<u8>> = (0..4)
-            .map(|_| (0..groups * IN_GROUP).map(|_| next() as u8).collect())
-            .collect();
+        let rows: Vec<u8> = (0..TILE_ROWS * stride).map(|_| next() as u8).collect();
         let weights: Vec<i8> = (0..2 * block_len)
             .map(|_| (next() % 129) as i32 - 64)
             .map(|w| w as i8)
             .collect();
-        let mut vector = [[[0i32; OUT_BLOCK]; 2]; 4];
-        let row_refs = [&rows[0][..], &rows[1][..], &rows[2][..], &rows[3][..]];
-        // Safety: AVX2 checked above; sizes as the kernel requires.
-        unsafe { avx2::tile::<4, 2>(row_refs, &weights, block_len, groups, &mut vector) };
-        for (row, got) in rows.iter().zip(&vector) {
-            let mut scalar = [[0i32; OUT_BLOCK]; 2];
-            scalar_tile(row, &weights, block_len, groups, 2, &mut scalar);
-            assert_eq!(&scalar, got);
+        let kernels: Vec<Kernel> = Kernel::ALL
+            .into_iter()
+            .filter(|k| k.is_available())
+            .collect();
+        assert!(kernels.contains(&Kernel::Scalar));
+        for kernel in kernels {
+            let max_blocks = if kernel == Kernel::Avx512Vnni { 2 } else { 1 };
+            for (tile_rows, blocks) in [(TILE_ROWS, max_blocks), (1, max_blocks), (TILE_ROWS, 1)] {
+                let tile = Tile {
+                    rows: &rows[(TILE_ROWS - tile_rows) * stride..],
+                    stride,
+                    weights: &weights,
+                    block_len,
+                    groups,
+                    blocks,
+                };
+                let mut got = [[[0i32; OUT_BLOCK]; 2]; TILE_ROWS];
+                tile.dots(kernel, &mut got);
+                for (i, got) in got.iter().enumerate().take(tile_rows) {
+                    let mut want = [[0i32; OUT_BLOCK]; 2];
+                    scalar_tile(tile.row(i), &weights, block_len, groups, blocks, &mut want);
+                    assert_eq!(
+                        &want[..blocks],
+                        &got[..blocks],
+                        "{kernel:?} {tile_rows}x{blocks}"
+                    );
+                }
+            }
         }
-        let mut one = [[[0i32; OUT_BLOCK]; 2]; 4];
-        unsafe { avx2::tile::<1, 1>([&rows[3][..]], &weights, block_len, groups, &mut one) };
-        assert_eq!(one[0][0], vector[3][0]);
+    }
+
+    #[test]
+    fn a_layer_gives_the_same_floats_with_every_kernel() {
+        // 37 outputs: two whole blocks and a padded one; 70 rows: whole
+        // tiles and a tail.
+        let (out, inner, rows) = (37, 45, 70);
+        let layer =
+            QuantizedLinear::new(&values(out * inner, 2), &values(out, 3), out, inner).unwrap();
+        let x = values(rows * inner, 1);
+        let scalar = layer.apply_with(&x, Kernel::Scalar, true);
+        for kernel in Kernel::ALL.into_iter().filter(|k| k.is_available()) {
+            assert_eq!(layer.apply_with(&x, kernel, true), scalar, "{kernel:?}");
+        }
+    }
+
+    #[test]
+    fn kernels_are_named_and_checked() {
+        for kernel in Kernel::ALL {
+            assert_eq!(kernel.name().parse::<Kernel>(), Ok(kernel));
+        }
+        let unknown = "avx9".parse::<Kernel>().unwrap_err();
+        assert!(
+            unknown.contains("avx9") && unknown.contains("avx512-vnni"),
+            "{unknown}"
+        );
+        assert!(Kernel::best().is_available());
+        assert_eq!(Kernel::in_use(), Kernel::best());
     }
 
     #[test]
