@@ -287,6 +287,14 @@ impl Linear {
     }
 }
 
+/// `down(gelu(up(x)))`, fused block by block where both layers are int8.
+fn feed_forward(up: &Linear, down: &Linear, x: &Tensor) -> Result<Tensor> {
+    match (&up.int8, &down.int8) {
+        (Some(up), Some(down)) => super::quantized::feed_forward(up, down, x),
+        _ => down.forward(&up.forward_gelu(x)?),
+    }
+}
+
 struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
@@ -593,10 +601,8 @@ impl BertEncoder {
             let attended = layer
                 .attention_norm
                 .forward(&(layer.attention_out.forward(&context)? + &x)?)?;
-            let inner = layer.intermediate.forward_gelu(&attended)?;
-            x = layer
-                .output_norm
-                .forward(&(layer.output.forward(&inner)? + attended)?)?;
+            let fed = feed_forward(&layer.intermediate, &layer.output, &attended)?;
+            x = layer.output_norm.forward(&(fed + attended)?)?;
             if layers.contains(&(index + 1)) {
                 kept.push(x.reshape((batch, seq, h))?);
             }

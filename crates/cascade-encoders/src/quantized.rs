@@ -296,13 +296,15 @@ impl QuantizedLinear {
         self.groups * IN_GROUP
     }
 
-    fn quantize_rows(&self, x: &[f32], kernel: Kernel) -> QuantizedRows {
+    /// The first `inner` values of each `x_stride`-long row of `x`.
+    fn quantize_rows(&self, x: &[f32], x_stride: usize, kernel: Kernel) -> QuantizedRows {
         let stride = self.stride();
-        let rows = x.len() / self.inner;
+        let rows = x.len() / x_stride;
         // Padding holds the offset itself, the byte of a zero.
         let mut bytes = vec![OFFSET as u8; rows * stride];
         let scales = x
-            .chunks_exact(self.inner)
+            .chunks_exact(x_stride)
+            .map(|row| &row[..self.inner])
             .zip(bytes.chunks_exact_mut(stride))
             .map(|(row, q)| {
                 let scale = activation_step(row);
@@ -333,84 +335,189 @@ impl QuantizedLinear {
 
     /// `apply` with the given kernel, then GELU on every output if `gelu`.
     fn apply_with(&self, x: &[f32], kernel: Kernel, gelu: bool) -> Vec<f32> {
-        let rows = x.len() / self.inner;
-        let padded_out = self.blocks * OUT_BLOCK;
-        // Every element is written once below: no zero fill first (it cost
-        // ~3% of an int8 forward pass).
-        let mut y: Vec<f32> = Vec::with_capacity(rows * padded_out);
-        if rows == 0 {
-            return y;
+        row_tasks(x, self.inner, self.padded_out(), self.out, |x, y| {
+            self.rows_into(x, self.inner, y, kernel, gelu)
+        })
+    }
+
+    /// Outputs rounded up to whole blocks: the width `block_rows` writes.
+    fn padded_out(&self) -> usize {
+        self.blocks * OUT_BLOCK
+    }
+
+    /// `x`'s rows (the first `inner` of every `x_stride`) through the layer
+    /// into `y (rows, padded out)`, every element written; GELU after it if
+    /// `gelu`.
+    fn rows_into(
+        &self,
+        x: &[f32],
+        x_stride: usize,
+        y: &mut [MaybeUninit<f32>],
+        kernel: Kernel,
+        gelu: bool,
+    ) {
+        let q = self.quantize_rows(x, x_stride, kernel);
+        self.block_rows(&q, y, kernel);
+        if gelu {
+            // Safety: `block_rows` wrote every element of `y`, and
+            // `MaybeUninit<f32>` has the layout of `f32`.
+            gelu_in_place(unsafe { &mut *(y as *mut [MaybeUninit<f32>] as *mut [f32]) });
         }
-        y.spare_capacity_mut()
-            .par_chunks_mut(ROWS_PER_TASK * padded_out)
-            .zip(x.par_chunks(ROWS_PER_TASK * self.inner))
-            .for_each(|(y, x)| {
-                let q = self.quantize_rows(x, kernel);
-                self.block_rows(&q, y, kernel);
-                if gelu {
-                    // Safety: `block_rows` wrote every element of `y`, and
-                    // `MaybeUninit<f32>` has the layout of `f32`.
-                    gelu_in_place(unsafe { &mut *(y as *mut [MaybeUninit<f32>] as *mut [f32]) });
-                }
-            });
-        // Safety: `block_rows` wrote every (row, padded output) of each chunk.
-        unsafe { y.set_len(rows * padded_out) };
-        if padded_out != self.out {
-            y = y
-                .chunks_exact(padded_out)
-                .flat_map(|row| &row[..self.out])
-                .copied()
-                .collect();
-        }
-        y
     }
 
     /// One task's rows into `y (rows, padded out)`, every element written.
     fn block_rows(&self, q: &QuantizedRows, y: &mut [MaybeUninit<f32>], kernel: Kernel) {
-        let rows = q.scales.len();
-        let padded_out = self.blocks * OUT_BLOCK;
-        let stride = self.stride();
-        let block_len = self.groups * OUT_BLOCK * IN_GROUP;
-        // The 512-bit kernel takes two blocks at a time (8 of its 32
-        // registers); the 256-bit ones one block in two registers a row.
-        let blocks_per_tile = if kernel == Kernel::Avx512Vnni { 2 } else { 1 };
-        let mut block = 0;
-        while block < self.blocks {
-            let blocks = (self.blocks - block).min(blocks_per_tile);
-            let weights = &self.packed[block * block_len..];
-            let mut r = 0;
-            while r < rows {
-                let tile_rows = if rows - r >= TILE_ROWS { TILE_ROWS } else { 1 };
-                let mut dots = [[[0i32; OUT_BLOCK]; 2]; TILE_ROWS];
-                let tile = Tile {
-                    rows: &q.bytes[r * stride..(r + tile_rows) * stride],
-                    stride,
-                    weights,
-                    block_len,
-                    groups: self.groups,
-                    blocks,
-                };
-                tile.dots(kernel, &mut dots);
-                for (i, row_dots) in dots.iter().enumerate().take(tile_rows) {
-                    let row_scale = q.scales[r + i];
-                    let y_row = &mut y[(r + i) * padded_out..(r + i + 1) * padded_out];
-                    for (n, lanes) in row_dots.iter().enumerate().take(blocks) {
-                        let outputs = (block + n) * OUT_BLOCK..(block + n + 1) * OUT_BLOCK;
-                        // Whole blocks of 16: the compiler makes this vector steps.
-                        let y_block = &mut y_row[outputs.clone()];
-                        let offsets = &self.offsets[outputs.clone()];
-                        let scales = &self.scales[outputs.clone()];
-                        let bias = &self.bias[outputs];
-                        for lane in 0..OUT_BLOCK {
-                            let exact = (lanes[lane] - offsets[lane]) as f32;
-                            y_block[lane].write(exact * (row_scale * scales[lane]) + bias[lane]);
-                        }
+        // The conversion of the sums to floats, 16 lanes wide where it can.
+        let layer = self;
+        widest_vectors!(block_rows_body(
+            layer: &QuantizedLinear,
+            q: &QuantizedRows,
+            y: &mut [MaybeUninit<f32>],
+            kernel: Kernel
+        ) -> ())
+    }
+}
+
+#[inline(always)]
+fn block_rows_body(
+    layer: &QuantizedLinear,
+    q: &QuantizedRows,
+    y: &mut [MaybeUninit<f32>],
+    kernel: Kernel,
+) {
+    let rows = q.scales.len();
+    let padded_out = layer.blocks * OUT_BLOCK;
+    let stride = layer.stride();
+    let block_len = layer.groups * OUT_BLOCK * IN_GROUP;
+    // The 512-bit kernel takes two blocks at a time (8 of its 32
+    // registers); the 256-bit ones one block in two registers a row.
+    let blocks_per_tile = if kernel == Kernel::Avx512Vnni { 2 } else { 1 };
+    let mut block = 0;
+    while block < layer.blocks {
+        let blocks = (layer.blocks - block).min(blocks_per_tile);
+        let weights = &layer.packed[block * block_len..];
+        let mut r = 0;
+        while r < rows {
+            let tile_rows = if rows - r >= TILE_ROWS { TILE_ROWS } else { 1 };
+            let mut dots = [[[0i32; OUT_BLOCK]; 2]; TILE_ROWS];
+            let tile = Tile {
+                rows: &q.bytes[r * stride..(r + tile_rows) * stride],
+                stride,
+                weights,
+                block_len,
+                groups: layer.groups,
+                blocks,
+            };
+            tile.dots(kernel, &mut dots);
+            for (i, row_dots) in dots.iter().enumerate().take(tile_rows) {
+                let row_scale = q.scales[r + i];
+                let y_row = &mut y[(r + i) * padded_out..(r + i + 1) * padded_out];
+                for (n, lanes) in row_dots.iter().enumerate().take(blocks) {
+                    let outputs = (block + n) * OUT_BLOCK..(block + n + 1) * OUT_BLOCK;
+                    // Whole blocks of 16: the compiler makes this vector steps.
+                    let y_block = &mut y_row[outputs.clone()];
+                    let offsets = &layer.offsets[outputs.clone()];
+                    let scales = &layer.scales[outputs.clone()];
+                    let bias = &layer.bias[outputs];
+                    for lane in 0..OUT_BLOCK {
+                        let exact = (lanes[lane] - offsets[lane]) as f32;
+                        y_block[lane].write(exact * (row_scale * scales[lane]) + bias[lane]);
                     }
                 }
-                r += tile_rows;
             }
-            block += blocks;
+            r += tile_rows;
         }
+        block += blocks;
+    }
+}
+
+/// Runs `task` over blocks of `ROWS_PER_TASK` rows of `x` (`inner` wide) on
+/// every thread; each call writes every element of its rows' block of a
+/// `(rows, padded_out)` output. Returns the output without its padding
+/// columns.
+fn row_tasks(
+    x: &[f32],
+    inner: usize,
+    padded_out: usize,
+    out: usize,
+    task: impl Fn(&[f32], &mut [MaybeUninit<f32>]) + Sync + Send,
+) -> Vec<f32> {
+    let rows = x.len() / inner;
+    // Every element is written once below: no zero fill first (it cost
+    // ~3% of an int8 forward pass).
+    let mut y: Vec<f32> = Vec::with_capacity(rows * padded_out);
+    if rows == 0 {
+        return y;
+    }
+    y.spare_capacity_mut()
+        .par_chunks_mut(ROWS_PER_TASK * padded_out)
+        .zip(x.par_chunks(ROWS_PER_TASK * inner))
+        .for_each(|(y, x)| task(x, y));
+    // Safety: `task` wrote every (row, padded output) of each chunk.
+    unsafe { y.set_len(rows * padded_out) };
+    if padded_out != out {
+        y = y
+            .chunks_exact(padded_out)
+            .flat_map(|row| &row[..out])
+            .copied()
+            .collect();
+    }
+    y
+}
+
+/// A transformer's feed-forward block in int8, `down(gelu(up(x)))`, one
+/// block of rows at a time: the wide GELU output of each block is quantized
+/// for `down` while it is in cache, never written out whole. The same
+/// numbers as `down.forward(&up.forward_gelu(x))`.
+pub fn feed_forward(up: &QuantizedLinear, down: &QuantizedLinear, x: &Tensor) -> Result<Tensor> {
+    if down.inner != up.out {
+        bail!(
+            "int8 feed-forward: up gives {} values a row, down takes {}",
+            up.out,
+            down.inner
+        );
+    }
+    x.contiguous()?.apply_op1_no_bwd(&FeedForward { up, down })
+}
+
+struct FeedForward<'a> {
+    up: &'a QuantizedLinear,
+    down: &'a QuantizedLinear,
+}
+
+impl FeedForward<'_> {
+    fn apply_with(&self, x: &[f32], kernel: Kernel) -> Vec<f32> {
+        let (up, down) = (self.up, self.down);
+        let wide = up.padded_out();
+        row_tasks(x, up.inner, down.padded_out(), down.out, |x, y| {
+            let rows = x.len() / up.inner;
+            let mut hidden: Vec<f32> = Vec::with_capacity(rows * wide);
+            up.rows_into(x, up.inner, hidden.spare_capacity_mut(), kernel, true);
+            // Safety: `rows_into` wrote every (row, padded output).
+            unsafe { hidden.set_len(rows * wide) };
+            down.rows_into(&hidden, wide, y, kernel, false);
+        })
+    }
+}
+
+impl CustomOp1 for FeedForward<'_> {
+    fn name(&self) -> &'static str {
+        "int8-feed-forward"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(storage, layout)?;
+        let (rows, inner) = layout.shape().dims2()?;
+        if inner != self.up.inner {
+            bail!(
+                "int8 feed-forward: input of width {inner} for a layer of width {}",
+                self.up.inner
+            );
+        }
+        Ok((
+            CpuStorage::F32(self.apply_with(x, Kernel::in_use())),
+            Shape::from((rows, self.down.out)),
+        ))
     }
 }
 
@@ -840,6 +947,40 @@ mod tests {
         for kernel in Kernel::ALL.into_iter().filter(|k| k.is_available()) {
             assert_eq!(layer.apply_with(&x, kernel, true), scalar, "{kernel:?}");
         }
+    }
+
+    #[test]
+    fn the_fused_feed_forward_equals_its_two_layers() {
+        // 37 hidden values: a padded block between the two layers; 130 rows:
+        // three tasks, the last short.
+        let (inner, hidden, rows) = (24, 37, 130);
+        let up = QuantizedLinear::new(
+            &values(hidden * inner, 2),
+            &values(hidden, 3),
+            hidden,
+            inner,
+        )
+        .unwrap();
+        let down =
+            QuantizedLinear::new(&values(inner * hidden, 4), &values(inner, 5), inner, hidden)
+                .unwrap();
+        let x = Tensor::from_vec(
+            values(rows * inner, 1),
+            (rows, inner),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let fused = feed_forward(&up, &down, &x).unwrap();
+        let apart = down.forward(&up.forward_gelu(&x).unwrap()).unwrap();
+        assert_eq!(fused.dims(), &[rows, inner]);
+        assert_eq!(
+            fused.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            apart.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        assert!(
+            feed_forward(&up, &up, &x).is_err(),
+            "widths that do not chain"
+        );
     }
 
     #[test]
