@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use super::attention::{attention, PositionBias};
 use super::ops;
-use super::quantized::QuantizedLinear;
+use super::quantized::{Norm, QuantizedLinear};
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct BertConfig {
@@ -287,11 +287,28 @@ impl Linear {
     }
 }
 
-/// `down(gelu(up(x)))`, fused block by block where both layers are int8.
-fn feed_forward(up: &Linear, down: &Linear, x: &Tensor) -> Result<Tensor> {
+/// `norm(layer(x) + residual)`, fused row block by row block where the layer
+/// is int8 (the same numbers either way).
+fn add_norm(layer: &Linear, x: &Tensor, residual: &Tensor, norm: &LayerNorm) -> Result<Tensor> {
+    match &layer.int8 {
+        Some(int8) => int8.forward_add_norm(x, residual, &norm.frozen()?),
+        None => norm.forward(&(layer.forward(x)? + residual)?),
+    }
+}
+
+/// `norm(down(gelu(up(x))) + x)`, fused row block by row block where both
+/// layers are int8 (the same numbers either way).
+fn feed_forward_add_norm(
+    up: &Linear,
+    down: &Linear,
+    x: &Tensor,
+    norm: &LayerNorm,
+) -> Result<Tensor> {
     match (&up.int8, &down.int8) {
-        (Some(up), Some(down)) => super::quantized::feed_forward(up, down, x),
-        _ => down.forward(&up.forward_gelu(x)?),
+        (Some(up), Some(down)) => {
+            super::quantized::feed_forward_add_norm(up, down, x, &norm.frozen()?)
+        }
+        _ => norm.forward(&(down.forward(&up.forward_gelu(x)?)? + x)?),
     }
 }
 
@@ -312,6 +329,11 @@ impl LayerNorm {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+
+    /// The parameters as plain values, for the int8 layers' fused add & norm.
+    fn frozen(&self) -> Result<Norm> {
+        Norm::from_tensors(&self.weight, &self.bias, self.eps)
     }
 }
 
@@ -598,11 +620,13 @@ impl BertEncoder {
         for (index, layer) in self.layers.iter().enumerate().take(deepest) {
             let qkv = layer.qkv.forward(&x)?;
             let context = attention(&qkv, heads, &mask_bias, position_bias.as_ref(), scale)?;
-            let attended = layer
-                .attention_norm
-                .forward(&(layer.attention_out.forward(&context)? + &x)?)?;
-            let fed = feed_forward(&layer.intermediate, &layer.output, &attended)?;
-            x = layer.output_norm.forward(&(fed + attended)?)?;
+            let attended = add_norm(&layer.attention_out, &context, &x, &layer.attention_norm)?;
+            x = feed_forward_add_norm(
+                &layer.intermediate,
+                &layer.output,
+                &attended,
+                &layer.output_norm,
+            )?;
             if layers.contains(&(index + 1)) {
                 kept.push(x.reshape((batch, seq, h))?);
             }

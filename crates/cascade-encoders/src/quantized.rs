@@ -19,10 +19,10 @@ use std::mem::MaybeUninit;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::ops::{f32_slice, gelu_in_place, widest_vectors};
+use super::ops::{f32_slice, gelu_in_place, layer_norm_in_place, widest_vectors};
 
 /// Outputs per block (the i32 lanes of a 512-bit register) and inputs per
 /// lane (bytes).
@@ -335,7 +335,7 @@ impl QuantizedLinear {
 
     /// `apply` with the given kernel, then GELU on every output if `gelu`.
     fn apply_with(&self, x: &[f32], kernel: Kernel, gelu: bool) -> Vec<f32> {
-        row_tasks(x, self.inner, self.padded_out(), self.out, |x, y| {
+        row_tasks(x, self.inner, self.padded_out(), self.out, |_, x, y| {
             self.rows_into(x, self.inner, y, kernel, gelu)
         })
     }
@@ -431,16 +431,16 @@ fn block_rows_body(
     }
 }
 
-/// Runs `task` over blocks of `ROWS_PER_TASK` rows of `x` (`inner` wide) on
-/// every thread; each call writes every element of its rows' block of a
-/// `(rows, padded_out)` output. Returns the output without its padding
-/// columns.
+/// Runs `task(first row, x rows, y rows)` over blocks of `ROWS_PER_TASK`
+/// rows of `x` (`inner` wide) on every thread; each call writes every element
+/// of its rows' block of a `(rows, padded_out)` output. Returns the output
+/// without its padding columns.
 fn row_tasks(
     x: &[f32],
     inner: usize,
     padded_out: usize,
     out: usize,
-    task: impl Fn(&[f32], &mut [MaybeUninit<f32>]) + Sync + Send,
+    task: impl Fn(usize, &[f32], &mut [MaybeUninit<f32>]) + Sync + Send,
 ) -> Vec<f32> {
     let rows = x.len() / inner;
     // Every element is written once below: no zero fill first (it cost
@@ -452,7 +452,8 @@ fn row_tasks(
     y.spare_capacity_mut()
         .par_chunks_mut(ROWS_PER_TASK * padded_out)
         .zip(x.par_chunks(ROWS_PER_TASK * inner))
-        .for_each(|(y, x)| task(x, y));
+        .enumerate()
+        .for_each(|(i, (y, x))| task(i * ROWS_PER_TASK, x, y));
     // Safety: `task` wrote every (row, padded output) of each chunk.
     unsafe { y.set_len(rows * padded_out) };
     if padded_out != out {
@@ -465,11 +466,76 @@ fn row_tasks(
     y
 }
 
-/// A transformer's feed-forward block in int8, `down(gelu(up(x)))`, one
-/// block of rows at a time: the wide GELU output of each block is quantized
-/// for `down` while it is in cache, never written out whole. The same
-/// numbers as `down.forward(&up.forward_gelu(x))`.
-pub fn feed_forward(up: &QuantizedLinear, down: &QuantizedLinear, x: &Tensor) -> Result<Tensor> {
+/// A frozen layer norm's parameters, for the "add & norm" that follows an
+/// int8 layer in a BERT block: `norm(layer(x) + residual)`.
+#[derive(Debug, Clone)]
+pub struct Norm {
+    pub gamma: Vec<f32>,
+    pub beta: Vec<f32>,
+    pub eps: f32,
+}
+
+impl Norm {
+    pub fn from_tensors(gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Self> {
+        let (gamma, beta): (Vec<f32>, Vec<f32>) = (gamma.to_vec1()?, beta.to_vec1()?);
+        if gamma.len() != beta.len() {
+            bail!(
+                "layer norm: {} scales and {} shifts",
+                gamma.len(),
+                beta.len()
+            );
+        }
+        Ok(Self {
+            gamma,
+            beta,
+            eps: eps as f32,
+        })
+    }
+
+    /// `y`'s rows (the first `gamma.len()` of every `stride`) plus the
+    /// residual's rows, then normalised, in place; the same bits as candle's
+    /// add followed by `ops::layer_norm`.
+    fn add_then_norm(&self, y: &mut [MaybeUninit<f32>], stride: usize, residual: &[f32]) {
+        let d = self.gamma.len();
+        // Safety: the layer wrote every element of `y` before this runs, and
+        // `MaybeUninit<f32>` has the layout of `f32`.
+        let y = unsafe { &mut *(y as *mut [MaybeUninit<f32>] as *mut [f32]) };
+        for (row, res) in y.chunks_exact_mut(stride).zip(residual.chunks_exact(d)) {
+            let row = &mut row[..d];
+            for (v, r) in row.iter_mut().zip(res) {
+                *v += r;
+            }
+            layer_norm_in_place(row, &self.gamma, &self.beta, self.eps);
+        }
+    }
+}
+
+impl QuantizedLinear {
+    /// `norm(forward(x) + residual)`, the residual added and each row
+    /// normalised while the task's rows are in cache.
+    pub fn forward_add_norm(&self, x: &Tensor, residual: &Tensor, norm: &Norm) -> Result<Tensor> {
+        check_add_norm(self.out, x, residual, norm)?;
+        x.contiguous()?.apply_op2_no_bwd(
+            &residual.contiguous()?,
+            &AddNormOp {
+                layers: Layers::One(self),
+                norm,
+            },
+        )
+    }
+}
+
+/// A transformer's feed-forward block in int8 with its "add & norm",
+/// `norm(down(gelu(up(x))) + x)`, one block of rows at a time: the wide GELU
+/// output of each block is quantized for `down` while it is in cache, never
+/// written out whole, and the residual and the norm follow in place. The same
+/// numbers as the layers, candle's add and `ops::layer_norm` one after another.
+pub fn feed_forward_add_norm(
+    up: &QuantizedLinear,
+    down: &QuantizedLinear,
+    x: &Tensor,
+    norm: &Norm,
+) -> Result<Tensor> {
     if down.inner != up.out {
         bail!(
             "int8 feed-forward: up gives {} values a row, down takes {}",
@@ -477,46 +543,85 @@ pub fn feed_forward(up: &QuantizedLinear, down: &QuantizedLinear, x: &Tensor) ->
             down.inner
         );
     }
-    x.contiguous()?.apply_op1_no_bwd(&FeedForward { up, down })
+    check_add_norm(down.out, x, x, norm)?;
+    let x = x.contiguous()?;
+    x.apply_op2_no_bwd(
+        &x,
+        &AddNormOp {
+            layers: Layers::FeedForward { up, down },
+            norm,
+        },
+    )
 }
 
-struct FeedForward<'a> {
-    up: &'a QuantizedLinear,
-    down: &'a QuantizedLinear,
+fn check_add_norm(out: usize, x: &Tensor, residual: &Tensor, norm: &Norm) -> Result<()> {
+    let (rows, _) = x.dims2()?;
+    if residual.dims2()? != (rows, out) || norm.gamma.len() != out {
+        bail!(
+            "int8 add & norm: {out} outputs a row, residual {:?}, norm of {}",
+            residual.dims(),
+            norm.gamma.len()
+        );
+    }
+    Ok(())
 }
 
-impl FeedForward<'_> {
-    fn apply_with(&self, x: &[f32], kernel: Kernel) -> Vec<f32> {
-        let (up, down) = (self.up, self.down);
-        let wide = up.padded_out();
-        row_tasks(x, up.inner, down.padded_out(), down.out, |x, y| {
-            let rows = x.len() / up.inner;
-            let mut hidden: Vec<f32> = Vec::with_capacity(rows * wide);
-            up.rows_into(x, up.inner, hidden.spare_capacity_mut(), kernel, true);
-            // Safety: `rows_into` wrote every (row, padded output).
-            unsafe { hidden.set_len(rows * wide) };
-            down.rows_into(&hidden, wide, y, kernel, false);
+enum Layers<'a> {
+    One(&'a QuantizedLinear),
+    FeedForward {
+        up: &'a QuantizedLinear,
+        down: &'a QuantizedLinear,
+    },
+}
+
+struct AddNormOp<'a> {
+    layers: Layers<'a>,
+    norm: &'a Norm,
+}
+
+impl AddNormOp<'_> {
+    fn apply_with(&self, x: &[f32], residual: &[f32], kernel: Kernel) -> Vec<f32> {
+        let (first, last) = match self.layers {
+            Layers::One(layer) => (layer, layer),
+            Layers::FeedForward { up, down } => (up, down),
+        };
+        let (out, padded) = (last.out, last.padded_out());
+        row_tasks(x, first.inner, padded, out, |row, x, y| {
+            let rows = x.len() / first.inner;
+            match self.layers {
+                Layers::One(layer) => layer.rows_into(x, layer.inner, y, kernel, false),
+                Layers::FeedForward { up, down } => {
+                    let wide = up.padded_out();
+                    let mut hidden: Vec<f32> = Vec::with_capacity(rows * wide);
+                    up.rows_into(x, up.inner, hidden.spare_capacity_mut(), kernel, true);
+                    // Safety: `rows_into` wrote every (row, padded output).
+                    unsafe { hidden.set_len(rows * wide) };
+                    down.rows_into(&hidden, wide, y, kernel, false);
+                }
+            }
+            let residual = &residual[row * out..(row + rows) * out];
+            self.norm.add_then_norm(y, padded, residual);
         })
     }
 }
 
-impl CustomOp1 for FeedForward<'_> {
+impl CustomOp2 for AddNormOp<'_> {
     fn name(&self) -> &'static str {
-        "int8-feed-forward"
+        "int8-add-norm"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(storage, layout)?;
-        let (rows, inner) = layout.shape().dims2()?;
-        if inner != self.up.inner {
-            bail!(
-                "int8 feed-forward: input of width {inner} for a layer of width {}",
-                self.up.inner
-            );
-        }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, residual) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        let (rows, out) = l2.shape().dims2()?;
         Ok((
-            CpuStorage::F32(self.apply_with(x, Kernel::in_use())),
-            Shape::from((rows, self.down.out)),
+            CpuStorage::F32(self.apply_with(x, residual, Kernel::in_use())),
+            Shape::from((rows, out)),
         ))
     }
 }
@@ -950,36 +1055,58 @@ mod tests {
     }
 
     #[test]
-    fn the_fused_feed_forward_equals_its_two_layers() {
+    fn the_fused_blocks_equal_their_layers_then_add_and_norm() {
+        use crate::ops::layer_norm;
         // 37 hidden values: a padded block between the two layers; 130 rows:
         // three tasks, the last short.
-        let (inner, hidden, rows) = (24, 37, 130);
-        let up = QuantizedLinear::new(
-            &values(hidden * inner, 2),
-            &values(hidden, 3),
-            hidden,
-            inner,
-        )
-        .unwrap();
-        let down =
-            QuantizedLinear::new(&values(inner * hidden, 4), &values(inner, 5), inner, hidden)
-                .unwrap();
-        let x = Tensor::from_vec(
-            values(rows * inner, 1),
-            (rows, inner),
-            &candle_core::Device::Cpu,
-        )
-        .unwrap();
-        let fused = feed_forward(&up, &down, &x).unwrap();
-        let apart = down.forward(&up.forward_gelu(&x).unwrap()).unwrap();
-        assert_eq!(fused.dims(), &[rows, inner]);
-        assert_eq!(
-            fused.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            apart.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        let (width, hidden, rows) = (24, 37, 130);
+        let device = candle_core::Device::Cpu;
+        let layer = |out, inner, seed| {
+            QuantizedLinear::new(
+                &values(out * inner, seed),
+                &values(out, seed + 1),
+                out,
+                inner,
+            )
+            .unwrap()
+        };
+        let (up, down, square) = (
+            layer(hidden, width, 2),
+            layer(width, hidden, 4),
+            layer(width, width, 6),
+        );
+        let x = Tensor::from_vec(values(rows * width, 1), (rows, width), &device).unwrap();
+        let residual = Tensor::from_vec(values(rows * width, 9), (rows, width), &device).unwrap();
+        let (gamma, beta) = (values(width, 7), values(width, 8));
+        let norm = Norm {
+            gamma: gamma.clone(),
+            beta: beta.clone(),
+            eps: 1e-12,
+        };
+        let (gamma, beta) = (
+            Tensor::from_vec(gamma, width, &device).unwrap(),
+            Tensor::from_vec(beta, width, &device).unwrap(),
+        );
+        let floats = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+
+        let fused = feed_forward_add_norm(&up, &down, &x, &norm).unwrap();
+        let fed = down.forward(&up.forward_gelu(&x).unwrap()).unwrap();
+        let apart = layer_norm(&(fed + &x).unwrap(), &gamma, &beta, 1e-12).unwrap();
+        assert_eq!(fused.dims(), &[rows, width]);
+        assert_eq!(floats(fused), floats(apart));
+
+        let fused = square.forward_add_norm(&x, &residual, &norm).unwrap();
+        let sum = (square.forward(&x).unwrap() + &residual).unwrap();
+        let apart = layer_norm(&sum, &gamma, &beta, 1e-12).unwrap();
+        assert_eq!(floats(fused), floats(apart));
+
+        assert!(
+            feed_forward_add_norm(&up, &up, &x, &norm).is_err(),
+            "widths that do not chain"
         );
         assert!(
-            feed_forward(&up, &up, &x).is_err(),
-            "widths that do not chain"
+            up.forward_add_norm(&x, &residual, &norm).is_err(),
+            "a residual of another width"
         );
     }
 
