@@ -287,29 +287,33 @@ impl Linear {
     }
 }
 
-/// `norm(layer(x) + residual)`, fused row block by row block where the layer
-/// is int8 (the same numbers either way).
-fn add_norm(layer: &Linear, x: &Tensor, residual: &Tensor, norm: &LayerNorm) -> Result<Tensor> {
-    match &layer.int8 {
-        Some(int8) => int8.forward_add_norm(x, residual, &norm.frozen()?),
-        None => norm.forward(&(layer.forward(x)? + residual)?),
+/// The part of a layer after its attention, `attended = attention_norm(
+/// attention_out(context) + x)` then `output_norm(down(gelu(up(attended))) +
+/// attended)`: one fused pass over row blocks where the layers are int8 (the
+/// same numbers either way).
+fn post_attention(layer: &Layer, context: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let int8 = (
+        &layer.attention_out.int8,
+        &layer.intermediate.int8,
+        &layer.output.int8,
+    );
+    if let (Some(attention_out), Some(up), Some(down)) = int8 {
+        let block = super::quantized::PostAttention {
+            attention_out,
+            attention_norm: &layer.attention_norm.frozen()?,
+            up,
+            down,
+            output_norm: &layer.output_norm.frozen()?,
+        };
+        return block.forward(context, x);
     }
-}
-
-/// `norm(down(gelu(up(x))) + x)`, fused row block by row block where both
-/// layers are int8 (the same numbers either way).
-fn feed_forward_add_norm(
-    up: &Linear,
-    down: &Linear,
-    x: &Tensor,
-    norm: &LayerNorm,
-) -> Result<Tensor> {
-    match (&up.int8, &down.int8) {
-        (Some(up), Some(down)) => {
-            super::quantized::feed_forward_add_norm(up, down, x, &norm.frozen()?)
-        }
-        _ => norm.forward(&(down.forward(&up.forward_gelu(x)?)? + x)?),
-    }
+    let attended = layer
+        .attention_norm
+        .forward(&(layer.attention_out.forward(context)? + x)?)?;
+    let fed = layer
+        .output
+        .forward(&layer.intermediate.forward_gelu(&attended)?)?;
+    layer.output_norm.forward(&(fed + attended)?)
 }
 
 struct LayerNorm {
@@ -620,13 +624,7 @@ impl BertEncoder {
         for (index, layer) in self.layers.iter().enumerate().take(deepest) {
             let qkv = layer.qkv.forward(&x)?;
             let context = attention(&qkv, heads, &mask_bias, position_bias.as_ref(), scale)?;
-            let attended = add_norm(&layer.attention_out, &context, &x, &layer.attention_norm)?;
-            x = feed_forward_add_norm(
-                &layer.intermediate,
-                &layer.output,
-                &attended,
-                &layer.output_norm,
-            )?;
+            x = post_attention(layer, &context, &x)?;
             if layers.contains(&(index + 1)) {
                 kept.push(x.reshape((batch, seq, h))?);
             }

@@ -466,8 +466,8 @@ fn row_tasks(
     y
 }
 
-/// A frozen layer norm's parameters, for the "add & norm" that follows an
-/// int8 layer in a BERT block: `norm(layer(x) + residual)`.
+/// A frozen layer norm's parameters, for the "add & norm" steps that follow
+/// int8 layers in a BERT block: `norm(layer(x) + residual)`.
 #[derive(Debug, Clone)]
 pub struct Norm {
     pub gamma: Vec<f32>,
@@ -493,16 +493,25 @@ impl Norm {
     }
 
     /// `y`'s rows (the first `gamma.len()` of every `stride`) plus the
-    /// residual's rows, then normalised, in place; the same bits as candle's
-    /// add followed by `ops::layer_norm`.
-    fn add_then_norm(&self, y: &mut [MaybeUninit<f32>], stride: usize, residual: &[f32]) {
+    /// residual's rows (`residual_stride` apart), then normalised, in place;
+    /// the same bits as candle's add followed by `ops::layer_norm`.
+    fn add_then_norm(
+        &self,
+        y: &mut [MaybeUninit<f32>],
+        stride: usize,
+        residual: &[f32],
+        residual_stride: usize,
+    ) {
         let d = self.gamma.len();
         // Safety: the layer wrote every element of `y` before this runs, and
         // `MaybeUninit<f32>` has the layout of `f32`.
         let y = unsafe { &mut *(y as *mut [MaybeUninit<f32>] as *mut [f32]) };
-        for (row, res) in y.chunks_exact_mut(stride).zip(residual.chunks_exact(d)) {
+        for (row, res) in y
+            .chunks_exact_mut(stride)
+            .zip(residual.chunks_exact(residual_stride))
+        {
             let row = &mut row[..d];
-            for (v, r) in row.iter_mut().zip(res) {
+            for (v, r) in row.iter_mut().zip(&res[..d]) {
                 *v += r;
             }
             layer_norm_in_place(row, &self.gamma, &self.beta, self.eps);
@@ -510,104 +519,89 @@ impl Norm {
     }
 }
 
-impl QuantizedLinear {
-    /// `norm(forward(x) + residual)`, the residual added and each row
-    /// normalised while the task's rows are in cache.
-    pub fn forward_add_norm(&self, x: &Tensor, residual: &Tensor, norm: &Norm) -> Result<Tensor> {
-        check_add_norm(self.out, x, residual, norm)?;
-        x.contiguous()?.apply_op2_no_bwd(
-            &residual.contiguous()?,
-            &AddNormOp {
-                layers: Layers::One(self),
-                norm,
+/// The part of a BERT layer after its attention, all int8 and row-local:
+/// `attended = attention_norm(attention_out(context) + x)`, then
+/// `output_norm(down(gelu(up(attended))) + attended)`.
+pub struct PostAttention<'a> {
+    pub attention_out: &'a QuantizedLinear,
+    pub attention_norm: &'a Norm,
+    pub up: &'a QuantizedLinear,
+    pub down: &'a QuantizedLinear,
+    pub output_norm: &'a Norm,
+}
+
+impl PostAttention<'_> {
+    /// Runs on blocks of 64 rows, each carried through the whole chain while
+    /// it is in cache: the attended rows and the wide GELU output are never
+    /// written out whole, and each is quantized for the next layer where it
+    /// was made. The same numbers as the layers, candle's adds and
+    /// `ops::layer_norm` one after another.
+    pub fn forward(&self, context: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let h = self.attention_out.out;
+        let (rows, width) = context.dims2()?;
+        let widths = [
+            self.attention_out.inner,
+            self.up.inner,
+            self.down.inner,
+            self.down.out,
+            self.attention_norm.gamma.len(),
+            self.output_norm.gamma.len(),
+        ];
+        if widths != [width, h, self.up.out, h, h, h] || x.dims2()? != (rows, h) {
+            bail!(
+                "int8 block: context {:?} and x {:?} do not chain through layers of widths {widths:?}",
+                context.dims(),
+                x.dims()
+            );
+        }
+        context
+            .contiguous()?
+            .apply_op2_no_bwd(&x.contiguous()?, self)
+    }
+
+    fn apply_with(&self, context: &[f32], x: &[f32], kernel: Kernel) -> Vec<f32> {
+        let (out, up, down) = (self.attention_out, self.up, self.down);
+        let h = out.out;
+        let (narrow, wide) = (out.padded_out(), up.padded_out());
+        row_tasks(
+            context,
+            out.inner,
+            down.padded_out(),
+            h,
+            |row, context, y| {
+                let rows = context.len() / out.inner;
+                let mut attended: Vec<f32> = Vec::with_capacity(rows * narrow);
+                out.rows_into(
+                    context,
+                    out.inner,
+                    attended.spare_capacity_mut(),
+                    kernel,
+                    false,
+                );
+                let residual = &x[row * h..(row + rows) * h];
+                self.attention_norm.add_then_norm(
+                    attended.spare_capacity_mut(),
+                    narrow,
+                    residual,
+                    h,
+                );
+                // Safety: `rows_into` wrote every (row, padded output).
+                unsafe { attended.set_len(rows * narrow) };
+                let mut hidden: Vec<f32> = Vec::with_capacity(rows * wide);
+                up.rows_into(&attended, narrow, hidden.spare_capacity_mut(), kernel, true);
+                // Safety: as above.
+                unsafe { hidden.set_len(rows * wide) };
+                down.rows_into(&hidden, wide, y, kernel, false);
+                self.output_norm
+                    .add_then_norm(y, down.padded_out(), &attended, narrow);
             },
         )
     }
 }
 
-/// A transformer's feed-forward block in int8 with its "add & norm",
-/// `norm(down(gelu(up(x))) + x)`, one block of rows at a time: the wide GELU
-/// output of each block is quantized for `down` while it is in cache, never
-/// written out whole, and the residual and the norm follow in place. The same
-/// numbers as the layers, candle's add and `ops::layer_norm` one after another.
-pub fn feed_forward_add_norm(
-    up: &QuantizedLinear,
-    down: &QuantizedLinear,
-    x: &Tensor,
-    norm: &Norm,
-) -> Result<Tensor> {
-    if down.inner != up.out {
-        bail!(
-            "int8 feed-forward: up gives {} values a row, down takes {}",
-            up.out,
-            down.inner
-        );
-    }
-    check_add_norm(down.out, x, x, norm)?;
-    let x = x.contiguous()?;
-    x.apply_op2_no_bwd(
-        &x,
-        &AddNormOp {
-            layers: Layers::FeedForward { up, down },
-            norm,
-        },
-    )
-}
-
-fn check_add_norm(out: usize, x: &Tensor, residual: &Tensor, norm: &Norm) -> Result<()> {
-    let (rows, _) = x.dims2()?;
-    if residual.dims2()? != (rows, out) || norm.gamma.len() != out {
-        bail!(
-            "int8 add & norm: {out} outputs a row, residual {:?}, norm of {}",
-            residual.dims(),
-            norm.gamma.len()
-        );
-    }
-    Ok(())
-}
-
-enum Layers<'a> {
-    One(&'a QuantizedLinear),
-    FeedForward {
-        up: &'a QuantizedLinear,
-        down: &'a QuantizedLinear,
-    },
-}
-
-struct AddNormOp<'a> {
-    layers: Layers<'a>,
-    norm: &'a Norm,
-}
-
-impl AddNormOp<'_> {
-    fn apply_with(&self, x: &[f32], residual: &[f32], kernel: Kernel) -> Vec<f32> {
-        let (first, last) = match self.layers {
-            Layers::One(layer) => (layer, layer),
-            Layers::FeedForward { up, down } => (up, down),
-        };
-        let (out, padded) = (last.out, last.padded_out());
-        row_tasks(x, first.inner, padded, out, |row, x, y| {
-            let rows = x.len() / first.inner;
-            match self.layers {
-                Layers::One(layer) => layer.rows_into(x, layer.inner, y, kernel, false),
-                Layers::FeedForward { up, down } => {
-                    let wide = up.padded_out();
-                    let mut hidden: Vec<f32> = Vec::with_capacity(rows * wide);
-                    up.rows_into(x, up.inner, hidden.spare_capacity_mut(), kernel, true);
-                    // Safety: `rows_into` wrote every (row, padded output).
-                    unsafe { hidden.set_len(rows * wide) };
-                    down.rows_into(&hidden, wide, y, kernel, false);
-                }
-            }
-            let residual = &residual[row * out..(row + rows) * out];
-            self.norm.add_then_norm(y, padded, residual);
-        })
-    }
-}
-
-impl CustomOp2 for AddNormOp<'_> {
+impl CustomOp2 for PostAttention<'_> {
     fn name(&self) -> &'static str {
-        "int8-add-norm"
+        "int8-post-attention"
     }
 
     fn cpu_fwd(
@@ -617,11 +611,10 @@ impl CustomOp2 for AddNormOp<'_> {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, residual) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
-        let (rows, out) = l2.shape().dims2()?;
+        let (context, x) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
         Ok((
-            CpuStorage::F32(self.apply_with(x, residual, Kernel::in_use())),
-            Shape::from((rows, out)),
+            CpuStorage::F32(self.apply_with(context, x, Kernel::in_use())),
+            l2.shape().clone(),
         ))
     }
 }
@@ -1055,11 +1048,11 @@ mod tests {
     }
 
     #[test]
-    fn the_fused_blocks_equal_their_layers_then_add_and_norm() {
+    fn the_fused_block_equals_its_layers_adds_and_norms() {
         use crate::ops::layer_norm;
-        // 37 hidden values: a padded block between the two layers; 130 rows:
-        // three tasks, the last short.
-        let (width, hidden, rows) = (24, 37, 130);
+        // Hidden 24 (one padded block), FFN 37 wide (a padded block between
+        // up and down), context 20 wide; 130 rows: three tasks, the last short.
+        let (h, wide, inner, rows) = (24, 37, 20, 130);
         let device = candle_core::Device::Cpu;
         let layer = |out, inner, seed| {
             QuantizedLinear::new(
@@ -1070,43 +1063,46 @@ mod tests {
             )
             .unwrap()
         };
-        let (up, down, square) = (
-            layer(hidden, width, 2),
-            layer(width, hidden, 4),
-            layer(width, width, 6),
-        );
-        let x = Tensor::from_vec(values(rows * width, 1), (rows, width), &device).unwrap();
-        let residual = Tensor::from_vec(values(rows * width, 9), (rows, width), &device).unwrap();
-        let (gamma, beta) = (values(width, 7), values(width, 8));
-        let norm = Norm {
-            gamma: gamma.clone(),
-            beta: beta.clone(),
+        let (out, up, down) = (layer(h, inner, 2), layer(wide, h, 4), layer(h, wide, 6));
+        let norm = |seed| Norm {
+            gamma: values(h, seed),
+            beta: values(h, seed + 1),
             eps: 1e-12,
         };
-        let (gamma, beta) = (
-            Tensor::from_vec(gamma, width, &device).unwrap(),
-            Tensor::from_vec(beta, width, &device).unwrap(),
+        let (attention_norm, output_norm) = (norm(8), norm(10));
+        let tensor = |v: Vec<f32>| Tensor::from_vec(v, h, &device).unwrap();
+        let apart_norm = |x: &Tensor, n: &Norm| {
+            layer_norm(x, &tensor(n.gamma.clone()), &tensor(n.beta.clone()), 1e-12).unwrap()
+        };
+        let context = Tensor::from_vec(values(rows * inner, 1), (rows, inner), &device).unwrap();
+        let x = Tensor::from_vec(values(rows * h, 9), (rows, h), &device).unwrap();
+        let block = PostAttention {
+            attention_out: &out,
+            attention_norm: &attention_norm,
+            up: &up,
+            down: &down,
+            output_norm: &output_norm,
+        };
+        let fused = block.forward(&context, &x).unwrap();
+
+        let attended = apart_norm(
+            &(out.forward(&context).unwrap() + &x).unwrap(),
+            &attention_norm,
         );
+        let fed = down.forward(&up.forward_gelu(&attended).unwrap()).unwrap();
+        let apart = apart_norm(&(fed + &attended).unwrap(), &output_norm);
         let floats = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-
-        let fused = feed_forward_add_norm(&up, &down, &x, &norm).unwrap();
-        let fed = down.forward(&up.forward_gelu(&x).unwrap()).unwrap();
-        let apart = layer_norm(&(fed + &x).unwrap(), &gamma, &beta, 1e-12).unwrap();
-        assert_eq!(fused.dims(), &[rows, width]);
+        assert_eq!(fused.dims(), &[rows, h]);
         assert_eq!(floats(fused), floats(apart));
 
-        let fused = square.forward_add_norm(&x, &residual, &norm).unwrap();
-        let sum = (square.forward(&x).unwrap() + &residual).unwrap();
-        let apart = layer_norm(&sum, &gamma, &beta, 1e-12).unwrap();
-        assert_eq!(floats(fused), floats(apart));
-
+        let wrong = PostAttention { up: &down, ..block };
         assert!(
-            feed_forward_add_norm(&up, &up, &x, &norm).is_err(),
-            "widths that do not chain"
+            wrong.forward(&context, &x).is_err(),
+            "layers that do not chain"
         );
         assert!(
-            up.forward_add_norm(&x, &residual, &norm).is_err(),
-            "a residual of another width"
+            block.forward(&x, &x).is_err(),
+            "a context of the wrong width"
         );
     }
 
