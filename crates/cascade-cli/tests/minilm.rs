@@ -66,3 +66,46 @@ fn first_three_training_losses_match_pytorch_to_four_decimals() {
         );
     }
 }
+
+/// Runs `cascade bench-embed` on the first IMDB test texts with `args`.
+fn bench_embed(args: &[&str]) -> std::process::Output {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/imdb");
+    Command::new(env!("CARGO_BIN_EXE_cascade"))
+        .args(["bench-embed", "--model", minilm().to_str().unwrap()])
+        .args(["--data", data.to_str().unwrap()])
+        .args(["--texts", "8", "--rounds", "1", "--max-len", "64"])
+        .args(args)
+        .output()
+        .expect("run cascade bench-embed")
+}
+
+#[test]
+fn int8_embeddings_are_the_same_with_every_kernel() {
+    let dir = tempfile::tempdir().unwrap();
+    let embeddings = |kernel: Option<&str>| {
+        let path = dir.path().join(kernel.unwrap_or("best"));
+        let mut args = vec!["--only", "int8", "--save", path.to_str().unwrap()];
+        args.extend(kernel.map(|k| ["--int8-kernel", k]).into_iter().flatten());
+        let out = bench_embed(&args);
+        assert!(
+            out.status.success(),
+            "{kernel:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::read(path).unwrap()
+    };
+    let best = embeddings(None);
+    assert_eq!(best.len(), 8 * 384 * 4, "8 embeddings of 384 floats");
+    assert!(
+        best == embeddings(Some("scalar")),
+        "the CPU's best kernel and the scalar one differ"
+    );
+
+    let out = bench_embed(&["--int8-kernel", "avx9"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("avx9") && stderr.contains("avx512-vnni"),
+        "{stderr}"
+    );
+}
