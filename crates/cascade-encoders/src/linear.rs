@@ -73,40 +73,30 @@ impl CustomOp3 for Linear {
         if rows > 0 && out > 0 && inner > 0 {
             // y += x · wᵀ: wᵀ is w read with swapped strides.
             let threads = rayon::current_num_threads();
-            if rows <= SPLIT_ROWS_UP_TO && threads > 1 {
-                // Few rows: each thread multiplies its own rows, single-threaded.
-                // gemm's own split packs the activations (a strided gather,
-                // 26% of a 1×128 forward pass on AVX-512) for every column
-                // block it hands out; this packs each row once.
-                let per = rows.div_ceil(threads);
-                y.par_chunks_mut(per * out)
-                    .zip(x.par_chunks(per * inner))
-                    .for_each(|(y, x)| {
-                        matmul(
-                            (x.len() / inner, out, inner),
-                            x,
-                            (inner, 1),
-                            w,
-                            (1, inner),
-                            y,
-                            true,
-                            1.0,
-                            Parallelism::None,
-                        )
-                    });
+            // Few rows: each thread multiplies its own rows, single-threaded.
+            // gemm's own split packs the activations (a strided gather, 26% of
+            // a 1×128 forward pass on AVX-512) for every column block it hands
+            // out; this packs each row once. Otherwise one call, gemm's split.
+            let (per_call, parallelism) = if rows <= SPLIT_ROWS_UP_TO && threads > 1 {
+                (rows.div_ceil(threads), Parallelism::None)
             } else {
-                matmul(
-                    (rows, out, inner),
-                    x,
-                    (inner, 1),
-                    w,
-                    (1, inner),
-                    &mut y,
-                    true,
-                    1.0,
-                    Parallelism::Rayon(threads),
-                );
-            }
+                (rows, Parallelism::Rayon(threads))
+            };
+            y.par_chunks_mut(per_call * out)
+                .zip(x.par_chunks(per_call * inner))
+                .for_each(|(y, x)| {
+                    matmul(
+                        (x.len() / inner, out, inner),
+                        x,
+                        (inner, 1),
+                        w,
+                        (1, inner),
+                        y,
+                        true,
+                        1.0,
+                        parallelism,
+                    )
+                });
         }
         if self.gelu {
             y.par_chunks_mut(1 << 14).for_each(gelu_in_place);

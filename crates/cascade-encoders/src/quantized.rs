@@ -121,13 +121,17 @@ impl FromStr for Kernel {
             .into_iter()
             .find(|kernel| kernel.name() == name)
             .ok_or_else(|| {
-                let names: Vec<&str> = Kernel::ALL.iter().map(|k| k.name()).collect();
                 format!(
                     "unknown int8 kernel {name:?} (one of: {})",
-                    names.join(", ")
+                    names(Kernel::ALL.into_iter())
                 )
             })
     }
+}
+
+/// "a, b, c": the kernels' names, for messages.
+fn names(kernels: impl Iterator<Item = Kernel>) -> String {
+    kernels.map(Kernel::name).collect::<Vec<_>>().join(", ")
 }
 
 /// The kernel every layer in this process uses; 0 is "the best one".
@@ -141,12 +145,7 @@ pub fn use_kernel(kernel: Option<Kernel>) -> std::result::Result<(), String> {
         Some(kernel) if !kernel.is_available() => Err(format!(
             "this CPU cannot run the {} int8 kernel (it can: {})",
             kernel.name(),
-            Kernel::ALL
-                .iter()
-                .filter(|k| k.is_available())
-                .map(|k| k.name())
-                .collect::<Vec<_>>()
-                .join(", ")
+            names(Kernel::ALL.into_iter().filter(|k| k.is_available()))
         )),
         Some(kernel) => {
             CHOSEN.store(kernel.index(), Ordering::Relaxed);
@@ -359,9 +358,8 @@ impl QuantizedLinear {
         let q = self.quantize_rows(x, x_stride, kernel);
         self.block_rows(&q, y, kernel);
         if gelu {
-            // Safety: `block_rows` wrote every element of `y`, and
-            // `MaybeUninit<f32>` has the layout of `f32`.
-            gelu_in_place(unsafe { &mut *(y as *mut [MaybeUninit<f32>] as *mut [f32]) });
+            // Safety: `block_rows` wrote every element of `y`.
+            gelu_in_place(unsafe { written(y) });
         }
     }
 
@@ -429,6 +427,16 @@ fn block_rows_body(
         }
         block += blocks;
     }
+}
+
+/// `y` as the floats a layer wrote into it.
+///
+/// # Safety
+/// Every element of `y` has been written (`MaybeUninit<f32>` has the layout
+/// of `f32`).
+unsafe fn written(y: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // Safety: as the caller promises.
+    unsafe { &mut *(y as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// Runs `task(first row, x rows, y rows)` over blocks of `ROWS_PER_TASK`
@@ -503,9 +511,8 @@ impl Norm {
         residual_stride: usize,
     ) {
         let d = self.gamma.len();
-        // Safety: the layer wrote every element of `y` before this runs, and
-        // `MaybeUninit<f32>` has the layout of `f32`.
-        let y = unsafe { &mut *(y as *mut [MaybeUninit<f32>] as *mut [f32]) };
+        // Safety: the layer wrote every element of `y` before this runs.
+        let y = unsafe { written(y) };
         for (row, res) in y
             .chunks_exact_mut(stride)
             .zip(residual.chunks_exact(residual_stride))
