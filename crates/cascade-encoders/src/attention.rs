@@ -50,17 +50,12 @@ pub fn attention(
         bail!("attention: the position bias must be (heads, seq, seq)");
     }
     let mask: Vec<f32> = mask_bias.flatten_all()?.to_vec1()?;
-    let op = Attention {
-        mask: Arc::new(mask),
-        position_bias: position_bias.map(|b| b.values.clone()),
-        scale: scale as f32,
-        dims: Dims {
-            batch,
-            heads,
-            seq,
-            dim: width / 3 / heads,
-        },
-    };
+    let op = Attention::new(
+        (batch, seq, heads, width / 3 / heads),
+        Arc::new(mask),
+        position_bias,
+        scale,
+    );
     qkv.contiguous()?.apply_op1(op)
 }
 
@@ -90,8 +85,10 @@ impl PositionBias {
     }
 }
 
+/// One attention over packed q|k|v rows: its shape, mask, position bias and
+/// scale. The fused layer (`layer.rs`) calls its passes directly.
 #[derive(Clone)]
-struct Attention {
+pub(crate) struct Attention {
     mask: Arc<Vec<f32>>,
     position_bias: Option<Arc<Vec<f32>>>,
     scale: f32,
@@ -138,57 +135,29 @@ impl Dims {
 }
 
 impl Attention {
-    /// Pair `i`'s probabilities into `p` (seq × seq), as both passes need
-    /// them; returns the pair's query, key and value blocks.
-    fn pair_probabilities<'a>(&self, qkv: &'a [f32], i: usize, p: &mut [f32]) -> [&'a [f32]; 3] {
-        let d = self.dims;
-        let [q, k, v] = d.qkv_blocks(qkv, i);
-        let mask = &self.mask[(i / d.heads) * d.seq..][..d.seq];
-        let size = d.seq * d.seq;
-        let bias = self
-            .position_bias
-            .as_ref()
-            .map(|b| &b[(i % d.heads) * size..][..size]);
-        probabilities(q, k, mask, bias, self.scale, d, p);
-        [q, k, v]
-    }
-}
-
-/// Scores then probabilities of one head into `p` (seq × seq).
-fn probabilities(
-    q: &[f32],
-    k: &[f32],
-    mask: &[f32],
-    bias: Option<&[f32]>,
-    scale: f32,
-    d: Dims,
-    p: &mut [f32],
-) {
-    let (s, h, stride) = (d.seq, d.dim, d.qkv_stride());
-    // P = scale · Q · Kᵀ
-    matmul(
-        (s, s, h),
-        q,
-        (stride, 1),
-        k,
-        (1, stride),
-        p,
-        false,
-        scale,
-        SERIAL,
-    );
-    for (r, row) in p.chunks_mut(s).enumerate() {
-        masked_softmax_in_place(row, mask, bias.map(|b| &b[r * s..][..s]));
-    }
-}
-
-impl CustomOp1 for Attention {
-    fn name(&self) -> &'static str {
-        "fused-attention"
+    /// `(batch, seq, heads, head_dim)`; `mask`: `(batch, seq)` values added to
+    /// every query's scores; `position_bias` as in `attention`.
+    pub(crate) fn new(
+        (batch, seq, heads, dim): (usize, usize, usize, usize),
+        mask: Arc<Vec<f32>>,
+        position_bias: Option<&PositionBias>,
+        scale: f64,
+    ) -> Self {
+        Self {
+            mask,
+            position_bias: position_bias.map(|b| b.values.clone()),
+            scale: scale as f32,
+            dims: Dims {
+                batch,
+                heads,
+                seq,
+                dim,
+            },
+        }
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let qkv = f32_slice(storage, layout)?;
+    /// The context `(batch·seq, hidden)` of packed `qkv` rows.
+    pub(crate) fn forward(&self, qkv: &[f32]) -> Vec<f32> {
         let d = self.dims;
         let (s, h, rows) = (d.seq, d.dim, d.batch * d.seq);
         let mut out = par_zeros(rows * d.hidden());
@@ -215,32 +184,13 @@ impl CustomOp1 for Attention {
                 };
             },
         );
-        Ok((CpuStorage::F32(out), Shape::from((rows, d.hidden()))))
+        out
     }
 
-    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let backward = AttentionBackward(self.clone());
-        Ok(Some(qkv.apply_op2_no_bwd(&grad.contiguous()?, &backward)?))
-    }
-}
-
-/// The gradient of the packed qkv rows: `(dQ | dK | dV)` in the same layout.
-struct AttentionBackward(Attention);
-
-impl CustomOp2 for AttentionBackward {
-    fn name(&self) -> &'static str {
-        "fused-attention-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (qkv, g) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
-        let attention = &self.0;
+    /// The gradient of the packed `qkv` rows, `(dQ | dK | dV)`, given the
+    /// context's gradient `g`.
+    pub(crate) fn backward(&self, qkv: &[f32], g: &[f32]) -> Vec<f32> {
+        let attention = self;
         let d = attention.dims;
         let (s, h, stride, hidden) = (d.seq, d.dim, d.qkv_stride(), d.hidden());
         let mut out = par_zeros(qkv.len());
@@ -316,6 +266,90 @@ impl CustomOp2 for AttentionBackward {
                 };
             },
         );
+        out
+    }
+    /// Pair `i`'s probabilities into `p` (seq × seq), as both passes need
+    /// them; returns the pair's query, key and value blocks.
+    fn pair_probabilities<'a>(&self, qkv: &'a [f32], i: usize, p: &mut [f32]) -> [&'a [f32]; 3] {
+        let d = self.dims;
+        let [q, k, v] = d.qkv_blocks(qkv, i);
+        let mask = &self.mask[(i / d.heads) * d.seq..][..d.seq];
+        let size = d.seq * d.seq;
+        let bias = self
+            .position_bias
+            .as_ref()
+            .map(|b| &b[(i % d.heads) * size..][..size]);
+        probabilities(q, k, mask, bias, self.scale, d, p);
+        [q, k, v]
+    }
+}
+
+/// Scores then probabilities of one head into `p` (seq × seq).
+fn probabilities(
+    q: &[f32],
+    k: &[f32],
+    mask: &[f32],
+    bias: Option<&[f32]>,
+    scale: f32,
+    d: Dims,
+    p: &mut [f32],
+) {
+    let (s, h, stride) = (d.seq, d.dim, d.qkv_stride());
+    // P = scale · Q · Kᵀ
+    matmul(
+        (s, s, h),
+        q,
+        (stride, 1),
+        k,
+        (1, stride),
+        p,
+        false,
+        scale,
+        SERIAL,
+    );
+    for (r, row) in p.chunks_mut(s).enumerate() {
+        masked_softmax_in_place(row, mask, bias.map(|b| &b[r * s..][..s]));
+    }
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let qkv = f32_slice(storage, layout)?;
+        let d = self.dims;
+        let out = self.forward(qkv);
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((d.batch * d.seq, d.hidden())),
+        ))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let backward = AttentionBackward(self.clone());
+        Ok(Some(qkv.apply_op2_no_bwd(&grad.contiguous()?, &backward)?))
+    }
+}
+
+/// The gradient of the packed qkv rows: `(dQ | dK | dV)` in the same layout.
+struct AttentionBackward(Attention);
+
+impl CustomOp2 for AttentionBackward {
+    fn name(&self) -> &'static str {
+        "fused-attention-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (qkv, g) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        let out = self.0.backward(qkv, g);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

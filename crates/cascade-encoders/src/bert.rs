@@ -1,5 +1,7 @@
-//! A BERT-family encoder that trains: every weight can be a `Var`, and the
-//! norms, softmax and GELU are the fused differentiable ops of `ops.rs`.
+//! A BERT-family encoder that trains: every weight can be a `Var`; each f32
+//! layer is one fused op with its own backward pass (`layer.rs`), the
+//! embeddings' norm the fused op of `ops.rs`; int8 layers (inference only)
+//! are `quantized.rs`.
 //!
 //! Loads any Hugging Face BERT folder (`config.json`, `model.safetensors`,
 //! memory-mapped); checkpoints with or without the `bert.` prefix. MPNet
@@ -13,7 +15,10 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use serde::Deserialize;
 
-use super::attention::{attention, PositionBias};
+use std::sync::Arc;
+
+use super::attention::{Attention, PositionBias};
+use super::layer::LayerShape;
 use super::ops;
 use super::quantized::{Norm, QuantizedLinear};
 
@@ -241,81 +246,6 @@ impl Loader<'_> {
     }
 }
 
-struct Linear {
-    weight: Tensor,
-    bias: Tensor,
-    /// Set by `BertEncoder::quantize_int8`: the forward pass uses it instead.
-    int8: Option<QuantizedLinear>,
-}
-
-impl Linear {
-    fn load(
-        l: &mut Loader,
-        name: &str,
-        out_dim: usize,
-        in_dim: usize,
-        train: bool,
-    ) -> Result<Self> {
-        Ok(Self {
-            weight: l.get(&format!("{name}.weight"), &[out_dim, in_dim], train)?,
-            bias: l.get(&format!("{name}.bias"), &[out_dim], train)?,
-            int8: None,
-        })
-    }
-
-    /// `x (rows, in) → (rows, out)`.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.int8 {
-            Some(int8) => int8.forward(x),
-            None => super::linear::linear(x, &self.weight, &self.bias),
-        }
-    }
-
-    /// `gelu(forward(x))`, fused where nothing trains.
-    fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.int8 {
-            Some(int8) => int8.forward_gelu(x),
-            None => super::linear::linear_gelu(x, &self.weight, &self.bias),
-        }
-    }
-
-    fn quantize_int8(&mut self) -> Result<()> {
-        self.int8 = Some(QuantizedLinear::from_tensors(&self.weight, &self.bias)?);
-        // The f32 weight is no longer read; keep a placeholder, not 4× the bytes.
-        self.weight = Tensor::zeros((0, 0), DType::F32, self.weight.device())?;
-        Ok(())
-    }
-}
-
-/// The part of a layer after its attention, `attended = attention_norm(
-/// attention_out(context) + x)` then `output_norm(down(gelu(up(attended))) +
-/// attended)`: one fused pass over row blocks where the layers are int8 (the
-/// same numbers either way).
-fn post_attention(layer: &Layer, context: &Tensor, x: &Tensor) -> Result<Tensor> {
-    let int8 = (
-        &layer.attention_out.int8,
-        &layer.intermediate.int8,
-        &layer.output.int8,
-    );
-    if let (Some(attention_out), Some(up), Some(down)) = int8 {
-        let block = super::quantized::PostAttention {
-            attention_out,
-            attention_norm: &layer.attention_norm.frozen()?,
-            up,
-            down,
-            output_norm: &layer.output_norm.frozen()?,
-        };
-        return block.forward(context, x);
-    }
-    let attended = layer
-        .attention_norm
-        .forward(&(layer.attention_out.forward(context)? + x)?)?;
-    let fed = layer
-        .output
-        .forward(&layer.intermediate.forward_gelu(&attended)?)?;
-    layer.output_norm.forward(&(fed + attended)?)
-}
-
 struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
@@ -334,63 +264,108 @@ impl LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
-
-    /// The parameters as plain values, for the int8 layers' fused add & norm.
-    fn frozen(&self) -> Result<Norm> {
-        Norm::from_tensors(&self.weight, &self.bias, self.eps)
-    }
 }
 
-/// Q, K and V as one product `x · [Wq; Wk; Wv]ᵀ`: one gemm instead of
-/// three, and its rows are what the fused attention reads.
-enum QkvProjection {
-    /// Frozen weights, concatenated once at load.
-    Fused(Linear),
-    /// Trainable weights stay three variables (their checkpoint names) and
-    /// are concatenated per pass: 3·h² floats, against rows·3h in the product.
-    Separate(Box<[Linear; 3]>),
+/// One layer's f32 weights, in `LayerShape`'s flat order.
+enum LayerWeights {
+    /// Concatenated once at load.
+    Frozen(Tensor),
+    /// The checkpoint's variables (one per name), flattened and concatenated
+    /// per pass: 12·h² floats, against 15·rows·h written by the layer.
+    Trainable(Vec<Tensor>),
+    /// Quantized: the f32 weights are no longer read.
+    Dropped,
 }
 
-impl QkvProjection {
-    fn new(parts: [Linear; 3], trainable: bool) -> Result<Self> {
-        if trainable {
-            return Ok(Self::Separate(Box::new(parts)));
-        }
-        let (weight, bias) = Self::concatenated(&parts)?;
-        Ok(Self::Fused(Linear {
-            weight,
-            bias,
-            int8: None,
-        }))
-    }
-
-    /// `[Wq; Wk; Wv]` and `[bq; bk; bv]`.
-    fn concatenated([q, k, v]: &[Linear; 3]) -> Result<(Tensor, Tensor)> {
-        Ok((
-            Tensor::cat(&[&q.weight, &k.weight, &v.weight], 0)?,
-            Tensor::cat(&[&q.bias, &k.bias, &v.bias], 0)?,
-        ))
-    }
-
-    /// `x (rows, h) → (rows, 3h)`, each row `[q | k | v]`.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl LayerWeights {
+    fn flat(&self) -> Result<Tensor> {
         match self {
-            Self::Fused(linear) => linear.forward(x),
-            Self::Separate(parts) => {
-                let (weight, bias) = Self::concatenated(parts)?;
-                super::linear::linear(x, &weight, &bias)
+            Self::Frozen(flat) => Ok(flat.clone()),
+            Self::Trainable(parts) => {
+                let flat: Vec<Tensor> = parts
+                    .iter()
+                    .map(|t| t.flatten_all())
+                    .collect::<Result<_>>()?;
+                Tensor::cat(&flat, 0)
+            }
+            Self::Dropped => {
+                candle_core::bail!("the layer's f32 weights were dropped when it was quantized")
             }
         }
     }
 }
 
+/// The int8 layer: dense products in int8, attention and norms in f32.
+struct Int8Layer {
+    qkv: QuantizedLinear,
+    attention_out: QuantizedLinear,
+    attention_norm: Norm,
+    up: QuantizedLinear,
+    down: QuantizedLinear,
+    output_norm: Norm,
+}
+
+impl Int8Layer {
+    fn new(flat: &Tensor, shape: &LayerShape) -> Result<Self> {
+        let (h, i) = (shape.hidden, shape.intermediate);
+        let mut at = 0;
+        let mut next = |dims: &[usize]| -> Result<Tensor> {
+            let n: usize = dims.iter().product();
+            let part = flat.narrow(0, at, n)?.reshape(dims)?;
+            at += n;
+            Ok(part)
+        };
+        let (qkv_w, qkv_b) = (next(&[3 * h, h])?, next(&[3 * h])?);
+        let (out_w, out_b) = (next(&[h, h])?, next(&[h])?);
+        let (norm1_g, norm1_b) = (next(&[h])?, next(&[h])?);
+        let (up_w, up_b) = (next(&[i, h])?, next(&[i])?);
+        let (down_w, down_b) = (next(&[h, i])?, next(&[h])?);
+        let (norm2_g, norm2_b) = (next(&[h])?, next(&[h])?);
+        let eps = shape.eps as f64;
+        Ok(Self {
+            qkv: QuantizedLinear::from_tensors(&qkv_w, &qkv_b)?,
+            attention_out: QuantizedLinear::from_tensors(&out_w, &out_b)?,
+            attention_norm: Norm::from_tensors(&norm1_g, &norm1_b, eps)?,
+            up: QuantizedLinear::from_tensors(&up_w, &up_b)?,
+            down: QuantizedLinear::from_tensors(&down_w, &down_b)?,
+            output_norm: Norm::from_tensors(&norm2_g, &norm2_b, eps)?,
+        })
+    }
+
+    /// The layer over `x`, its attention the fused f32 op.
+    fn forward(&self, x: &Tensor, attention: &AttentionArgs) -> Result<Tensor> {
+        let qkv = self.qkv.forward(x)?;
+        let context = super::attention::attention(
+            &qkv,
+            attention.heads,
+            &attention.mask_bias,
+            attention.position_bias.as_ref(),
+            attention.scale,
+        )?;
+        let block = super::quantized::PostAttention {
+            attention_out: &self.attention_out,
+            attention_norm: &self.attention_norm,
+            up: &self.up,
+            down: &self.down,
+            output_norm: &self.output_norm,
+        };
+        block.forward(&context, x)
+    }
+}
+
+/// What every layer's attention of one pass shares.
+struct AttentionArgs {
+    heads: usize,
+    mask_bias: Tensor,
+    position_bias: Option<PositionBias>,
+    scale: f64,
+}
+
 struct Layer {
-    qkv: QkvProjection,
-    attention_out: Linear,
-    attention_norm: LayerNorm,
-    intermediate: Linear,
-    output: Linear,
-    output_norm: LayerNorm,
+    weights: LayerWeights,
+    shape: LayerShape,
+    /// Set by `BertEncoder::quantize_int8`: the forward pass uses it instead.
+    int8: Option<Int8Layer>,
 }
 
 pub struct BertEncoder {
@@ -475,40 +450,44 @@ impl BertEncoder {
         for i in 0..c.num_hidden_layers {
             let train = trainable.enabled && i >= trainable.frozen_layers;
             let p = format!("encoder.layer.{i}");
-            let eps = c.layer_norm_eps;
-            let [q, k, v] = [names.query, names.key, names.value]
-                .map(|name| Linear::load(&mut l, &format!("{p}.{name}"), h, h, train));
+            let inter = c.intermediate_size;
+            // Loaded in the checkpoint's order (the variables' order), then
+            // arranged in the layer's flat order (`LayerShape`).
+            let mut get = |name: &str, part: &str, shape: &[usize]| {
+                l.get(&format!("{p}.{name}.{part}"), shape, train)
+            };
+            let mut qkv_w = Vec::with_capacity(3);
+            let mut qkv_b = Vec::with_capacity(3);
+            for name in [names.query, names.key, names.value] {
+                qkv_w.push(get(name, "weight", &[h, h])?);
+                qkv_b.push(get(name, "bias", &[h])?);
+            }
+            let mut parts = [qkv_w, qkv_b].concat();
+            for (name, weight_dims) in [
+                (names.output, &[h, h][..]),
+                (names.norm, &[h][..]),
+                ("intermediate.dense", &[inter, h][..]),
+                ("output.dense", &[h, inter][..]),
+                ("output.LayerNorm", &[h][..]),
+            ] {
+                parts.push(get(name, "weight", weight_dims)?);
+                parts.push(get(name, "bias", &weight_dims[..1])?);
+            }
+            let weights = if train {
+                LayerWeights::Trainable(parts)
+            } else {
+                LayerWeights::Trainable(parts)
+                    .flat()
+                    .map(LayerWeights::Frozen)?
+            };
             layers.push(Layer {
-                qkv: QkvProjection::new([q?, k?, v?], train)?,
-                attention_out: Linear::load(&mut l, &format!("{p}.{}", names.output), h, h, train)?,
-                attention_norm: LayerNorm::load(
-                    &mut l,
-                    &format!("{p}.{}", names.norm),
-                    h,
-                    eps,
-                    train,
-                )?,
-                intermediate: Linear::load(
-                    &mut l,
-                    &format!("{p}.intermediate.dense"),
-                    c.intermediate_size,
-                    h,
-                    train,
-                )?,
-                output: Linear::load(
-                    &mut l,
-                    &format!("{p}.output.dense"),
-                    h,
-                    c.intermediate_size,
-                    train,
-                )?,
-                output_norm: LayerNorm::load(
-                    &mut l,
-                    &format!("{p}.output.LayerNorm"),
-                    h,
-                    eps,
-                    train,
-                )?,
+                weights,
+                shape: LayerShape {
+                    hidden: h,
+                    intermediate: inter,
+                    eps: c.layer_norm_eps as f32,
+                },
+                int8: None,
             });
         }
         // The relative-position table does not train (the fused attention
@@ -546,16 +525,10 @@ impl BertEncoder {
             candle_core::bail!("a trainable encoder cannot be quantized");
         }
         for layer in &mut self.layers {
-            let QkvProjection::Fused(qkv) = &mut layer.qkv else {
-                candle_core::bail!("a trainable encoder cannot be quantized");
-            };
-            for linear in [
-                qkv,
-                &mut layer.attention_out,
-                &mut layer.intermediate,
-                &mut layer.output,
-            ] {
-                linear.quantize_int8()?;
+            if layer.int8.is_none() {
+                layer.int8 = Some(Int8Layer::new(&layer.weights.flat()?, &layer.shape)?);
+                // The f32 weights are no longer read; do not keep 4× the bytes.
+                layer.weights = LayerWeights::Dropped;
             }
         }
         Ok(())
@@ -616,15 +589,30 @@ impl BertEncoder {
         // x is (batch·seq, hidden) from here on.
         let mask_bias = ((1.0 - mask)? * MASKED as f64)?.to_dtype(DType::F32)?;
         let scale = 1.0 / (head_dim as f64).sqrt();
+        let attention = Attention::new(
+            (batch, seq, heads, head_dim),
+            Arc::new(mask_bias.flatten_all()?.to_vec1()?),
+            position_bias.as_ref(),
+            scale,
+        );
+        let int8_attention = AttentionArgs {
+            heads,
+            mask_bias,
+            position_bias,
+            scale,
+        };
         let mut kept = Vec::with_capacity(layers.len());
         if layers.first() == Some(&0) {
             kept.push(x.reshape((batch, seq, h))?);
         }
         let deepest = layers.last().copied().unwrap_or(0);
         for (index, layer) in self.layers.iter().enumerate().take(deepest) {
-            let qkv = layer.qkv.forward(&x)?;
-            let context = attention(&qkv, heads, &mask_bias, position_bias.as_ref(), scale)?;
-            x = post_attention(layer, &context, &x)?;
+            x = match &layer.int8 {
+                Some(int8) => int8.forward(&x, &int8_attention)?,
+                None => {
+                    super::layer::layer(&x, &layer.weights.flat()?, layer.shape, attention.clone())?
+                }
+            };
             if layers.contains(&(index + 1)) {
                 kept.push(x.reshape((batch, seq, h))?);
             }

@@ -8,6 +8,7 @@ pub mod bert;
 pub mod embedding_head;
 pub mod error;
 pub mod finetune;
+mod layer;
 pub mod linear;
 pub mod ops;
 pub mod optim;

@@ -8,7 +8,7 @@ use gemm::Parallelism;
 
 use rayon::prelude::*;
 
-use super::ops::{f32_slice, gelu_in_place, matmul, par_repeat_rows};
+use super::ops::{column_sums, f32_slice, gelu_in_place, matmul, par_repeat_rows};
 
 /// `x (rows, in)`, `weight (out, in)` as checkpoints store it, `bias (out)` → `(rows, out)`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
@@ -31,6 +31,97 @@ pub fn linear_gelu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor>
         &bias.contiguous()?,
         &Linear { gelu: true },
     )
+}
+
+/// `x · wᵀ + b` (then GELU in place with `gelu`) over the rows of `x`
+/// (`rows × inner`), `w` `out × inner`: the dense layer every f32 path uses.
+pub(crate) fn dense(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    (inner, out): (usize, usize),
+    gelu: bool,
+) -> Vec<f32> {
+    let rows = x.len().checked_div(inner).unwrap_or(0);
+    let mut y = par_repeat_rows(b, rows);
+    if rows > 0 && out > 0 && inner > 0 {
+        // y += x · wᵀ: wᵀ is w read with swapped strides.
+        let threads = rayon::current_num_threads();
+        // Few rows: each thread multiplies its own rows, single-threaded.
+        // gemm's own split packs the activations (a strided gather, 26% of
+        // a 1×128 forward pass on AVX-512) for every column block it hands
+        // out; this packs each row once. Otherwise one call, gemm's split.
+        let (per_call, parallelism) = if rows <= SPLIT_ROWS_UP_TO && threads > 1 {
+            (rows.div_ceil(threads), Parallelism::None)
+        } else {
+            (rows, Parallelism::Rayon(threads))
+        };
+        y.par_chunks_mut(per_call * out)
+            .zip(x.par_chunks(per_call * inner))
+            .for_each(|(y, x)| {
+                matmul(
+                    (x.len() / inner, out, inner),
+                    x,
+                    (inner, 1),
+                    w,
+                    (1, inner),
+                    y,
+                    true,
+                    1.0,
+                    parallelism,
+                )
+            });
+    }
+    if gelu {
+        y.par_chunks_mut(1 << 14).for_each(gelu_in_place);
+    }
+    y
+}
+
+/// The gradients of `y = x · wᵀ + b` given `dy`: `dx` (added to what it
+/// holds with `accumulate_dx`), and `dw`, `db` overwritten, each where asked.
+pub(crate) fn dense_backward(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    (inner, out): (usize, usize),
+    dx: Option<(&mut [f32], bool)>,
+    params: Option<(&mut [f32], &mut [f32])>,
+) {
+    let rows = dy.len() / out;
+    if rows == 0 || inner == 0 || out == 0 {
+        return;
+    }
+    let threads = Parallelism::Rayon(rayon::current_num_threads());
+    if let Some((dx, accumulate)) = dx {
+        // dx = dy · w
+        matmul(
+            (rows, inner, out),
+            dy,
+            (out, 1),
+            w,
+            (inner, 1),
+            dx,
+            accumulate,
+            1.0,
+            threads,
+        );
+    }
+    if let Some((dw, db)) = params {
+        // dw = dyᵀ · x
+        matmul(
+            (out, inner, rows),
+            dy,
+            (1, out),
+            x,
+            (inner, 1),
+            dw,
+            false,
+            1.0,
+            threads,
+        );
+        column_sums(dy, out, db);
+    }
 }
 
 /// Up to this many rows, the product is split by rows between the threads
@@ -69,38 +160,7 @@ impl CustomOp3 for Linear {
                 l3.dims()
             );
         }
-        let mut y = par_repeat_rows(b, rows);
-        if rows > 0 && out > 0 && inner > 0 {
-            // y += x · wᵀ: wᵀ is w read with swapped strides.
-            let threads = rayon::current_num_threads();
-            // Few rows: each thread multiplies its own rows, single-threaded.
-            // gemm's own split packs the activations (a strided gather, 26% of
-            // a 1×128 forward pass on AVX-512) for every column block it hands
-            // out; this packs each row once. Otherwise one call, gemm's split.
-            let (per_call, parallelism) = if rows <= SPLIT_ROWS_UP_TO && threads > 1 {
-                (rows.div_ceil(threads), Parallelism::None)
-            } else {
-                (rows, Parallelism::Rayon(threads))
-            };
-            y.par_chunks_mut(per_call * out)
-                .zip(x.par_chunks(per_call * inner))
-                .for_each(|(y, x)| {
-                    matmul(
-                        (x.len() / inner, out, inner),
-                        x,
-                        (inner, 1),
-                        w,
-                        (1, inner),
-                        y,
-                        true,
-                        1.0,
-                        parallelism,
-                    )
-                });
-        }
-        if self.gelu {
-            y.par_chunks_mut(1 << 14).for_each(gelu_in_place);
-        }
+        let y = dense(x, w, b, (inner, out), self.gelu);
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 

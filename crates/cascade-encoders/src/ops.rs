@@ -169,6 +169,85 @@ pub(crate) fn par_repeat_rows(row: &[f32], rows: usize) -> Vec<f32> {
     v
 }
 
+/// A copy of `values`, written by every thread (see `par_zeros`).
+pub(crate) fn par_copy(values: &[f32]) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(values.len());
+    v.spare_capacity_mut()[..values.len()]
+        .par_chunks_mut(FILL_CHUNK)
+        .zip(values.par_chunks(FILL_CHUNK))
+        .for_each(|(dst, src)| {
+            for (d, s) in dst.iter_mut().zip(src) {
+                d.write(*s);
+            }
+        });
+    // Safety: the chunks cover the first `values.len()` elements.
+    unsafe { v.set_len(values.len()) };
+    v
+}
+
+/// Column sums of `rows × cols` values into `out` (overwritten), as fixed
+/// row blocks summed in parallel then added in order: the same bits whatever
+/// the thread count.
+pub(crate) fn column_sums(values: &[f32], cols: usize, out: &mut [f32]) {
+    let chunk = cols * rows_per_task(cols);
+    let partials: Vec<Vec<f32>> = values
+        .par_chunks(chunk)
+        .map(|block| {
+            let mut sums = vec![0f32; cols];
+            for row in block.chunks_exact(cols) {
+                for (s, v) in sums.iter_mut().zip(row) {
+                    *s += v;
+                }
+            }
+            sums
+        })
+        .collect();
+    out.fill(0.0);
+    for partial in partials {
+        for (total, p) in out.iter_mut().zip(partial) {
+            *total += p;
+        }
+    }
+}
+
+/// `rows` of `y += residual` then a layer norm of each, in place, on every
+/// thread; with `keep_sums` the sums before the norm are returned too (the
+/// backward pass reads them).
+pub(crate) fn add_then_layer_norm(
+    y: &mut [f32],
+    residual: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    keep_sums: bool,
+) -> Option<Vec<f32>> {
+    let d = gamma.len();
+    let chunk = d * rows_per_task(d);
+    let mut sums = keep_sums.then(|| par_zeros(y.len()));
+    let add_norm = |y: &mut [f32], residual: &[f32], mut kept: Option<&mut [f32]>| {
+        for (i, (row, res)) in y.chunks_mut(d).zip(residual.chunks(d)).enumerate() {
+            for (v, r) in row.iter_mut().zip(res) {
+                *v += r;
+            }
+            if let Some(kept) = kept.as_deref_mut() {
+                kept[i * d..][..d].copy_from_slice(row);
+            }
+            layer_norm_in_place(row, gamma, beta, eps);
+        }
+    };
+    match sums.as_mut() {
+        Some(sums) => y
+            .par_chunks_mut(chunk)
+            .zip(residual.par_chunks(chunk).zip(sums.par_chunks_mut(chunk)))
+            .for_each(|(y, (res, kept))| add_norm(y, res, Some(kept))),
+        None => y
+            .par_chunks_mut(chunk)
+            .zip(residual.par_chunks(chunk))
+            .for_each(|(y, res)| add_norm(y, res, None)),
+    }
+    sums
+}
+
 fn rows_per_task(row: usize) -> usize {
     (MIN_PARALLEL_ELEMS / row.max(1)).max(1)
 }
@@ -279,43 +358,66 @@ impl CustomOp3 for LayerNormBackward {
         let (x, gamma, grad) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
         let d = gamma.len();
         let rows = x.len() / d;
-        let chunk = d * rows_per_task(d);
         let mut out = par_zeros((rows + 2) * d);
-        let (dx_all, param_grads) = out.split_at_mut(rows * d);
-        let partials: Vec<Vec<f32>> = dx_all
-            .par_chunks_mut(chunk)
-            .zip(x.par_chunks(chunk).zip(grad.par_chunks(chunk)))
-            .map(|(dx, (x, grad))| {
-                // dgamma then dbeta for this block of rows.
-                let mut partial = vec![0f32; 2 * d];
-                let mut xhat = vec![0f32; d];
-                for ((dx, row), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(grad.chunks(d)) {
-                    let (mean, rstd) = row_stats(row, self.eps);
-                    let (mut mean_dxhat, mut mean_dxhat_xhat) = (0f32, 0f32);
-                    for i in 0..d {
-                        xhat[i] = (row[i] - mean) * rstd;
-                        let dxhat = g[i] * gamma[i];
-                        mean_dxhat += dxhat;
-                        mean_dxhat_xhat += dxhat * xhat[i];
-                        partial[i] += g[i] * xhat[i];
-                        partial[d + i] += g[i];
-                    }
-                    mean_dxhat /= d as f32;
-                    mean_dxhat_xhat /= d as f32;
-                    for i in 0..d {
-                        let dxhat = g[i] * gamma[i];
-                        dx[i] = rstd * (dxhat - mean_dxhat - xhat[i] * mean_dxhat_xhat);
-                    }
-                }
-                partial
-            })
-            .collect();
-        for partial in partials {
-            for (total, p) in param_grads.iter_mut().zip(partial) {
-                *total += p;
-            }
-        }
+        let (dx, param_grads) = out.split_at_mut(rows * d);
+        let (dgamma, dbeta) = param_grads.split_at_mut(d);
+        layer_norm_backward(x, gamma, grad, self.eps, dx, dgamma, dbeta);
         Ok((CpuStorage::F32(out), Shape::from((rows + 2, d))))
+    }
+}
+
+/// The layer norm's gradients from its input `x`, `gamma` and the output's
+/// gradient: `dx` written, `dgamma` and `dbeta` overwritten. The row blocks'
+/// partial sums are added in a fixed order, so the result does not depend on
+/// the thread count.
+pub(crate) fn layer_norm_backward(
+    x: &[f32],
+    gamma: &[f32],
+    grad: &[f32],
+    eps: f32,
+    dx_all: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
+    let d = gamma.len();
+    let chunk = d * rows_per_task(d);
+    let partials: Vec<Vec<f32>> = dx_all
+        .par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk).zip(grad.par_chunks(chunk)))
+        .map(|(dx, (x, grad))| {
+            // dgamma then dbeta for this block of rows.
+            let mut partial = vec![0f32; 2 * d];
+            let mut xhat = vec![0f32; d];
+            for ((dx, row), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(grad.chunks(d)) {
+                let (mean, rstd) = row_stats(row, eps);
+                let (mut mean_dxhat, mut mean_dxhat_xhat) = (0f32, 0f32);
+                for i in 0..d {
+                    xhat[i] = (row[i] - mean) * rstd;
+                    let dxhat = g[i] * gamma[i];
+                    mean_dxhat += dxhat;
+                    mean_dxhat_xhat += dxhat * xhat[i];
+                    partial[i] += g[i] * xhat[i];
+                    partial[d + i] += g[i];
+                }
+                mean_dxhat /= d as f32;
+                mean_dxhat_xhat /= d as f32;
+                for i in 0..d {
+                    let dxhat = g[i] * gamma[i];
+                    dx[i] = rstd * (dxhat - mean_dxhat - xhat[i] * mean_dxhat_xhat);
+                }
+            }
+            partial
+        })
+        .collect();
+    dgamma.fill(0.0);
+    dbeta.fill(0.0);
+    for partial in partials {
+        for (total, p) in dgamma.iter_mut().zip(&partial[..d]) {
+            *total += p;
+        }
+        for (total, p) in dbeta.iter_mut().zip(&partial[d..]) {
+            *total += p;
+        }
     }
 }
 
@@ -524,15 +626,7 @@ impl CustomOp1 for Gelu {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(storage, layout)?;
-        let mut out = par_zeros(x.len());
-        out.par_chunks_mut(MIN_PARALLEL_ELEMS)
-            .zip(x.par_chunks(MIN_PARALLEL_ELEMS))
-            .for_each(|(y, x)| {
-                for (y, x) in y.iter_mut().zip(x) {
-                    *y = gelu_value(*x);
-                }
-            });
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
+        Ok((CpuStorage::F32(gelu_of(x)), layout.shape().clone()))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -540,6 +634,30 @@ impl CustomOp1 for Gelu {
             arg.apply_op2_no_bwd(&grad.contiguous()?, &GeluBackward)?,
         ))
     }
+}
+
+/// `grad ← grad · gelu'(x)`, elementwise, on every thread.
+pub(crate) fn gelu_backward_in_place(x: &[f32], grad: &mut [f32]) {
+    grad.par_chunks_mut(MIN_PARALLEL_ELEMS)
+        .zip(x.par_chunks(MIN_PARALLEL_ELEMS))
+        .for_each(|(g, x)| {
+            for (g, x) in g.iter_mut().zip(x) {
+                *g *= gelu_derivative(*x);
+            }
+        });
+}
+
+/// `gelu(x)` into a new buffer, on every thread.
+pub(crate) fn gelu_of(x: &[f32]) -> Vec<f32> {
+    let mut out = par_zeros(x.len());
+    out.par_chunks_mut(MIN_PARALLEL_ELEMS)
+        .zip(x.par_chunks(MIN_PARALLEL_ELEMS))
+        .for_each(|(y, x)| {
+            for (y, x) in y.iter_mut().zip(x) {
+                *y = gelu_value(*x);
+            }
+        });
+    out
 }
 
 struct GeluBackward;
@@ -557,17 +675,8 @@ impl CustomOp2 for GeluBackward {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, g) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
-        let mut out = par_zeros(x.len());
-        out.par_chunks_mut(MIN_PARALLEL_ELEMS)
-            .zip(
-                x.par_chunks(MIN_PARALLEL_ELEMS)
-                    .zip(g.par_chunks(MIN_PARALLEL_ELEMS)),
-            )
-            .for_each(|(dx, (x, g))| {
-                for i in 0..dx.len() {
-                    dx[i] = g[i] * gelu_derivative(x[i]);
-                }
-            });
+        let mut out = par_copy(g);
+        gelu_backward_in_place(x, &mut out);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
