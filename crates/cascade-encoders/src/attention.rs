@@ -1,7 +1,10 @@
 //! Fused multi-head attention: `softmax(scale·Q·Kᵀ + mask)·V`, one (batch,
 //! head) pair per task, each with single-threaded gemm calls on blocks that
-//! stay in cache. The scores are never materialised as a tensor; the backward
-//! pass recomputes them per head (as flash attention does) instead of storing them.
+//! stay in cache. Without gradients the scores are never materialised as a
+//! tensor. A training layer keeps each head's probabilities for its backward
+//! pass (`forward_keeping`, 25 MB a MiniLM layer at 8×256 tokens, as PyTorch
+//! keeps them); the standalone op's backward recomputes them per head, as
+//! flash attention does.
 //!
 //! Q, K and V come packed as the rows of one `x · [Wq; Wk; Wv]ᵀ` product and
 //! the context goes out as `(batch·seq, hidden)` rows: each head reads and
@@ -158,38 +161,59 @@ impl Attention {
 
     /// The context `(batch·seq, hidden)` of packed `qkv` rows.
     pub(crate) fn forward(&self, qkv: &[f32]) -> Vec<f32> {
+        self.context(qkv, false).0
+    }
+
+    /// As `forward`, and every pair's probabilities (`pairs × seq × seq`),
+    /// which spare the backward pass recomputing them.
+    pub(crate) fn forward_keeping(&self, qkv: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let (context, probabilities) = self.context(qkv, true);
+        (context, probabilities.unwrap_or_default())
+    }
+
+    fn context(&self, qkv: &[f32], keep: bool) -> (Vec<f32>, Option<Vec<f32>>) {
         let d = self.dims;
         let (s, h, rows) = (d.seq, d.dim, d.batch * d.seq);
         let mut out = par_zeros(rows * d.hidden());
         let shared = SharedOut::new(&mut out);
-        (0..d.pairs()).into_par_iter().for_each_init(
-            || vec![0f32; s * s],
-            |p, i| {
-                let [_, _, v] = self.pair_probabilities(qkv, i, p);
-                // O = P · V, into this head's columns of the context rows.
-                // Safety: each pair writes only its own (rows, columns) block.
-                unsafe {
-                    matmul_into(
-                        (s, h, s),
-                        p,
-                        (s, 1),
-                        v,
-                        (d.qkv_stride(), 1),
-                        shared,
-                        (d.out_at(i), d.hidden()),
-                        false,
-                        1.0,
-                        SERIAL,
-                    )
-                };
-            },
-        );
-        out
+        let pair = |i: usize, p: &mut [f32]| {
+            let [_, _, v] = self.pair_probabilities(qkv, i, p);
+            // O = P · V, into this head's columns of the context rows.
+            // Safety: each pair writes only its own (rows, columns) block.
+            unsafe {
+                matmul_into(
+                    (s, h, s),
+                    p,
+                    (s, 1),
+                    v,
+                    (d.qkv_stride(), 1),
+                    shared,
+                    (d.out_at(i), d.hidden()),
+                    false,
+                    1.0,
+                    SERIAL,
+                )
+            };
+        };
+        let kept = if keep {
+            let mut all = par_zeros(d.pairs() * s * s);
+            all.par_chunks_mut(s * s)
+                .enumerate()
+                .for_each(|(i, p)| pair(i, p));
+            Some(all)
+        } else {
+            (0..d.pairs())
+                .into_par_iter()
+                .for_each_init(|| vec![0f32; s * s], |p, i| pair(i, p));
+            None
+        };
+        (out, kept)
     }
 
     /// The gradient of the packed `qkv` rows, `(dQ | dK | dV)`, given the
-    /// context's gradient `g`.
-    pub(crate) fn backward(&self, qkv: &[f32], g: &[f32]) -> Vec<f32> {
+    /// context's gradient `g`; the probabilities are recomputed unless the
+    /// forward pass kept them (`forward_keeping`: the same bits either way).
+    pub(crate) fn backward(&self, qkv: &[f32], g: &[f32], kept: Option<&[f32]>) -> Vec<f32> {
         let attention = self;
         let d = attention.dims;
         let (s, h, stride, hidden) = (d.seq, d.dim, d.qkv_stride(), d.hidden());
@@ -197,8 +221,14 @@ impl Attention {
         let shared = SharedOut::new(&mut out);
         (0..d.pairs()).into_par_iter().for_each_init(
             || (vec![0f32; s * s], vec![0f32; s * s]),
-            |(p, dp), i| {
-                let [q, k, v] = attention.pair_probabilities(qkv, i, p);
+            |(scratch, dp), i| {
+                let (p, [q, k, v]): (&[f32], _) = match kept {
+                    Some(all) => (&all[i * s * s..][..s * s], d.qkv_blocks(qkv, i)),
+                    None => {
+                        let blocks = attention.pair_probabilities(qkv, i, scratch);
+                        (scratch, blocks)
+                    }
+                };
                 let g = &g[d.out_at(i)..];
                 let (dq_at, dk_at, dv_at) = (d.q_at(i), d.q_at(i) + hidden, d.q_at(i) + 2 * hidden);
                 // Safety (every matmul_into below): each pair writes only its
@@ -349,7 +379,7 @@ impl CustomOp2 for AttentionBackward {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (qkv, g) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
-        let out = self.0.backward(qkv, g);
+        let out = self.0.backward(qkv, g, None);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

@@ -145,10 +145,12 @@ struct Layer {
     saved: Option<Mutex<Option<Activations>>>,
 }
 
-/// What the backward pass reads, all `rows ×` the named width.
+/// What the backward pass reads: `rows ×` the named width unless said.
 struct Activations {
     /// `3·hidden`
     qkv: Vec<f32>,
+    /// The attention's, `(batch·heads) × seq × seq`.
+    probabilities: Vec<f32>,
     context: Vec<f32>,
     /// The attention block's residual sum, before its norm.
     sum1: Vec<f32>,
@@ -181,7 +183,12 @@ impl CustomOp2 for Layer {
         let w = split(&self.shape, weights)?;
         let keep = self.saved.is_some();
         let qkv = dense(x, w.qkv_w, w.qkv_b, (h, 3 * h), false);
-        let context = self.attention.forward(&qkv);
+        let (context, probabilities) = if keep {
+            let (context, probabilities) = self.attention.forward_keeping(&qkv);
+            (context, Some(probabilities))
+        } else {
+            (self.attention.forward(&qkv), None)
+        };
         let mut attended = dense(&context, w.out_w, w.out_b, (h, h), false);
         let sum1 = add_then_layer_norm(&mut attended, x, w.norm1_g, w.norm1_b, eps, keep);
         // Without gradients the GELU runs in place on the product.
@@ -195,11 +202,12 @@ impl CustomOp2 for Layer {
             false,
         );
         let sum2 = add_then_layer_norm(&mut out, &attended, w.norm2_g, w.norm2_b, eps, keep);
-        if let (Some(saved), Some(sum1), Some(activated), Some(sum2)) =
-            (&self.saved, sum1, activated, sum2)
+        if let (Some(saved), Some(probabilities), Some(sum1), Some(activated), Some(sum2)) =
+            (&self.saved, probabilities, sum1, activated, sum2)
         {
             *saved.lock().map_err(|_| poisoned())? = Some(Activations {
                 qkv,
+                probabilities,
                 context,
                 sum1,
                 attended,
@@ -340,7 +348,9 @@ impl CustomOp3 for LayerBackward {
             Some((&mut d_context, false)),
             dw.as_mut().map(|g| (&mut *g.out_w, &mut *g.out_b)),
         );
-        let d_qkv = self.attention.backward(&a.qkv, &d_context);
+        let d_qkv = self
+            .attention
+            .backward(&a.qkv, &d_context, Some(&a.probabilities));
         // dx = d_sum1 (the residual) + d_qkv · W_qkv.
         dx.par_chunks_mut(1 << 16)
             .zip(d_sum1.par_chunks(1 << 16))
