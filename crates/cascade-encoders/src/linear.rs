@@ -12,25 +12,8 @@ use super::ops::{column_sums, f32_slice, gelu_in_place, matmul, par_repeat_rows}
 
 /// `x (rows, in)`, `weight (out, in)` as checkpoints store it, `bias (out)` → `(rows, out)`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(
-        &weight.contiguous()?,
-        &bias.contiguous()?,
-        Linear { gelu: false },
-    )
-}
-
-/// `gelu(linear(x, weight, bias))`. With nothing to differentiate (a frozen
-/// encoder) the GELU runs in place on the product, which saves allocating,
-/// writing and re-reading a `(rows, out)` tensor (the FFN's widest).
-pub fn linear_gelu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if x.track_op() || weight.track_op() || bias.track_op() {
-        return super::ops::gelu(&linear(x, weight, bias)?);
-    }
-    x.contiguous()?.apply_op3_no_bwd(
-        &weight.contiguous()?,
-        &bias.contiguous()?,
-        &Linear { gelu: true },
-    )
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Linear)
 }
 
 /// `x · wᵀ + b` (then GELU in place with `gelu`) over the rows of `x`
@@ -129,11 +112,7 @@ pub(crate) fn dense_backward(
 /// no change; 16×256 and the training step have more rows and keep gemm's split).
 const SPLIT_ROWS_UP_TO: usize = 1024;
 
-struct Linear {
-    /// GELU in place on the output: inference only (the backward pass would
-    /// need the product before it).
-    gelu: bool,
-}
+struct Linear;
 
 impl CustomOp3 for Linear {
     fn name(&self) -> &'static str {
@@ -160,7 +139,7 @@ impl CustomOp3 for Linear {
                 l3.dims()
             );
         }
-        let y = dense(x, w, b, (inner, out), self.gelu);
+        let y = dense(x, w, b, (inner, out), false);
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 
@@ -172,9 +151,6 @@ impl CustomOp3 for Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        if self.gelu {
-            bail!("linear_gelu's fused path has no backward pass");
-        }
         // Frozen weights are no variables; skip their (rows-sized) products.
         let dx = x.track_op().then(|| grad.matmul(weight)).transpose()?;
         let dw = weight.track_op().then(|| grad.t()?.matmul(x)).transpose()?;
@@ -242,30 +218,6 @@ mod tests {
             let diff = (a - r).unwrap().abs().unwrap().max_all().unwrap();
             assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
         }
-    }
-
-    #[test]
-    fn fused_gelu_matches_gelu_of_the_product_with_or_without_gradients() {
-        let (x, w) = (values((37, 19), 1), values((23, 19), 2));
-        let b = values((1, 23), 3).flatten_all().unwrap();
-        let expected = crate::ops::gelu(&linear(&x, &w, &b).unwrap()).unwrap();
-        let fused = linear_gelu(&x, &w, &b).unwrap();
-        let diff = (&fused - &expected)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
-        // A variable takes the differentiable path, and its gradient flows.
-        let xv = Var::from_tensor(&x).unwrap();
-        let grads = linear_gelu(&xv, &w, &b)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        assert!(grads.get(&xv).is_some());
     }
 
     #[test]
