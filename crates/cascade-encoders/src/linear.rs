@@ -33,7 +33,8 @@ pub(crate) fn dense(
         // Few rows: each thread multiplies its own rows, single-threaded.
         // gemm's own split packs the activations (a strided gather, 26% of
         // a 1×128 forward pass on AVX-512) for every column block it hands
-        // out; this packs each row once. Otherwise one call, gemm's split.
+        // out; this packs each row once. Otherwise one call, which `matmul`
+        // splits between the threads by rows.
         let (per_call, parallelism) = if rows <= SPLIT_ROWS_UP_TO && threads > 1 {
             (rows.div_ceil(threads), Parallelism::None)
         } else {
@@ -107,9 +108,10 @@ pub(crate) fn dense_backward(
     }
 }
 
-/// Up to this many rows, the product is split by rows between the threads
-/// (measured on AVX-512: 1×128 tokens 0.90×, 4×128 0.96×, 8×128 0.92×, 2×256
-/// no change; 16×256 and the training step have more rows and keep gemm's split).
+/// Up to this many rows, each thread multiplies its own rows whatever the
+/// output's width (measured on AVX-512 against gemm's own split: 1×128 tokens
+/// 0.90×, 4×128 0.96×, 8×128 0.92×, 2×256 no change). Longer products go
+/// through `matmul`'s split, which takes rows or columns, whichever is longer.
 const SPLIT_ROWS_UP_TO: usize = 1024;
 
 struct Linear;

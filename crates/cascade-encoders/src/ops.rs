@@ -38,24 +38,62 @@ pub(crate) fn matmul(
     alpha: f32,
     parallelism: Parallelism,
 ) {
-    let n = dims.1;
+    let (m, n, k) = dims;
     let c = SharedOut::new(c);
-    // Safety: `c` is borrowed mutably for the call, so nothing else writes it.
-    unsafe {
-        matmul_into(
-            dims,
-            a,
-            a_strides,
-            b,
-            b_strides,
-            c,
-            (0, n),
-            accumulate,
-            alpha,
-            parallelism,
-        )
+    let threads = match parallelism {
+        Parallelism::Rayon(t) => t.max(1),
+        _ => 1,
+    };
+    // Each thread multiplies its own block of rows (of columns when there
+    // are fewer rows) single-threaded: it packs its own operands and never
+    // waits for the other inside the product, where gemm's own split
+    // synchronises at every block (training step 8×256 on AVX2: 0.94×).
+    // Every element is the same sum in the same order either way.
+    let (by_rows, len) = if m >= n { (true, m) } else { (false, n) };
+    let blocks = threads.min(len / MIN_SPLIT_BLOCK).max(1);
+    // Block i starts at i·len/blocks, down to a whole tile of rows.
+    let bound = |i: usize| match i {
+        i if i == blocks => len,
+        i => i * len / blocks / 16 * 16,
+    };
+    let (a_rs, _) = a_strides;
+    let (_, b_cs) = b_strides;
+    let block = |i: usize| {
+        let (start, count) = (bound(i), bound(i + 1) - bound(i));
+        let (dims, a, b, offset) = if by_rows {
+            ((count, n, k), &a[start * a_rs..], b, start * n)
+        } else {
+            ((m, count, k), a, &b[start * b_cs..], start)
+        };
+        // Safety: `c` is borrowed mutably for the call, and each block
+        // writes only its own rows or columns of it.
+        unsafe {
+            matmul_into(
+                dims,
+                a,
+                a_strides,
+                b,
+                b_strides,
+                c,
+                (offset, n),
+                accumulate,
+                alpha,
+                Parallelism::None,
+            )
+        }
+    };
+    if blocks == 1 {
+        block(0);
+    } else {
+        (0..blocks).into_par_iter().for_each(block);
     }
 }
+
+/// A product is split only into blocks of at least this many rows (or
+/// columns), so each block, cut down to whole tiles, still has over 64:
+/// gemm sums along k in chunks whose length then depends on k alone (smaller
+/// products take other paths), and each block gives the single-threaded bits.
+const MIN_SPLIT_BLOCK: usize = 96;
 
 /// A mutable f32 buffer that parallel tasks write at disjoint elements (each
 /// attention head its own columns of the same rows), which `&mut` slices
@@ -766,5 +804,61 @@ mod tests {
         let gf = fused.sum_all().unwrap().backward().unwrap();
         let gr = reference.sum_all().unwrap().backward().unwrap();
         assert!(max_diff(gf.get(&x).unwrap(), gr.get(&x).unwrap()) < 1e-4);
+    }
+
+    #[test]
+    fn a_product_split_between_threads_gives_the_single_threaded_bits() {
+        let values = |n: usize, seed: u64| randn(&[n], seed).to_vec1::<f32>().unwrap();
+        // Taller than wide (split by rows), wider than tall (by columns), sums
+        // in chunks along k (600), blocks that end in a partial tile;
+        // operands plain and transposed.
+        for (m, n, k) in [(301, 40, 70), (37, 290, 65), (200, 200, 600)] {
+            for (a_t, b_t) in [(false, false), (true, false), (false, true)] {
+                let (a, b) = (values(m * k, 1), values(k * n, 2));
+                let a_strides = if a_t { (1, m) } else { (k, 1) };
+                let b_strides = if b_t { (1, k) } else { (n, 1) };
+                let start = values(m * n, 3);
+                let product = |parallelism| {
+                    let mut c = start.clone();
+                    matmul(
+                        (m, n, k),
+                        &a,
+                        a_strides,
+                        &b,
+                        b_strides,
+                        &mut c,
+                        true,
+                        0.5,
+                        parallelism,
+                    );
+                    c
+                };
+                let single = product(Parallelism::None);
+                // A naive product, to show the split computes the right thing.
+                let (a_rs, a_cs) = a_strides;
+                let (b_rs, b_cs) = b_strides;
+                for (i, j) in [(0, 0), (m - 1, n - 1), (m / 2, n / 3)] {
+                    let dot: f32 = (0..k)
+                        .map(|p| a[i * a_rs + p * a_cs] * b[p * b_rs + j * b_cs])
+                        .sum();
+                    let want = start[i * n + j] + 0.5 * dot;
+                    assert!(
+                        (single[i * n + j] - want).abs() < 1e-3,
+                        "{m}x{n}x{k} ({i},{j})"
+                    );
+                }
+                for threads in [2, 3] {
+                    let split = product(Parallelism::Rayon(threads));
+                    let same = single
+                        .iter()
+                        .zip(&split)
+                        .all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(
+                        same,
+                        "{m}x{n}x{k} a_t {a_t} b_t {b_t} over {threads} threads"
+                    );
+                }
+            }
+        }
     }
 }
