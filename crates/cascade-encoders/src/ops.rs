@@ -425,23 +425,21 @@ pub(crate) fn layer_norm_backward(
         .map(|(dx, (x, grad))| {
             // dgamma then dbeta for this block of rows.
             let mut partial = vec![0f32; 2 * d];
-            let mut xhat = vec![0f32; d];
+            let (mut xhat, mut dxhat) = (vec![0f32; d], vec![0f32; d]);
             for ((dx, row), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(grad.chunks(d)) {
                 let (mean, rstd) = row_stats(row, eps);
-                let (mut mean_dxhat, mut mean_dxhat_xhat) = (0f32, 0f32);
+                // Element-wise loops, and the two means summed lane-wise,
+                // so every loop vectorises.
                 for i in 0..d {
                     xhat[i] = (row[i] - mean) * rstd;
-                    let dxhat = g[i] * gamma[i];
-                    mean_dxhat += dxhat;
-                    mean_dxhat_xhat += dxhat * xhat[i];
+                    dxhat[i] = g[i] * gamma[i];
                     partial[i] += g[i] * xhat[i];
                     partial[d + i] += g[i];
                 }
-                mean_dxhat /= d as f32;
-                mean_dxhat_xhat /= d as f32;
+                let mean_dxhat = sum(&dxhat) / d as f32;
+                let mean_dxhat_xhat = dot(&dxhat, &xhat) / d as f32;
                 for i in 0..d {
-                    let dxhat = g[i] * gamma[i];
-                    dx[i] = rstd * (dxhat - mean_dxhat - xhat[i] * mean_dxhat_xhat);
+                    dx[i] = rstd * (dxhat[i] - mean_dxhat - xhat[i] * mean_dxhat_xhat);
                 }
             }
             partial
