@@ -52,9 +52,12 @@ pub(crate) fn matmul(
     let (by_rows, len) = if m >= n { (true, m) } else { (false, n) };
     let blocks = threads.min(len / MIN_SPLIT_BLOCK).max(1);
     // Block i starts at i·len/blocks, down to a whole tile of rows.
-    let bound = |i: usize| match i {
-        i if i == blocks => len,
-        i => i * len / blocks / 16 * 16,
+    let bound = |i: usize| {
+        if i == blocks {
+            len
+        } else {
+            i * len / blocks / 16 * 16
+        }
     };
     let (a_rs, _) = a_strides;
     let (_, b_cs) = b_strides;
