@@ -537,27 +537,25 @@ fn gelu_derivative(x: f32) -> f32 {
 /// CPU handles ~100× slower (a padded backward pass took 3–5 s instead of 0.2 s).
 #[inline(always)]
 pub fn fast_exp(x: f32) -> f32 {
-    // Clamped by comparisons, which compile to one max/min instruction each
-    // (`f32::max` adds NaN handling); a NaN becomes −87, never an undefined
-    // int conversion below.
-    let x = if x > -87.0 { x } else { -87.0 };
-    let x = if x < 88.0 { x } else { 88.0 };
+    // A NaN becomes −87 (`clamp_between`), never an undefined int conversion below.
+    let x = clamp_between(x, -87.0, 88.0);
     let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
     // Cody–Waite: ln 2 split in two so r = x − n·ln 2 keeps its precision.
     let r = mul_add(n, 2.121_944_4e-4, mul_add(n, -0.693_359_4, x));
     // e^r for |r| ≤ ln2/2: a polynomial of degree 6 (fitted near-minimax
     // for relative error, 2e-9 before f32 rounding), in Horner steps.
-    let mut p = 0.001_383_684_6;
-    for c in [
-        0.008_374_816,
-        0.041_668_225,
-        0.166_664_2,
-        0.499_999_9,
-        1.0,
-        1.0,
-    ] {
-        p = mul_add(p, r, c);
-    }
+    let p = polynomial(
+        r,
+        [
+            1.0,
+            1.0,
+            0.499_999_9,
+            0.166_664_2,
+            0.041_668_225,
+            0.008_374_816,
+            0.001_383_684_6,
+        ],
+    );
     // Safety: x is clamped, so n is an integer in [-126, 127]. The unchecked
     // conversion (no saturation logic) is what lets this loop vectorise.
     let n: i32 = unsafe { n.to_int_unchecked() };
@@ -567,6 +565,28 @@ pub fn fast_exp(x: f32) -> f32 {
     } else {
         0.0
     }
+}
+
+/// `x` held to [lo, hi] by comparisons, which compile to one max and one min
+/// instruction (`f32::clamp` and `f32::max` add NaN handling); a NaN comes
+/// out as `lo`.
+#[inline(always)]
+fn clamp_between(x: f32, lo: f32, hi: f32) -> f32 {
+    let x = if x > lo { x } else { lo };
+    if x < hi {
+        x
+    } else {
+        hi
+    }
+}
+
+/// `c₀ + c₁t + … + c_{N−1}t^{N−1}` in Horner steps of `mul_add`.
+#[inline(always)]
+fn polynomial<const N: usize>(t: f32, coefficients: [f32; N]) -> f32 {
+    let (last, rest) = coefficients
+        .split_last()
+        .expect("a polynomial has a coefficient");
+    rest.iter().rev().fold(*last, |p, &c| mul_add(p, t, c))
 }
 
 /// `a·b + c`, in one fused instruction (one rounding) where the build has FMA
@@ -691,16 +711,9 @@ pub fn fast_erf(x: f32) -> f32 {
         0.001_216_198_2,
         3.747_824_3e-5,
     ];
-    // Clamped by comparisons: one max and one min instruction.
-    let x = if x > -4.0 { x } else { -4.0 };
-    let x = if x < 4.0 { x } else { 4.0 };
+    let x = clamp_between(x, -4.0, 4.0);
     let t = x * x;
-    let (mut p, mut q) = (P[5], Q[5]);
-    for i in (0..5).rev() {
-        p = mul_add(p, t, P[i]);
-        q = mul_add(q, t, Q[i]);
-    }
-    x * p / q
+    x * polynomial(t, P) / polynomial(t, Q)
 }
 
 impl CustomOp1 for Gelu {
