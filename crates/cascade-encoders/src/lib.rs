@@ -13,6 +13,7 @@ pub mod linear;
 pub mod ops;
 pub mod optim;
 pub mod quantized;
+mod sgemm;
 pub mod tokenize;
 
 pub use bert::{mean_pool, BertConfig, BertEncoder, Trainable};

@@ -144,6 +144,28 @@ pub(crate) unsafe fn matmul_into(
     assert!((m - 1) * a_rs + (k - 1) * a_cs < a.len());
     assert!((k - 1) * b_rs + (n - 1) * b_cs < b.len());
     assert!(n <= c_rs && offset + (m - 1) * c_rs + n <= c.len);
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    if matches!(parallelism, Parallelism::None) && crate::sgemm::applies(m, n, k) {
+        // Safety: as for gemm below.
+        unsafe {
+            crate::sgemm::product(
+                (m, n, k),
+                a.as_ptr(),
+                (a_rs, a_cs),
+                b.as_ptr(),
+                (b_rs, b_cs),
+                c.ptr.add(offset),
+                c_rs,
+                accumulate,
+                alpha,
+            )
+        };
+        return;
+    }
     // Safety: the asserts keep every access inside the buffers; c does not
     // alias a or b, and the caller keeps other threads off its block.
     unsafe {
