@@ -26,8 +26,9 @@ pub(crate) fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<
 }
 
 /// `c (m×n, row-major) = [c +] alpha · a · b`, with arbitrary strides for a and b.
+/// Panics if a stride or a buffer does not fit the shape.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul(
+pub fn matmul(
     dims: (usize, usize, usize),
     a: &[f32],
     a_strides: (usize, usize),
@@ -90,6 +91,12 @@ pub(crate) fn matmul(
     } else {
         (0..blocks).into_par_iter().for_each(block);
     }
+}
+
+/// Whether a single-threaded product of this shape runs our AVX2 kernel
+/// (`sgemm.rs`) on this CPU rather than gemm's.
+pub fn own_product_applies(m: usize, n: usize, k: usize) -> bool {
+    crate::sgemm::applies(m, n, k)
 }
 
 /// A product is split only into blocks of at least this many rows (or
