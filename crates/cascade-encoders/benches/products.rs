@@ -4,7 +4,7 @@
 //! AVX-512, else gemm) and through gemm directly, side by side in one run.
 //! `cargo bench -p cascade-encoders --bench products`
 
-use cascade_encoders::ops::{matmul, own_product_applies};
+use cascade_encoders::ops::{gemm_product, matmul, own_product_applies};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use gemm::Parallelism;
 
@@ -53,27 +53,17 @@ fn products(c: &mut Criterion) {
             })
         });
         group.bench_function(BenchmarkId::new("gemm", name), |bench| {
-            bench.iter(|| unsafe {
-                gemm::gemm(
-                    m,
+            bench.iter(|| {
+                gemm_product(
+                    (m, n, k),
+                    &a,
+                    a_strides,
+                    &b,
+                    b_strides,
+                    &mut out,
                     n,
-                    k,
-                    out.as_mut_ptr(),
-                    1,
-                    n as isize,
                     false,
-                    a.as_ptr(),
-                    a_strides.1 as isize,
-                    a_strides.0 as isize,
-                    b.as_ptr(),
-                    b_strides.1 as isize,
-                    b_strides.0 as isize,
                     1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
                 )
             })
         });

@@ -176,18 +176,89 @@ pub(crate) unsafe fn matmul_into(
     // Safety: the asserts keep every access inside the buffers; c does not
     // alias a or b, and the caller keeps other threads off its block.
     unsafe {
+        gemm_raw(
+            (m, n, k),
+            a.as_ptr(),
+            (a_rs, a_cs),
+            b.as_ptr(),
+            (b_rs, b_cs),
+            c.ptr.add(offset),
+            c_rs,
+            accumulate,
+            alpha,
+            parallelism,
+        )
+    }
+}
+
+/// `c (m×n, rows c_rs apart) = [c +] alpha · a · b` in gemm alone, one
+/// thread: what `matmul` computes, the reference our AVX2 kernel is checked
+/// and benchmarked against. Panics if a stride or a buffer does not fit.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_product(
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    (b_rs, b_cs): (usize, usize),
+    c: &mut [f32],
+    c_rs: usize,
+    accumulate: bool,
+    alpha: f32,
+) {
+    assert!(m > 0 && n > 0 && k > 0);
+    assert!((m - 1) * a_rs + (k - 1) * a_cs < a.len());
+    assert!((k - 1) * b_rs + (n - 1) * b_cs < b.len());
+    assert!(n <= c_rs && (m - 1) * c_rs + n <= c.len());
+    // Safety: the asserts keep every access inside the buffers; `c` is
+    // borrowed mutably, so it aliases neither operand.
+    unsafe {
+        gemm_raw(
+            (m, n, k),
+            a.as_ptr(),
+            (a_rs, a_cs),
+            b.as_ptr(),
+            (b_rs, b_cs),
+            c.as_mut_ptr(),
+            c_rs,
+            accumulate,
+            alpha,
+            Parallelism::None,
+        )
+    }
+}
+
+/// The one call into gemm, row-major c.
+///
+/// # Safety
+/// As for `matmul_into`: every addressed element is inside its buffer, c
+/// aliases neither operand and no other thread touches c's block.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw(
+    (m, n, k): (usize, usize, usize),
+    a: *const f32,
+    (a_rs, a_cs): (usize, usize),
+    b: *const f32,
+    (b_rs, b_cs): (usize, usize),
+    c: *mut f32,
+    c_rs: usize,
+    accumulate: bool,
+    alpha: f32,
+    parallelism: Parallelism,
+) {
+    unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.ptr.add(offset),
+            c,
             1,
             c_rs as isize,
             accumulate,
-            a.as_ptr(),
+            a,
             a_cs as isize,
             a_rs as isize,
-            b.as_ptr(),
+            b,
             b_cs as isize,
             b_rs as isize,
             1.0,

@@ -131,11 +131,11 @@ mod avx2 {
                 // depths < k; the packed buffers hold panels·NR·kc_max and
                 // MC·kc_max floats.
                 unsafe {
-                    pack_b(b.add(depth * b_rs), (b_rs, b_cs), n, kc, packed_b);
+                    pack::<NR>(b.add(depth * b_rs), (b_cs, b_rs), n, kc, packed_b);
                     let mut row = 0;
                     while row < m {
                         let rows = MC.min(m - row);
-                        pack_a(
+                        pack::<MR>(
                             a.add(row * a_rs + depth * a_cs),
                             (a_rs, a_cs),
                             rows,
@@ -161,52 +161,35 @@ mod avx2 {
         });
     }
 
-    /// Column panels of NR, k-major; the last panel padded with zeros.
-    unsafe fn pack_b(
-        b: *const f32,
-        (b_rs, b_cs): (usize, usize),
-        n: usize,
+    /// Panels of `WIDTH` lanes, k-major: element (lane, p) of the source is
+    /// at `src[lane·lane_stride + p·k_stride]`, and lanes past `lanes` are
+    /// zeros. B packs its columns (lane stride b_cs, k stride b_rs), A its
+    /// rows (a_rs, a_cs).
+    unsafe fn pack<const WIDTH: usize>(
+        src: *const f32,
+        (lane_stride, k_stride): (usize, usize),
+        lanes: usize,
         kc: usize,
         dst: *mut f32,
     ) {
         unsafe {
-            for panel in 0..n.div_ceil(NR) {
-                let first = panel * NR;
-                let cols = NR.min(n - first);
-                let dst = dst.add(panel * NR * kc);
+            for panel in 0..lanes.div_ceil(WIDTH) {
+                let first = panel * WIDTH;
+                let used = WIDTH.min(lanes - first);
+                let dst = dst.add(panel * WIDTH * kc);
                 for p in 0..kc {
-                    let src = b.add(p * b_rs + first * b_cs);
-                    let row = dst.add(p * NR);
-                    if b_cs == 1 && cols == NR {
-                        std::ptr::copy_nonoverlapping(src, row, NR);
+                    let from = src.add(first * lane_stride + p * k_stride);
+                    let to = dst.add(p * WIDTH);
+                    if lane_stride == 1 && used == WIDTH {
+                        std::ptr::copy_nonoverlapping(from, to, WIDTH);
                     } else {
-                        for j in 0..NR {
-                            *row.add(j) = if j < cols { *src.add(j * b_cs) } else { 0.0 };
+                        for lane in 0..WIDTH {
+                            *to.add(lane) = if lane < used {
+                                *from.add(lane * lane_stride)
+                            } else {
+                                0.0
+                            };
                         }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Row panels of MR, k-major; the last panel padded with zeros.
-    unsafe fn pack_a(
-        a: *const f32,
-        (a_rs, a_cs): (usize, usize),
-        m: usize,
-        kc: usize,
-        dst: *mut f32,
-    ) {
-        unsafe {
-            for panel in 0..m.div_ceil(MR) {
-                let first = panel * MR;
-                let rows = MR.min(m - first);
-                let dst = dst.add(panel * MR * kc);
-                for p in 0..kc {
-                    let src = a.add(first * a_rs + p * a_cs);
-                    let col = dst.add(p * MR);
-                    for i in 0..MR {
-                        *col.add(i) = if i < rows { *src.add(i * a_rs) } else { 0.0 };
                     }
                 }
             }
@@ -326,49 +309,12 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::gemm_product;
 
     fn values(len: usize, seed: usize) -> Vec<f32> {
         (0..len)
             .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 2003.0 - 0.5) * 1.7)
             .collect()
-    }
-
-    /// `gemm`'s product of the same operands, as `ops::matmul_into` calls it.
-    #[allow(clippy::too_many_arguments)]
-    fn gemm_product(
-        (m, n, k): (usize, usize, usize),
-        a: &[f32],
-        (a_rs, a_cs): (usize, usize),
-        b: &[f32],
-        (b_rs, b_cs): (usize, usize),
-        c: &mut [f32],
-        c_rs: usize,
-        accumulate: bool,
-        alpha: f32,
-    ) {
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                c.as_mut_ptr(),
-                1,
-                c_rs as isize,
-                accumulate,
-                a.as_ptr(),
-                a_cs as isize,
-                a_rs as isize,
-                b.as_ptr(),
-                b_cs as isize,
-                b_rs as isize,
-                1.0,
-                alpha,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            )
-        }
     }
 
     /// Same bits as `gemm` over the encoder's shapes and their edges: rows
