@@ -102,8 +102,10 @@ pub enum PricedLevels {
     /// strong first student takes more items (best on IMDB, where LR leads).
     #[default]
     All,
-    /// Only the last student, whose deferrals are the LLM calls; earlier
-    /// levels keep the 0.5 threshold (best on ISEAR, where LR is weak).
+    /// Only the last student, whose deferrals are the LLM calls, is asked to
+    /// answer more than at 0.5; earlier levels keep the 0.5 threshold unless
+    /// the budget needs more calls, and then fall with it (best on ISEAR,
+    /// where LR is weak).
     Last,
 }
 
