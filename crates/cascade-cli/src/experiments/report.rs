@@ -308,7 +308,11 @@ fn dataset_section(md: &mut String, dataset: &str, runs: &[&GridRun], paper: Opt
         );
     }
 
-    let _ = writeln!(md, "Wall time per run (s): {}.\n", wall_times(runs));
+    let _ = writeln!(
+        md,
+        "Wall time by kind of run (s, summed over budgets and seeds): {}.\n",
+        wall_times(runs)
+    );
     let _ = writeln!(
         md,
         "![{dataset} accuracy against LLM calls]({FIGURES}/{dataset}-curve.svg)\n\n\
@@ -455,21 +459,24 @@ fn goal_line(goal: (u64, f64), accuracy: Option<f64>, llm_alone: Option<f64>) ->
 }
 
 fn wall_times(runs: &[&GridRun]) -> String {
-    runs.iter()
-        .map(|r| {
-            format!(
-                "{}{} {:.0}",
-                r.kind.label(),
-                r.budget
-                    .map(|b| format!(" @{b}"))
-                    .or(r
-                        .report
-                        .mu
-                        .filter(|_| r.kind == RunKind::MuSweep)
-                        .map(|m| format!(" mu {m:e}")))
-                    .unwrap_or_default(),
-                r.report.wall_seconds
-            )
+    // One entry per kind of run, in the grid's order: seeds and budgets of a
+    // kind summed (a run whose embeddings were cached takes about a second).
+    let mut kinds: Vec<(&str, usize, f64)> = Vec::new();
+    for run in runs {
+        let label = run.kind.label();
+        match kinds.iter_mut().find(|(l, ..)| *l == label) {
+            Some((_, count, seconds)) => {
+                *count += 1;
+                *seconds += run.report.wall_seconds;
+            }
+            None => kinds.push((label, 1, run.report.wall_seconds)),
+        }
+    }
+    kinds
+        .iter()
+        .map(|(label, count, seconds)| {
+            let runs = if *count == 1 { "run" } else { "runs" };
+            format!("{label} {seconds:.0} ({count} {runs})")
         })
         .collect::<Vec<_>>()
         .join("; ")
