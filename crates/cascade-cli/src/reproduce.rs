@@ -50,6 +50,12 @@ pub struct ReproduceArgs {
     /// from seed to seed).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     pub select_seeds: u64,
+    /// With --select: keep the candidates selection.json already scored with
+    /// the same base config, budgets and seeds, and score only new ones. The
+    /// best of them is scored again first; any difference (the code changed
+    /// its decisions) discards them all.
+    #[arg(long, requires = "select")]
+    pub reuse_scores: bool,
 }
 
 pub fn run(args: &ReproduceArgs) -> Result<()> {

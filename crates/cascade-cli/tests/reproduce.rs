@@ -285,12 +285,14 @@ fn select_scores_candidates_on_the_train_half_and_writes_what_it_chose() {
         .map(|c| c["score"].as_f64().unwrap())
         .collect();
     let chosen = isear["chosen"].as_u64().unwrap() as usize;
+    let chosen_index = chosen;
     // The chosen candidate has the best score, the first of equals.
     let best = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     assert_eq!(chosen, scores.iter().position(|&s| s == best).unwrap());
-    // Stage 1 tries 16 structures; stage 2 tunes the best of them.
+    // Stage 1 tries 16 structures at the base's pricing ("last" on ISEAR),
+    // then the best of them with the other; stage 2 tunes the best.
     let stage = |n: u64| candidates.iter().filter(move |c| c["stage"] == n);
-    assert_eq!(stage(1).count(), 16);
+    assert_eq!(stage(1).count(), 17);
     let structure = |c: &Value| {
         let k = &c["candidate"];
         (
@@ -298,8 +300,28 @@ fn select_scores_candidates_on_the_train_half_and_writes_what_it_chose() {
             k["combine_levels"].clone(),
             k["replay"].clone(),
             k["pacing"].clone(),
+            k["prices"].clone(),
         )
     };
+    let first_sixteen = &candidates[..16];
+    assert!(first_sixteen
+        .iter()
+        .all(|c| c["candidate"]["prices"] == "last"));
+    let sixteen_best = first_sixteen
+        .iter()
+        .reduce(|a, b| {
+            if b["score"].as_f64().unwrap() > a["score"].as_f64().unwrap() {
+                b
+            } else {
+                a
+            }
+        })
+        .unwrap();
+    let other = &candidates[16];
+    assert_eq!(other["candidate"]["prices"], "all");
+    let mut same = other["candidate"].clone();
+    same["prices"] = "last".into();
+    assert_eq!(same, sixteen_best["candidate"]);
     // The best structure: the first of the highest stage-1 scores.
     let stage_one_best = stage(1)
         .reduce(|a, b| {
@@ -333,6 +355,10 @@ fn select_scores_candidates_on_the_train_half_and_writes_what_it_chose() {
     assert_eq!(
         cascade_config["budget_pacing"].as_float(),
         chosen["pacing"].as_f64()
+    );
+    assert_eq!(
+        cascade_config["budget_prices"].as_str(),
+        chosen["prices"].as_str()
     );
     let embed = &cascade_config["levels"][1];
     assert_eq!(embed["kind"].as_str(), Some("embedding_head"));
@@ -382,4 +408,45 @@ fn select_scores_candidates_on_the_train_half_and_writes_what_it_chose() {
         serde_json::from_slice(&std::fs::read(out.join("selection.json")).unwrap()).unwrap();
     assert_eq!(&resumed["datasets"][0]["candidates"], &isear["candidates"]);
     assert!(!partial.exists());
+
+    // `--reuse-scores` keeps selection.json's candidates once their best
+    // scores the same again (one candidate scored), and scores every
+    // candidate again when it does not (here: a recorded run altered).
+    let reuse = || {
+        cascade(&[
+            "reproduce",
+            "--select",
+            "--reuse-scores",
+            "--quick",
+            "--select-seeds",
+            "1",
+            "--datasets",
+            "isear",
+            "--configs",
+            configs.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let kept = reuse();
+    let stderr = String::from_utf8_lossy(&kept.stderr);
+    assert_eq!(stderr.matches(": score ").count(), 1, "{stderr}");
+    let json_path = out.join("selection.json");
+    let reused: Value = serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
+    assert_eq!(&reused["datasets"][0]["candidates"], &isear["candidates"]);
+    assert_eq!(reused["datasets"][0]["reused"], candidates.len());
+    let mut altered = reused.clone();
+    altered["datasets"][0]["candidates"][chosen_index]["runs"][0]["llm_calls"] = 1.into();
+    std::fs::write(&json_path, serde_json::to_vec(&altered).unwrap()).unwrap();
+    let fresh = reuse();
+    let stderr = String::from_utf8_lossy(&fresh.stderr);
+    assert!(stderr.contains("its runs differ now"), "{stderr}");
+    assert_eq!(
+        stderr.matches(": score ").count(),
+        candidates.len() + 1,
+        "{stderr}"
+    );
+    let rescored: Value = serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
+    assert_eq!(&rescored["datasets"][0]["candidates"], &isear["candidates"]);
+    assert_eq!(rescored["datasets"][0]["reused"], 0);
 }

@@ -9,7 +9,9 @@
 //! authors' code (the embedding head's default step, the authors' gate
 //! calibration for their BERT-base level, no option beyond the paper):
 //! 1. every combination of the structural options (the encoder layer read,
-//!    `combine_levels`, `replay`, the budget's pacing);
+//!    `combine_levels`, `replay`, the budget's pacing), then the best of
+//!    them with the other budget pricing (`budget_prices`: every gate, or
+//!    the last one);
 //! 2. at the best structure, the head's step size × its gate's calibration.
 //!
 //! A candidate's score is its mean margin over the paper across budgets and
@@ -21,7 +23,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use cascade::config::StudentKind;
+use cascade::config::{PricedLevels, StudentKind};
 use cascade::CascadeConfig;
 use serde::{Deserialize, Serialize};
 
@@ -51,11 +53,15 @@ pub struct Candidate {
     pub replay: usize,
     /// The budget's spending curve exponent.
     pub pacing: f64,
+    /// Which gates the budget prices (searched from stop 37 on; earlier
+    /// evidence was scored with every gate priced).
+    #[serde(default)]
+    pub prices: PricedLevels,
 }
 
 /// The start: the embedding head's default step, the authors' calibration for
-/// their BERT-base level, none of our options.
-fn start(spec: &DatasetSpec) -> Candidate {
+/// their BERT-base level, none of our options, the base config's pricing.
+fn start(spec: &DatasetSpec, base: &CascadeConfig) -> Candidate {
     Candidate {
         layers: Vec::new(),
         head_lr: 0.5,
@@ -63,6 +69,7 @@ fn start(spec: &DatasetSpec) -> Candidate {
         combine_levels: false,
         replay: 0,
         pacing: 1.0,
+        prices: base.budget_prices,
     }
 }
 
@@ -90,6 +97,18 @@ fn structures(start: &Candidate) -> Vec<Candidate> {
     all
 }
 
+/// Stage 1, last: the best structure with the other pricing.
+fn other_pricing(best: &Candidate) -> Candidate {
+    let prices = match best.prices {
+        PricedLevels::All => PricedLevels::Last,
+        PricedLevels::Last => PricedLevels::All,
+    };
+    Candidate {
+        prices,
+        ..best.clone()
+    }
+}
+
 /// Stage 2: the head's step × the gate's calibration at the best structure.
 fn tunings(best: &Candidate) -> Vec<Candidate> {
     let mut all = Vec::new();
@@ -114,6 +133,7 @@ impl Candidate {
         let mut config = base.clone();
         config.combine_levels = self.combine_levels;
         config.budget_pacing = self.pacing;
+        config.budget_prices = self.prices;
         for level in &mut config.levels {
             match level.kind {
                 StudentKind::Logreg => level.replay = self.replay,
@@ -133,14 +153,22 @@ impl Candidate {
 
     fn describe(&self) -> String {
         format!(
-            "layer {}, head lr {}, calibration {:.2}, combine_levels {}, replay {}, pacing {}",
+            "layer {}, head lr {}, calibration {:.2}, combine_levels {}, replay {}, pacing {}, prices {}",
             self.layers_text(),
             self.head_lr,
             self.calibration,
             self.combine_levels,
             self.replay,
-            self.pacing
+            self.pacing,
+            self.prices_text()
         )
+    }
+
+    fn prices_text(&self) -> &'static str {
+        match self.prices {
+            PricedLevels::All => "all",
+            PricedLevels::Last => "last",
+        }
     }
 
     fn layers_text(&self) -> String {
@@ -164,7 +192,7 @@ pub fn paper_rules(config: &CascadeConfig) -> CascadeConfig {
 }
 
 /// One run of a candidate on the train half.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TrainRun {
     pub budget: u64,
     pub seed: u64,
@@ -195,6 +223,10 @@ pub struct DatasetSelection {
     /// Index into `candidates`.
     pub chosen: usize,
     pub wall_seconds: f64,
+    /// Candidates kept from an earlier search (`--reuse-scores`), not scored
+    /// in `wall_seconds`.
+    #[serde(default)]
+    pub reused: usize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -220,14 +252,21 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         datasets: Vec::new(),
     };
     // Selecting some datasets keeps the others' evidence.
+    let mut reusable = Vec::new();
     if let Ok(text) = std::fs::read_to_string(&json_path) {
         if let Ok(earlier) = serde_json::from_str::<Selection>(&text) {
             if earlier.quick == args.quick {
-                selection.datasets = earlier
+                let (again, kept) = earlier
                     .datasets
                     .into_iter()
-                    .filter(|d| !specs.iter().any(|s| s.name == d.dataset))
-                    .collect();
+                    .partition(|d| specs.iter().any(|s| s.name == d.dataset));
+                selection.datasets = kept;
+                if args.reuse_scores {
+                    reusable = again
+                        .into_iter()
+                        .map(|d: DatasetSelection| (d, earlier.seeds.clone()))
+                        .collect();
+                }
             }
         }
     }
@@ -236,7 +275,15 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         let base = read_config(&base_path)?;
         let seeds: Vec<u64> = (0..args.select_seeds).map(|k| base.seed + k).collect();
         selection.seeds = seeds.clone();
-        let chosen = select_dataset(spec, &base, &base_path, &seeds, args)?;
+        let reuse = reusable
+            .iter()
+            .find(|(d, earlier_seeds)| {
+                d.dataset == spec.name
+                    && d.base_config == spec.base_config
+                    && *earlier_seeds == seeds
+            })
+            .map(|(d, _)| d);
+        let chosen = select_dataset(spec, &base, &base_path, &seeds, reuse, args)?;
         let candidate = &chosen.candidates[chosen.chosen].candidate;
         eprintln!("{}: chose {}", spec.name, candidate.describe());
         write_selected(spec, candidate, &base, args)?;
@@ -276,6 +323,7 @@ fn select_dataset(
     base: &CascadeConfig,
     base_path: &Path,
     seeds: &[u64],
+    reuse: Option<&DatasetSelection>,
     args: &ReproduceArgs,
 ) -> Result<DatasetSelection> {
     let started = Instant::now();
@@ -303,10 +351,10 @@ fn select_dataset(
     train_spec.limit = limit;
     train_spec.expert_field = args.expert_field.clone();
     encode_once(&train_spec, base_path, args)?;
-    let start = start(spec);
+    let start = start(spec, base);
     let mut candidates: Vec<Scored> = Vec::new();
     let stage_one = structures(&start);
-    let total = stage_one.len() + tunings(&start).len() - 1;
+    let total = stage_one.len() + 1 + tunings(&start).len() - 1;
     let score = |stage: u8, candidate: Candidate, done: usize| -> Result<Scored> {
         let path = scratch.0.join(format!("candidate-{done}.toml"));
         write_config(&path, &candidate.apply(base, true), "a candidate")?;
@@ -371,6 +419,10 @@ fn select_dataset(
         .out
         .join(format!("selection-{}.partial.json", spec.name));
     let mut earlier = Partial::read(&partial_path, &partial);
+    if let Some(reuse) = reuse.filter(|r| earlier.is_empty() && r.budgets == budgets) {
+        earlier = check_reuse(reuse, |stage, candidate| score(stage, candidate, 0))?;
+    }
+    let reused = earlier.len();
     let mut next = |stage: u8, candidate: Candidate, candidates: &mut Vec<Scored>| {
         let kept = earlier
             .iter()
@@ -386,6 +438,8 @@ fn select_dataset(
     for candidate in stage_one {
         next(1, candidate, &mut candidates)?;
     }
+    let best_structure = candidates[best(&candidates)].candidate.clone();
+    next(1, other_pricing(&best_structure), &mut candidates)?;
     let best_structure = candidates[best(&candidates)].candidate.clone();
     for candidate in tunings(&best_structure) {
         if candidates.iter().any(|c| c.candidate == candidate) {
@@ -403,7 +457,32 @@ fn select_dataset(
         candidates,
         chosen,
         wall_seconds: started.elapsed().as_secs_f64(),
+        reused: reused - earlier.len(),
     })
+}
+
+/// An earlier search's candidates, if its best scores the same again (same
+/// runs, bit for bit); none otherwise: the code has changed its decisions.
+fn check_reuse(
+    earlier: &DatasetSelection,
+    mut score: impl FnMut(u8, Candidate) -> Result<Scored>,
+) -> Result<Vec<Scored>> {
+    let best = &earlier.candidates[best(&earlier.candidates)];
+    eprintln!(
+        "{}: scoring the earlier search's best again before reusing its {} candidates",
+        earlier.dataset,
+        earlier.candidates.len()
+    );
+    let again = score(best.stage, best.candidate.clone())?;
+    if again.runs == best.runs {
+        Ok(earlier.candidates.clone())
+    } else {
+        eprintln!(
+            "{}: its runs differ now (score {:+.2}, was {:+.2}): every candidate is scored again",
+            earlier.dataset, again.score, best.score
+        );
+        Ok(Vec::new())
+    }
 }
 
 /// The candidates scored so far for one dataset, written after each, so an
@@ -632,10 +711,12 @@ fn selection_markdown(selection: &Selection) -> String {
            candidates. No test item is read (only the test split's length, to scale the budgets).\n\
          - Start (from the paper and the authors' code, not from any score): the encoder's last \
            layer, the embedding head's default step 0.5, the authors' gate calibration for their \
-           BERT-base level, no `combine_levels`, no replay, even pacing (1.0).\n\
+           BERT-base level, no `combine_levels`, no replay, even pacing (1.0), the base config's \
+           `budget_prices`.\n\
          - Stage 1: every combination of layer (last, 8), `combine_levels`, `replay` (0, 64) and \
-           pacing (1.0, 0.7). Stage 2: at the best structure, head step (0.2, 0.5, 1.0) × \
-           calibration (0.30-0.45).\n\
+           pacing (1.0, 0.7), then the best of them with the other `budget_prices` (every gate \
+           priced, or only the last; the earlier gates then never above 0.5). Stage 2: at the \
+           best structure, head step (0.2, 0.5, 1.0) × calibration (0.30-0.45).\n\
          - Score: the mean over budgets and seeds of the worse of (accuracy − paper) and, for \
            HateSpeech, (recall of hate − paper), in points. Higher is better; ties keep the earlier.\n\
          - Settings not searched come from the base config (mu, the gates' step, decay and \
@@ -649,7 +730,7 @@ fn selection_markdown(selection: &Selection) -> String {
         let chosen = &d.candidates[d.chosen];
         let _ = writeln!(
             md,
-            "## {}\n\nBase `configs/{}`; budgets on the train half {:?}; {} candidates in {:.1} min.\n\n\
+            "## {}\n\nBase `configs/{}`; budgets on the train half {:?}; {} candidates in {:.1} min{}.\n\n\
              **Chosen: {}** (score {:+.2}), written to `configs/{SELECTED_DIR}/{}.toml` \
              (and `-3level.toml`, `-paper-rules.toml`).\n",
             d.dataset,
@@ -657,6 +738,15 @@ fn selection_markdown(selection: &Selection) -> String {
             d.budgets,
             d.candidates.len(),
             d.wall_seconds / 60.0,
+            if d.reused > 0 {
+                format!(
+                    " ({} of them scored by an earlier search and kept with `--reuse-scores`, \
+                     after its best scored the same again, run for run)",
+                    d.reused
+                )
+            } else {
+                String::new()
+            },
             chosen.candidate.describe(),
             chosen.score,
             d.dataset
@@ -666,7 +756,8 @@ fn selection_markdown(selection: &Selection) -> String {
             .iter()
             .any(|c| c.runs.iter().any(|r| r.recall.is_some()));
         let mut header =
-            "| stage | layer | head lr | calibration | combine | replay | pacing |".to_string();
+            "| stage | layer | head lr | calibration | combine | replay | pacing | prices |"
+                .to_string();
         for b in &d.budgets {
             let _ = write!(header, " acc @{b} |");
             if recall {
@@ -686,14 +777,15 @@ fn selection_markdown(selection: &Selection) -> String {
             let k = &c.candidate;
             let mark = if i == d.chosen { "**" } else { "" };
             let mut row = format!(
-                "| {} | {} | {} | {:.2} | {} | {} | {} |",
+                "| {} | {} | {} | {:.2} | {} | {} | {} | {} |",
                 c.stage,
                 k.layers_text(),
                 k.head_lr,
                 k.calibration,
                 k.combine_levels,
                 k.replay,
-                k.pacing
+                k.pacing,
+                k.prices_text()
             );
             for &b in &d.budgets {
                 let at: Vec<&TrainRun> = c.runs.iter().filter(|r| r.budget == b).collect();
