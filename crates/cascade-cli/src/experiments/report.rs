@@ -623,6 +623,13 @@ fn options_beyond_paper(path: &Path) -> String {
             config.budget_pacing, config.budget_pacing
         ));
     }
+    if config.budget_prices == cascade::config::PricedLevels::Last {
+        options.push(
+            "`budget_prices = \"last\"` (only the last gate is priced above the paper's 0.5; \
+             the earlier ones never rise above it)"
+                .to_string(),
+        );
+    }
     if config.combine_levels {
         options.push("`combine_levels` (a level answers with the mean of its and the earlier levels' probabilities)".to_string());
     }
