@@ -53,8 +53,9 @@ pub struct Candidate {
     pub replay: usize,
     /// The budget's spending curve exponent.
     pub pacing: f64,
-    /// Which gates the budget prices (searched from stop 37 on; earlier
-    /// evidence was scored with every gate priced).
+    /// Which gates the budget prices. A record from before it was searched
+    /// reads as every gate; `--reuse-scores` scores the best record again,
+    /// so records scored otherwise (ISEAR's, "last") are not kept.
     #[serde(default)]
     pub prices: PricedLevels,
 }
