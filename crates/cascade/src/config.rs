@@ -99,13 +99,13 @@ pub struct CascadeConfig {
 #[serde(rename_all = "snake_case")]
 pub enum PricedLevels {
     /// Every level answers below the priced threshold: under budget pressure a
-    /// strong first student takes more items (best on IMDB, where LR leads).
+    /// strong first student takes more items.
     #[default]
     All,
     /// Only the last student, whose deferrals are the LLM calls, is asked to
     /// answer more than at 0.5; earlier levels keep the 0.5 threshold unless
-    /// the budget needs more calls, and then fall with it (best on ISEAR,
-    /// where LR is weak).
+    /// the budget needs more calls, and then fall with it. Which of the two
+    /// a dataset uses is chosen on its train half (results/selection.md).
     Last,
 }
 
