@@ -317,9 +317,48 @@ mod tests {
             .collect()
     }
 
-    /// Same bits as `gemm` over the encoder's shapes and their edges: rows
-    /// and columns off the tile, k blocks (k > 512), both operand layouts,
-    /// kept output, a scale, and an output wider than the product.
+    /// The order the kernel promises, one element at a time: an FMA chain
+    /// from zero along each k block, the block added as `alpha·sum` (the
+    /// first, output not kept) or `fma(alpha, sum, c)`.
+    #[allow(clippy::too_many_arguments)]
+    fn in_gemms_order(
+        (m, n, k): (usize, usize, usize),
+        a: &[f32],
+        (a_rs, a_cs): (usize, usize),
+        b: &[f32],
+        (b_rs, b_cs): (usize, usize),
+        c: &mut [f32],
+        c_rs: usize,
+        accumulate: bool,
+        alpha: f32,
+    ) {
+        let kc = k_block(m, n, k);
+        for i in 0..m {
+            for j in 0..n {
+                let mut depth = 0;
+                while depth < k {
+                    let end = k.min(depth + kc);
+                    let sum = (depth..end).fold(0.0f32, |sum, p| {
+                        a[i * a_rs + p * a_cs].mul_add(b[p * b_rs + j * b_cs], sum)
+                    });
+                    let out = &mut c[i * c_rs + j];
+                    *out = if accumulate || depth > 0 {
+                        alpha.mul_add(sum, *out)
+                    } else {
+                        alpha * sum
+                    };
+                    depth = end;
+                }
+            }
+        }
+    }
+
+    /// Over the encoder's shapes and their edges (rows and columns off the
+    /// tile, k blocks, both operand layouts, kept output, a scale, an output
+    /// wider than the product): the kernel sums in the order above, and
+    /// where it runs (AVX2 without AVX-512, where `gemm` runs its AVX2
+    /// kernel) that order gives `gemm`'s bits. On an AVX-512 CPU `gemm`
+    /// blocks and sums its own way and keeps every product.
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
@@ -350,7 +389,19 @@ mod tests {
                         let c_rs = n + 3;
                         let start = values(m * c_rs, case + 2);
                         let mut ours = start.clone();
+                        let mut ordered = start.clone();
                         let mut theirs = start.clone();
+                        in_gemms_order(
+                            (m, n, k),
+                            &a,
+                            a_strides,
+                            &b,
+                            b_strides,
+                            &mut ordered,
+                            c_rs,
+                            accumulate,
+                            alpha,
+                        );
                         gemm_product(
                             (m, n, k),
                             &a,
@@ -375,14 +426,18 @@ mod tests {
                                 alpha,
                             )
                         };
-                        let same = ours
-                            .iter()
-                            .zip(&theirs)
-                            .all(|(x, y)| x.to_bits() == y.to_bits());
-                        assert!(
-                            same,
+                        let same = |other: &[f32]| {
+                            ours.iter()
+                                .zip(other)
+                                .all(|(x, y)| x.to_bits() == y.to_bits())
+                        };
+                        let case = format!(
                             "{m}×{n}×{k}, a transposed {a_t}, b transposed {b_t}, accumulate {accumulate}, alpha {alpha}"
                         );
+                        assert!(same(&ordered), "not in gemm's order: {case}");
+                        if cpu_has_path() {
+                            assert!(same(&theirs), "not gemm's bits: {case}");
+                        }
                         // Columns past n are never written.
                         for i in 0..m {
                             assert_eq!(
