@@ -31,7 +31,8 @@ pub fn write_all(results: &GridResults, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Each dataset's runs, datasets in order of first appearance.
+/// Each dataset's runs, datasets in the grid's order (a dataset run again
+/// alone comes last in the JSON), others after them as they first appear.
 fn by_dataset(results: &GridResults) -> Vec<(String, Vec<&GridRun>)> {
     let mut groups: Vec<(String, Vec<&GridRun>)> = Vec::new();
     for run in &results.runs {
@@ -40,6 +41,13 @@ fn by_dataset(results: &GridResults) -> Vec<(String, Vec<&GridRun>)> {
             None => groups.push((run.dataset.clone(), vec![run])),
         }
     }
+    let place = |name: &str| {
+        super::grid::GRID
+            .iter()
+            .position(|g| g.name == name)
+            .unwrap_or(super::grid::GRID.len())
+    };
+    groups.sort_by_key(|(name, _)| place(name));
     groups
 }
 
