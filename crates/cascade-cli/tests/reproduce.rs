@@ -259,8 +259,8 @@ fn select_scores_candidates_on_the_train_half_and_writes_what_it_chose() {
     let dir = tempfile::tempdir().unwrap();
     let configs = configs_copy(dir.path());
     let out = dir.path().join("out");
-    let select = || {
-        cascade(&[
+    let select_with = |extra: &[&str]| {
+        let mut args = vec![
             "reproduce",
             "--select",
             "--quick",
@@ -272,8 +272,11 @@ fn select_scores_candidates_on_the_train_half_and_writes_what_it_chose() {
             configs.to_str().unwrap(),
             "--out",
             out.to_str().unwrap(),
-        ])
+        ];
+        args.extend_from_slice(extra);
+        cascade(&args)
     };
+    let select = || select_with(&[]);
     select();
     let json: Value =
         serde_json::from_slice(&std::fs::read(out.join("selection.json")).unwrap()).unwrap();
@@ -412,22 +415,7 @@ fn select_scores_candidates_on_the_train_half_and_writes_what_it_chose() {
     // `--reuse-scores` keeps selection.json's candidates once their best
     // scores the same again (one candidate scored), and scores every
     // candidate again when it does not (here: a recorded run altered).
-    let reuse = || {
-        cascade(&[
-            "reproduce",
-            "--select",
-            "--reuse-scores",
-            "--quick",
-            "--select-seeds",
-            "1",
-            "--datasets",
-            "isear",
-            "--configs",
-            configs.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ])
-    };
+    let reuse = || select_with(&["--reuse-scores"]);
     let kept = reuse();
     let stderr = String::from_utf8_lossy(&kept.stderr);
     assert_eq!(stderr.matches(": score ").count(), 1, "{stderr}");

@@ -253,7 +253,10 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         datasets: Vec::new(),
     };
     // Selecting some datasets keeps the others' evidence.
-    let mut reusable = Vec::new();
+    // An earlier search's datasets (and the seeds they were scored with),
+    // for `--reuse-scores`.
+    let mut reusable: Vec<DatasetSelection> = Vec::new();
+    let mut reusable_seeds: Vec<u64> = Vec::new();
     if let Ok(text) = std::fs::read_to_string(&json_path) {
         if let Ok(earlier) = serde_json::from_str::<Selection>(&text) {
             if earlier.quick == args.quick {
@@ -263,10 +266,8 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
                     .partition(|d| specs.iter().any(|s| s.name == d.dataset));
                 selection.datasets = kept;
                 if args.reuse_scores {
-                    reusable = again
-                        .into_iter()
-                        .map(|d: DatasetSelection| (d, earlier.seeds.clone()))
-                        .collect();
+                    reusable = again;
+                    reusable_seeds = earlier.seeds;
                 }
             }
         }
@@ -276,14 +277,9 @@ pub fn run(args: &ReproduceArgs) -> Result<()> {
         let base = read_config(&base_path)?;
         let seeds: Vec<u64> = (0..args.select_seeds).map(|k| base.seed + k).collect();
         selection.seeds = seeds.clone();
-        let reuse = reusable
-            .iter()
-            .find(|(d, earlier_seeds)| {
-                d.dataset == spec.name
-                    && d.base_config == spec.base_config
-                    && *earlier_seeds == seeds
-            })
-            .map(|(d, _)| d);
+        let reuse = reusable.iter().find(|d| {
+            d.dataset == spec.name && d.base_config == spec.base_config && reusable_seeds == seeds
+        });
         let chosen = select_dataset(spec, &base, &base_path, &seeds, reuse, args)?;
         let candidate = &chosen.candidates[chosen.chosen].candidate;
         eprintln!("{}: chose {}", spec.name, candidate.describe());
