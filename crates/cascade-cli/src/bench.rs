@@ -116,7 +116,7 @@ pub struct BenchArgs {
     /// Write the summary as JSON here.
     #[arg(long)]
     summary: Option<PathBuf>,
-    /// Write one CSV row per item here: who answered, prediction, LLM label, gold, gate outputs.
+    /// Write one CSV row per item here: who answered, prediction, LLM label, gold, the answering student's probability of its answer, gate outputs.
     #[arg(long)]
     log: Option<PathBuf>,
     /// Folder of the models named in configs (`scripts/setup.sh` fills it).

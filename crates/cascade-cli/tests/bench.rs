@@ -108,7 +108,23 @@ fn same_seed_gives_identical_item_logs() {
     };
     let first = run("a.csv", "3");
     assert_eq!(first.lines().count(), 3834, "header plus one row per item");
-    assert!(first.starts_with("position,id,answered_by,prediction,llm_label,gold,gate_lr\n"));
+    assert!(first
+        .starts_with("position,id,answered_by,prediction,llm_label,gold,probability,gate_lr\n"));
+    // The student's probability of its answer: its largest of ISEAR's 7
+    // labels, so at least 1/7; none where the LLM answered.
+    let mut student_rows = 0;
+    for row in first.lines().skip(1) {
+        let fields: Vec<&str> = row.split(',').collect();
+        match fields[2] {
+            "llm" => assert_eq!(fields[6], "", "{row}"),
+            _ => {
+                let p: f64 = fields[6].parse().unwrap();
+                assert!((1.0 / 7.0..=1.0).contains(&p), "{row}");
+                student_rows += 1;
+            }
+        }
+    }
+    assert!(student_rows > 0);
     assert_eq!(first, run("b.csv", "3"));
     assert_ne!(first, run("c.csv", "4"));
 }

@@ -25,6 +25,7 @@ impl ItemLog {
             "prediction",
             "llm_label",
             "gold",
+            "probability",
         ]
         .map(String::from)
         .to_vec();
@@ -55,6 +56,10 @@ impl ItemLog {
             label(record.prediction),
             label(item.expert),
             label(item.gold),
+            record
+                .probability
+                .map(|p| p.to_string())
+                .unwrap_or_default(),
         ];
         for j in 0..self.levels.len() {
             let gate = record.gate_outputs.get(j).copied().flatten();

@@ -474,6 +474,7 @@ impl Answerers {
                 vec![ItemRecord {
                     by: AnsweredBy::Llm,
                     prediction: answer.ok().map(|a| a.label),
+                    probability: None,
                     gate_outputs: Vec::new(),
                 }]
             }
@@ -487,9 +488,11 @@ impl Answerers {
             }
             Self::Alone(_, student) => {
                 let probs = student.predict_proba(&[&item.text])?;
+                let prediction = probs.first().map(|p| cascade::gate::argmax(p));
                 vec![ItemRecord {
                     by: AnsweredBy::Level(0),
-                    prediction: probs.first().map(|p| cascade::gate::argmax(p)),
+                    prediction,
+                    probability: probs.first().zip(prediction).map(|(p, l)| p[l]),
                     gate_outputs: Vec::new(),
                 }]
             }
@@ -516,24 +519,45 @@ impl Answerers {
 pub struct ItemRecord {
     pub by: AnsweredBy,
     pub prediction: Option<usize>,
+    /// The answering student's probability of its answer (none for the LLM).
+    pub probability: Option<f32>,
     pub gate_outputs: Vec<Option<f32>>,
 }
 
 impl From<cascade_runtime::Finished> for ItemRecord {
     fn from(done: cascade_runtime::Finished) -> Self {
-        let (by, prediction) = match done.settled {
-            Settled::Student { level, label, .. } | Settled::Fallback { level, label, .. } => {
-                (AnsweredBy::Level(level), Some(label))
-            }
-            Settled::Llm { label } => (AnsweredBy::Llm, Some(label)),
+        let (by, prediction, probability) = match done.settled {
+            Settled::Student {
+                level,
+                label,
+                probs,
+            } => (
+                AnsweredBy::Level(level),
+                Some(label),
+                probs.and_then(|p| p.get(label).copied()),
+            ),
+            Settled::Fallback {
+                level,
+                label,
+                probs,
+                ..
+            } => (
+                AnsweredBy::Level(level),
+                Some(label),
+                probs.get(label).copied(),
+            ),
+            Settled::Llm { label } => (AnsweredBy::Llm, Some(label), None),
             // A corrected audit: its call is counted among the audits.
-            Settled::Corrected { level, label, .. } => (AnsweredBy::Level(level), Some(label)),
+            Settled::Corrected { level, label, .. } => {
+                (AnsweredBy::Level(level), Some(label), None)
+            }
             // An LLM answer without a label: an LLM call, and an error.
-            Settled::Failed { .. } | Settled::BadInput { .. } => (AnsweredBy::Llm, None),
+            Settled::Failed { .. } | Settled::BadInput { .. } => (AnsweredBy::Llm, None, None),
         };
         Self {
             by,
             prediction,
+            probability,
             gate_outputs: done.gate_outputs,
         }
     }
