@@ -43,6 +43,8 @@ pub struct DatasetSpec {
     pub shift_stream: Option<&'static str>,
     /// The goal beyond the paper: (budget, accuracy %) for the cascade.
     pub goal: Option<(u64, f64)>,
+    /// A page of results/ on why cells stay short of the paper, if one was written.
+    pub why_short: Option<&'static str>,
 }
 
 pub const GRID: [DatasetSpec; 3] = [
@@ -60,6 +62,7 @@ pub const GRID: [DatasetSpec; 3] = [
         mu_sweep: &[1e-4, 2e-4, 3e-4, 4e-4, 5e-4, 6e-4],
         shift_stream: Some("shift_length_order_ids.txt"),
         goal: Some((3800, 93.5)),
+        why_short: None,
     },
     DatasetSpec {
         name: "hatespeech",
@@ -75,6 +78,7 @@ pub const GRID: [DatasetSpec; 3] = [
         mu_sweep: &[1e-4, 2e-4, 4e-4, 6e-4],
         shift_stream: None,
         goal: None,
+        why_short: Some("hatespeech-ceiling.md"),
     },
     DatasetSpec {
         name: "isear",
@@ -90,6 +94,7 @@ pub const GRID: [DatasetSpec; 3] = [
         mu_sweep: &[8e-4, 1e-3, 1.2e-3, 1.4e-3],
         shift_stream: None,
         goal: None,
+        why_short: None,
     },
 ];
 

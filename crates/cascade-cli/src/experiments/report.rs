@@ -202,10 +202,14 @@ fn dataset_section(md: &mut String, dataset: &str, runs: &[&GridRun], paper: Opt
         } else {
             ""
         };
+        let why = match paper.and_then(|s| s.why_short) {
+            Some(page) if !short_cells.is_empty() => format!(" Why: [{page}]({page})."),
+            _ => String::new(),
+        };
         let _ = writeln!(
             md,
             "Cascade cells: {seeds}.{paper_rules} Short of the paper (mean accuracy, or \
-             HateSpeech's mean recall of hate): {}.\n",
+             HateSpeech's mean recall of hate): {}.{why}\n",
             if short_cells.is_empty() {
                 "none".to_string()
             } else {
@@ -442,7 +446,10 @@ fn forced_line(runs: &[&GridRun]) -> String {
         if over.is_empty() {
             "none".into()
         } else {
-            over.join("; ")
+            format!(
+                "{} (why: [budget-guards.md](budget-guards.md))",
+                over.join("; ")
+            )
         }
     )
 }
