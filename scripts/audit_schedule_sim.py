@@ -63,6 +63,17 @@ class Bound:
         kept = self.errors(rate) - self.corrected
         return kept > (1 - self.target) * (self.items + 1)
 
+    def answer(self, rate, disagrees, audited):
+        """A student answer drawn at `rate`: an audited disagreement is
+        corrected; returns whether the answer keeps a disagreement."""
+        if audited:
+            if disagrees:
+                self.disagreed[rate] = self.disagreed.get(rate, 0) + 1
+                self.corrected += 1
+            return False
+        self.unaudited[rate] = self.unaudited.get(rate, 0) + 1
+        return disagrees
+
 
 def run(target, p, schedule, n, seed, delta=0.04):
     rng = random.Random(seed)
@@ -77,15 +88,10 @@ def run(target, p, schedule, n, seed, delta=0.04):
             continue
         answers += 1
         disagrees = rng.random() < p
-        if rng.random() < rate:
-            calls += 1
-            audits += 1
-            if disagrees:
-                bound.disagreed[rate] = bound.disagreed.get(rate, 0) + 1
-                bound.corrected += 1
-        else:
-            bound.unaudited[rate] = bound.unaudited.get(rate, 0) + 1
-            kept += disagrees
+        audited = rng.random() < rate
+        calls += audited
+        audits += audited
+        kept += bound.answer(rate, disagrees, audited)
     return calls, audits, 1 - kept / n
 
 

@@ -65,15 +65,11 @@ def certify(items, target, seed):
         bound.items += 1
         if not by_student:
             calls += 1
-        elif rng.random() < AUDIT_RATE:
-            calls += 1
-            audits += 1
-            if disagrees:
-                bound.disagreed[AUDIT_RATE] = bound.disagreed.get(AUDIT_RATE, 0) + 1
-                bound.corrected += 1
-        else:
-            bound.unaudited[AUDIT_RATE] = bound.unaudited.get(AUDIT_RATE, 0) + 1
-            kept += disagrees
+            continue
+        audited = rng.random() < AUDIT_RATE
+        calls += audited
+        audits += audited
+        kept += bound.answer(AUDIT_RATE, disagrees, audited)
     return calls, audits, held, 1 - kept / len(items)
 
 

@@ -526,34 +526,28 @@ pub struct ItemRecord {
 
 impl From<cascade_runtime::Finished> for ItemRecord {
     fn from(done: cascade_runtime::Finished) -> Self {
-        let (by, prediction, probability) = match done.settled {
+        // The answering student's probabilities, where it gave them.
+        let (by, prediction, probs) = match &done.settled {
             Settled::Student {
                 level,
                 label,
                 probs,
-            } => (
-                AnsweredBy::Level(level),
-                Some(label),
-                probs.and_then(|p| p.get(label).copied()),
-            ),
+            } => (AnsweredBy::Level(*level), Some(*label), probs.as_deref()),
             Settled::Fallback {
                 level,
                 label,
                 probs,
                 ..
-            } => (
-                AnsweredBy::Level(level),
-                Some(label),
-                probs.get(label).copied(),
-            ),
-            Settled::Llm { label } => (AnsweredBy::Llm, Some(label), None),
+            } => (AnsweredBy::Level(*level), Some(*label), Some(&probs[..])),
+            Settled::Llm { label } => (AnsweredBy::Llm, Some(*label), None),
             // A corrected audit: its call is counted among the audits.
             Settled::Corrected { level, label, .. } => {
-                (AnsweredBy::Level(level), Some(label), None)
+                (AnsweredBy::Level(*level), Some(*label), None)
             }
             // An LLM answer without a label: an LLM call, and an error.
             Settled::Failed { .. } | Settled::BadInput { .. } => (AnsweredBy::Llm, None, None),
         };
+        let probability = prediction.zip(probs).and_then(|(l, p)| p.get(l).copied());
         Self {
             by,
             prediction,
